@@ -1,0 +1,372 @@
+"""Best-of-n (BoN) over-optimization curves: KL bound, unbiased estimator, bootstrap CIs and Gao-style fits.
+
+Pure numpy/scipy. Inputs are score matrices of shape (P prompts, N samples): `proxy[p, j]` is the proxy reward of
+sample j of prompt p, and every other score matrix (e.g. the gold reward) is aligned with it sample by sample.
+
+Estimator (Gao et al. 2022, Coste et al. 2023). Draw N ≫ n samples per prompt once and sort them by proxy score
+ascending. The i-th smallest (1-based) is the best of a uniformly random n-subset with probability
+
+    w_i(N, n) = C(i − 1, n − 1) / C(N, n)      (zero for i < n; Σ_i w_i = 1 by the hockey-stick identity),
+
+so E[score of best-of-n] = Σ_i w_i · score_(i), for the proxy and for any score carried along with it. This uses all
+N samples for every n instead of only the first n ("nested" estimator, kept for comparison).
+
+Distance: d = √KL with KL_bon(n) = log n − (n − 1)/n, which is an *upper bound* on the true KL of best-of-n
+(Beirami et al. 2024), so the x-axis is labelled as a bound.
+
+Functional forms, with scores relative to the initial policy (R(0) = 0):
+    R_bon(d) = d(α − β d),        peak d* = α / (2β)
+    R_RL(d)  = d(α − β log d),    peak d* = exp(α/β − 1)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.special import gammaln, xlogy
+
+# Upper limit on the number of entries of one chunk of bootstrap resample indices (n_boot × P), to bound memory.
+_BOOT_CHUNK_ENTRIES = 4_000_000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL bound and subset weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+def kl_bon_bound(n) -> float | np.ndarray:
+    """Upper bound on KL(best-of-n ‖ base) in nats: log n − (n − 1)/n (Beirami et al. 2024).
+
+    Vectorised: a scalar `n` gives a float, an array gives an array of the same shape. n must be ≥ 1.
+    """
+    n_arr = np.asarray(n, dtype=float)
+    if np.any(~(n_arr >= 1)):  # also rejects NaN
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    kl = np.log(n_arr) - (n_arr - 1.0) / n_arr
+    return float(kl) if kl.ndim == 0 else kl
+
+
+def bon_subset_weights(N: int, n: int) -> np.ndarray:
+    """Weights (length N) of the sorted samples in the best-of-n expectation.
+
+    Entry i − 1 is the probability that the i-th smallest of N samples (1-based i) is the maximum of a uniformly
+    random n-subset: C(i − 1, n − 1) / C(N, n), zero for i < n. Computed in log space with `gammaln`, because the
+    binomial coefficients overflow float64 already for N ≈ 1000. The weights sum to 1.
+    """
+    N, n = _check_N_n(N, n)
+    i = np.arange(n, N + 1, dtype=float)
+    log_num = gammaln(i) - gammaln(n) - gammaln(i - n + 1)  # log C(i−1, n−1)
+    log_den = gammaln(N + 1) - gammaln(n + 1) - gammaln(N - n + 1)  # log C(N, n)
+    w = np.zeros(N)
+    w[n - 1:] = np.exp(log_num - log_den)
+    return w
+
+
+def bon_weight_matrix(N: int, ns) -> np.ndarray:
+    """The (len(ns), N) matrix whose row k is `bon_subset_weights(N, ns[k])`."""
+    ns = _check_ns(ns, N)
+    W = np.zeros((len(ns), N))
+    for k, n in enumerate(ns):  # one row per n; len(ns) is small (≈ log2 N)
+        W[k] = bon_subset_weights(N, n)
+    return W
+
+
+def _check_N_n(N, n) -> tuple[int, int]:
+    if not (_is_int(N) and _is_int(n)):
+        raise TypeError(f"N and n must be integers, got N={N!r}, n={n!r}")
+    N, n = int(N), int(n)
+    if not 1 <= n <= N:
+        raise ValueError(f"best-of-n needs 1 <= n <= N, got n={n}, N={N}")
+    return N, n
+
+
+def _check_ns(ns, N: int) -> list[int]:
+    ns = list(np.atleast_1d(ns).tolist()) if isinstance(ns, np.ndarray) else list(ns)
+    for n in ns:
+        _check_N_n(N, n)
+    return [int(n) for n in ns]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _as_scores(x, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    a = np.asarray(x, dtype=float)
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} must be a non-empty (prompts, samples) matrix, got shape {a.shape}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, but proxy has shape {shape}; scores must align sample by sample")
+    return a
+
+
+def _others_as_dict(others, shape) -> tuple[dict[str, np.ndarray], bool]:
+    """Normalise `others` to a dict of aligned (P, N) matrices; the flag says whether the caller passed a dict."""
+    if others is None:
+        return {}, True
+    if isinstance(others, Mapping):
+        return {k: _as_scores(v, f"others[{k!r}]", shape) for k, v in others.items()}, True
+    return {"_": _as_scores(others, "others", shape)}, False
+
+
+def _unwrap(res: dict[str, np.ndarray], others, was_dict: bool):
+    """Give the other-score results back in the form the caller passed them (dict, single array or None)."""
+    if others is None:
+        return None
+    return res if was_dict else res["_"]
+
+
+def _tie_group_means(sorted_proxy: np.ndarray, sorted_other: np.ndarray) -> np.ndarray:
+    """Replace each run of equal proxy scores (within a row of a proxy-sorted matrix) by the mean of `sorted_other`.
+
+    The best-of-n weights depend only on the rank, and under a uniformly random tie-break every tied sample is
+    equally likely to sit at each rank of its tie group, so the expected score at each of those ranks is the group
+    mean. With the group means in place, the estimate no longer depends on the order of tied samples and equals the
+    expectation under a uniformly random tie-break (the selection rule "pick uniformly among tied maxima").
+    """
+    P, N = sorted_proxy.shape
+    starts = np.ones((P, N), dtype=bool)
+    starts[:, 1:] = sorted_proxy[:, 1:] != sorted_proxy[:, :-1]
+    # Column 0 always starts a group, so a running count over the flattened matrix gives group ids that never
+    # span two prompts: one bincount then averages every group of every prompt at once.
+    gid = np.cumsum(starts.ravel()) - 1
+    counts = np.bincount(gid)
+    sums = np.bincount(gid, weights=sorted_other.ravel())
+    return (sums / counts)[gid].reshape(P, N)
+
+
+def unbiased_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray | None, ns):
+    """Per-prompt expected scores of best-of-n, for each n in `ns`, from N samples per prompt.
+
+    Args:
+        proxy: (P, N) proxy scores; best-of-n selects by these. Must not contain NaN.
+        others: scores to evaluate at the selected sample, aligned with `proxy` sample by sample: a dict of
+            (P, N) matrices (e.g. `{"gold": gold}`), a single (P, N) matrix, or None.
+        ns: the n values, each in 1..N.
+
+    Returns:
+        `(proxy_exp, others_exp)`: `proxy_exp` is (P, len(ns)); `others_exp` has the form of `others` (dict of
+        (P, len(ns)) arrays, one array, or None).
+
+    Each prompt's samples are sorted by proxy score as whole records: one permutation (a stable argsort, so ties
+    keep sample-index order and the sort is deterministic) is applied to the proxy and to every other matrix
+    alike. Sorting parallel lists separately (a bug seen in a published implementation) would pair the gold score
+    of one sample with the proxy rank of another.
+
+    Ties in the proxy: the other scores are averaged within each group of equal proxy scores, which is exactly the
+    expectation under a uniformly random tie-break and makes the result independent of the order of tied samples
+    (see `_tie_group_means`). The proxy expectation is unaffected by ties.
+
+    Vectorised: one (P, N) × (N, len(ns)) product per score; no loop over prompts.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    if np.isnan(proxy).any():
+        raise ValueError("proxy scores contain NaN; best-of-n cannot rank them")
+    P, N = proxy.shape
+    other_map, was_dict = _others_as_dict(others, proxy.shape)
+    W = bon_weight_matrix(N, ns)
+
+    order = np.argsort(proxy, axis=1, kind="stable")
+    sorted_proxy = np.take_along_axis(proxy, order, axis=1)
+    has_ties = bool((sorted_proxy[:, 1:] == sorted_proxy[:, :-1]).any())
+
+    res = {}
+    for name, o in other_map.items():  # loop over score kinds (gold, ...), not prompts
+        sorted_o = np.take_along_axis(o, order, axis=1)
+        if has_ties:
+            sorted_o = _tie_group_means(sorted_proxy, sorted_o)
+        res[name] = sorted_o @ W.T
+    return sorted_proxy @ W.T, _unwrap(res, others, was_dict)
+
+
+def nested_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray | None, ns):
+    """The reference code's naive estimator: per prompt, the sample with the highest proxy among the first n.
+
+    Same arguments and return form as `unbiased_bon`. It uses only n of the N samples for each n, so it is much
+    noisier (and its curve points are correlated through the shared prefix); ties go to the lowest sample index.
+    For comparison only.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    if np.isnan(proxy).any():
+        raise ValueError("proxy scores contain NaN; best-of-n cannot rank them")
+    P, N = proxy.shape
+    other_map, was_dict = _others_as_dict(others, proxy.shape)
+    ns = _check_ns(ns, N)
+
+    # idx[p, k]: index of the selected sample of prompt p for ns[k].
+    idx = np.empty((P, len(ns)), dtype=np.intp)
+    for k, n in enumerate(ns):  # loop over n values, not prompts
+        idx[:, k] = np.argmax(proxy[:, :n], axis=1)
+    res = {name: np.take_along_axis(o, idx, axis=1) for name, o in other_map.items()}
+    return np.take_along_axis(proxy, idx, axis=1), _unwrap(res, others, was_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bootstrap over prompts
+# ---------------------------------------------------------------------------------------------------------------------
+
+def bootstrap_ci(per_prompt: np.ndarray, n_boot: int, ci: float = 0.95, seed: int = 0):
+    """Percentile bootstrap over prompts for the mean of each column of `per_prompt` (P, K).
+
+    Prompts are resampled with replacement `n_boot` times (numpy Generator seeded with `seed`, so the result is
+    deterministic); all K columns share the same resamples, so CIs of related quantities stay consistent.
+
+    Returns `(mean, lo, hi)`, each of shape (K,): `mean` is the plain mean over prompts, `lo`/`hi` the
+    (1 − ci)/2 and (1 + ci)/2 quantiles of the bootstrap means. With `n_boot == 0`, lo = hi = mean.
+    """
+    x = np.asarray(per_prompt, dtype=float)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"per_prompt must be a (prompts, K) matrix with at least one prompt, got shape {x.shape}")
+    if not _is_int(n_boot) or n_boot < 0:
+        raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    P, K = x.shape
+    mean = x.mean(axis=0)
+    if n_boot == 0:
+        return mean, mean.copy(), mean.copy()
+
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_boot, K))
+    chunk = max(1, _BOOT_CHUNK_ENTRIES // P)
+    for start in range(0, n_boot, chunk):  # chunks of resamples bound memory; all prompts handled at once
+        b = min(chunk, n_boot - start)
+        idx = rng.integers(0, P, size=(b, P))
+        # counts[r, p]: how often resample r drew prompt p. A (b, P) × (P, K) product then gives every resample's
+        # mean without materialising a (b, P, K) array.
+        counts = np.bincount((idx + P * np.arange(b)[:, None]).ravel(), minlength=b * P).reshape(b, P)
+        boot[start:start + b] = counts @ x / P
+    lo, hi = np.quantile(boot, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], axis=0)
+    return mean, lo, hi
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curve table
+# ---------------------------------------------------------------------------------------------------------------------
+
+BON_CURVE_COLUMNS = ["n", "kl_bound", "sqrt_kl_bound",
+                     "proxy", "proxy_lo", "proxy_hi", "gold", "gold_lo", "gold_hi",
+                     "proxy_rel", "proxy_rel_lo", "proxy_rel_hi", "gold_rel", "gold_rel_lo", "gold_rel_hi"]
+
+
+def bon_curve_table(proxy: np.ndarray, gold: np.ndarray, ns, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                    estimator: str = "unbiased") -> pd.DataFrame:
+    """The BoN curve: one row per n with the KL bound, mean proxy and gold scores and their bootstrap CIs.
+
+    Columns (`BON_CURVE_COLUMNS`): n, kl_bound (log n − (n−1)/n, an upper bound on the KL), sqrt_kl_bound
+    (the distance d), proxy/gold with _lo/_hi CI bounds, and proxy_rel/gold_rel (with _lo/_hi): the score minus the
+    initial policy's (n = 1) score. The relative CIs are bootstrapped on per-prompt differences, so the prompt-level
+    variation common to both terms cancels. The n = 1 baseline is computed even when 1 is not in `ns`.
+
+    `estimator` is "unbiased" (`unbiased_bon`; baseline = the mean over all N samples, which is its n = 1 value) or
+    "nested" (`nested_bon`, for comparison; baseline = its own n = 1 value, the first sample). All quantities share
+    the same bootstrap resamples.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    gold = _as_scores(gold, "gold", proxy.shape)
+    N = proxy.shape[1]
+    ns = _check_ns(ns, N)
+    if not ns:
+        raise ValueError("ns is empty")
+
+    if estimator == "unbiased":
+        p_exp, g_exp = unbiased_bon(proxy, gold, ns)
+        p_base, g_base = proxy.mean(axis=1), gold.mean(axis=1)
+    elif estimator == "nested":
+        p_exp, g_exp = nested_bon(proxy, gold, ns)
+        p_base, g_base = proxy[:, 0], gold[:, 0]
+    else:
+        raise ValueError(f"estimator must be 'unbiased' or 'nested', got {estimator!r}")
+
+    blocks = {"proxy": p_exp, "gold": g_exp,
+              "proxy_rel": p_exp - p_base[:, None], "gold_rel": g_exp - g_base[:, None]}
+    K = len(ns)
+    mean, lo, hi = bootstrap_ci(np.concatenate(list(blocks.values()), axis=1), n_boot, ci, seed)
+
+    n_arr = np.asarray(ns)
+    kl = np.asarray(kl_bon_bound(n_arr), dtype=float)
+    table = {"n": n_arr, "kl_bound": kl, "sqrt_kl_bound": np.sqrt(kl)}
+    for j, name in enumerate(blocks):
+        sl = slice(j * K, (j + 1) * K)
+        table[name], table[f"{name}_lo"], table[f"{name}_hi"] = mean[sl], lo[sl], hi[sl]
+    return pd.DataFrame(table)[BON_CURVE_COLUMNS]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gao et al. functional forms
+# ---------------------------------------------------------------------------------------------------------------------
+
+def gao_bon(d, alpha: float, beta: float):
+    """Gao et al.'s BoN form R(d) = d(α − β d), d = √KL, R relative to the initial policy."""
+    d = np.asarray(d, dtype=float)
+    return d * (alpha - beta * d)
+
+
+def gao_rl(d, alpha: float, beta: float):
+    """Gao et al.'s RL form R(d) = d(α − β log d); R(0) = 0 (d log d → 0, taken via `xlogy`)."""
+    d = np.asarray(d, dtype=float)
+    return alpha * d - beta * xlogy(d, d)
+
+
+def _fit(model, d, r) -> tuple[float, float, float, float]:
+    """Least-squares fit of `model(d, α, β)` on the points with d > 0; returns α, β and their standard errors."""
+    d = np.asarray(d, dtype=float).ravel()
+    r = np.asarray(r, dtype=float).ravel()
+    if d.shape != r.shape:
+        raise ValueError(f"d and r differ in length: {d.size} vs {r.size}")
+    keep = (d > 0) & np.isfinite(d) & np.isfinite(r)  # d = 0 carries no information: R(0) = 0 by construction
+    if keep.sum() < 2:
+        raise ValueError(f"need at least 2 points with d > 0 to fit (α, β), got {int(keep.sum())}")
+    d, r = d[keep], r[keep]
+    # Both forms are linear in (α, β): start curve_fit at the linear least-squares solution so it cannot stall.
+    design = np.stack([model(d, 1.0, 0.0), model(d, 0.0, 1.0)], axis=1)  # columns ∂R/∂α, ∂R/∂β
+    p0 = np.linalg.lstsq(design, r, rcond=None)[0]
+    with warnings.catch_warnings():
+        # With exactly 2 points (or a perfect fit) the covariance is undefined; the estimates are still right.
+        warnings.simplefilter("ignore", OptimizeWarning)
+        popt, pcov = curve_fit(model, d, r, p0=p0)
+    se = np.sqrt(np.clip(np.diag(pcov), 0.0, None))
+    return float(popt[0]), float(popt[1]), float(se[0]), float(se[1])
+
+
+def fit_bon(d, r) -> dict:
+    """Fit R(d) = d(α − β d) to a BoN curve (d = √KL, r relative to the initial policy, so R(0) = 0).
+
+    Returns a dict with alpha, beta, alpha_se, beta_se (from the fit covariance; inf/NaN when undefined), the peak
+    distance d_star = α/(2β) and peak score r_star = α²/(4β). With β ≤ 0 the curve has no interior maximum:
+    d_star = r_star = inf.
+    """
+    alpha, beta, alpha_se, beta_se = _fit(gao_bon, d, r)
+    if beta > 0:
+        d_star = alpha / (2.0 * beta)
+        r_star = alpha * alpha / (4.0 * beta)
+    else:
+        d_star = r_star = math.inf
+    return {"alpha": alpha, "beta": beta, "alpha_se": alpha_se, "beta_se": beta_se,
+            "d_star": d_star, "r_star": r_star}
+
+
+def fit_rl(d, r) -> dict:
+    """Fit R(d) = d(α − β log d) to an RL curve (d = √KL, r relative to the initial policy, so R(0) = 0).
+
+    Returns a dict with alpha, beta, alpha_se, beta_se, the peak distance d_star = exp(α/β − 1) (where
+    dR/dd = α − β(log d + 1) = 0) and peak score r_star = R(d*) = β·d*. With β ≤ 0 there is no interior maximum:
+    d_star = r_star = inf.
+    """
+    alpha, beta, alpha_se, beta_se = _fit(gao_rl, d, r)
+    if beta > 0:
+        with np.errstate(over="ignore"):
+            d_star = float(np.exp(alpha / beta - 1.0))  # may overflow to inf for a peak far beyond the data
+        r_star = beta * d_star
+    else:
+        d_star = r_star = math.inf
+    return {"alpha": alpha, "beta": beta, "alpha_se": alpha_se, "beta_se": beta_se,
+            "d_star": d_star, "r_star": r_star}

@@ -1,0 +1,133 @@
+"""`overopt run|status|show CONFIG [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, StudyConfig, dump_config, load_config
+
+log = logging.getLogger("overopt")
+
+
+def _setup_logging(log_file: Path | None = None) -> None:
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("overopt")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    root.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
+    if log_file is not None:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _runner(cfg: StudyConfig):
+    from pipeline.cache import ArtifactCache
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    return Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root, cfg.run.verify))
+
+
+def _names(values: list[str] | None) -> set[str]:
+    return {v for item in values or [] for v in item.split(",") if v}
+
+
+def cmd_run(cfg: StudyConfig, args) -> int:
+    import torch
+
+    torch.set_num_threads(cfg.run.torch_threads)
+    runner = _runner(cfg)
+    runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))  # before any work
+    with runner.cache.lock(cfg.run.lock_timeout_s):
+        runner.cache.sweep_stale()
+        run_dir = cfg.run.cache_root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))
+        _setup_logging(run_dir / "run.log")
+        log.info("study %s: %d stages; log and resolved config in %s", cfg.study, len(runner.nodes), run_dir)
+        t0 = time.time()
+        runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
+        log.info("finished in %.1fs", time.time() - t0)
+    return 0
+
+
+def cmd_status(cfg: StudyConfig, args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    runner = _runner(cfg)
+    table = Table(title=f"study {cfg.study} — cache {cfg.run.cache_root}")
+    for col in ("stage", "fingerprint", "state", "wall time", "size"):
+        table.add_column(col)
+    for p in runner.plan():
+        m = p.manifest or {}
+        wall = f"{m['wall_time_s']:.1f}s" if "wall_time_s" in m and p.status == "cached" else ""
+        size = f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m and p.status == "cached" else ""
+        state = p.status + (f" ({p.detail})" if p.detail else "")
+        table.add_row(p.node.key, p.fingerprint, state, wall, size)
+    Console().print(table)
+    return 0
+
+
+def cmd_show(cfg: StudyConfig, args) -> int:
+    """Print a few labeled pairs so a person can check the world and the gold labels by eye."""
+    import pandas as pd
+
+    from pipeline.records import prompt_text
+
+    runner = _runner(cfg)
+    plan = {p.node.key: p for p in runner.plan()}
+    p = plan.get("gold_label")
+    if p is None or p.status != "cached":
+        print("gold_label is not cached yet: run `overopt run CONFIG --until gold_label` first", file=sys.stderr)
+        return 1
+    df = pd.read_parquet(runner.cache.path("gold_label", p.fingerprint) / "pairs.parquet")
+    for _, r in df.head(args.n).iterrows():
+        print(f"[{r.pair_id}] prompt: {prompt_text(r.prompt)}")
+        print(f"   chosen   ({r.gold_chosen:+.2f}): {r.chosen}")
+        print(f"   rejected ({r.gold_rejected:+.2f}): {r.rejected}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="overopt", description="Reward-model over-optimization studies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run the study's stages that are not cached"),
+                        ("status", "show each stage's cache state"),
+                        ("show", "print a few gold-labeled pairs")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", type=Path)
+        p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
+        if name == "run":
+            p.add_argument("--only", action="append", help="run only these stages (keys or stage names)")
+            p.add_argument("--until", action="append", help="run these stages and what they depend on")
+            p.add_argument("--force", action="append", help="re-run these stages even if cached")
+        if name == "show":
+            p.add_argument("-n", type=int, default=5)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return {"run": cmd_run, "status": cmd_status, "show": cmd_show}[args.command](cfg, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a clear one-line reason; the traceback is in the run log
+        from pipeline.cache import CacheLockedError
+
+        if isinstance(e, CacheLockedError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

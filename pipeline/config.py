@@ -1,0 +1,492 @@
+"""Typed study configuration: YAML + `section.key=value` overrides -> a validated `StudyConfig`.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails before any stage runs, with the key's
+dotted path and the closest valid key in the message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run-wide settings
+
+
+class RunConfig(Section):
+    cache_root: Path = Path(".overopt_cache")
+    reports_dir: Path = Path("reports/tiny")
+    # Seconds a second `overopt run` on the same cache waits for the lock; 0 fails at once with a clear message.
+    lock_timeout_s: float = Field(0.0, ge=0)
+    # "checksum" re-hashes every cached file before trusting it; "size" only checks sizes (for multi-GB checkpoints).
+    verify: Literal["checksum", "size"] = "checksum"
+    torch_threads: int = Field(2, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the embedded tiny world
+
+
+class WorldConfig(Section):
+    """Sizes of the generated world; the world's rules (vocabulary, gold reward) live in `pipeline.world`."""
+
+    seed: int = 0
+    n_pretrain_examples: int = Field(6000, ge=1)
+    n_demonstrations: int = Field(3000, ge=1)
+    # Fraction of (verb, k, category, opener) prompts held out for BoN / RL evaluation.
+    eval_prompt_fraction: float = Field(0.1, gt=0, lt=1)
+    n_eval_prompts: int = Field(32, ge=1)
+    n_ood_pairs: int = Field(600, ge=0)
+    # Demonstration flaws (the base policy learns these): probabilities per demonstration.
+    demo_p_short: float = Field(0.35, ge=0, le=1)
+    demo_p_long: float = Field(0.1, ge=0, le=1)
+    demo_p_duplicate: float = Field(0.15, ge=0, le=1)
+    demo_p_intruder: float = Field(0.15, ge=0, le=1)
+
+
+class TrainLoopConfig(Section):
+    """A plain supervised loop (pretraining and SFT of the tiny base policy)."""
+
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PolicyConfig(Section):
+    """The base (initial) policy: a tiny Llama trained here, or a Hugging Face model id / local directory."""
+
+    source: Literal["tiny", "hub"] = "tiny"
+    model_id: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(192, ge=8)
+    pretrain: TrainLoopConfig = TrainLoopConfig(steps=700)
+    sft: TrainLoopConfig = TrainLoopConfig(steps=300, lr=1e-3)
+
+    @model_validator(mode="after")
+    def _hub_needs_id(self) -> "PolicyConfig":
+        if self.source == "hub" and not self.model_id:
+            raise ValueError("policy.source is 'hub' but policy.model_id is not set")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"policy.hidden_size ({self.hidden_size}) must be divisible by policy.num_heads ({self.num_heads})")
+        return self
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gold scorer and labeling
+
+
+class GoldConfig(Section):
+    """The gold reward: the world's programmatic rule, or a Hugging Face sequence-classification RM."""
+
+    type: Literal["world", "hf"] = "world"
+    model_id: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(1024, ge=8)
+
+    @model_validator(mode="after")
+    def _hf_needs_id(self) -> "GoldConfig":
+        if self.type == "hf" and not self.model_id:
+            raise ValueError("gold.type is 'hf' but gold.model_id is not set")
+        return self
+
+
+class GoldLabelConfig(Section):
+    """How preference pairs are made and labeled by the gold scorer."""
+
+    source: Literal["policy_samples", "unified_feedback"] = "policy_samples"
+    # unified_feedback: a local parquet/json/jsonl file or a hub dataset id in the Unified-Feedback schema.
+    dataset_path: str | None = None
+    dataset_config: str | None = "all"
+    dataset_split: str = "train"
+    shuffle_seed: int = 42
+    # policy_samples: responses sampled per training prompt; pairs are formed among them.
+    samples_per_prompt: int = Field(4, ge=2)
+    sampling: SamplingConfig = SamplingConfig()
+    n_pairs: int = Field(3000, ge=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    noise_rate: float = Field(0.0, ge=0, le=0.5)
+    noise_seed: int = 0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _uf_needs_path(self) -> "GoldLabelConfig":
+        if self.source == "unified_feedback" and not self.dataset_path:
+            raise ValueError("gold_label.source is 'unified_feedback' but gold_label.dataset_path is not set")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# proxy reward models
+
+
+class LoraConfig(Section):
+    r: int = Field(32, ge=1)
+    alpha: int = Field(64, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class RMTrainingConfig(Section):
+    """Optimiser and data budget shared by every proxy of a study (a controlled comparison) unless overridden."""
+
+    lr: float = Field(1e-3, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=8)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(5.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # None = all training pairs.
+    n_train_pairs: int | None = Field(None, ge=1)
+    lora: LoraConfig | None = None
+    # Which label column the proxy trains on: "noisy" (equals clean when gold_label.noise_rate is 0) or "clean".
+    labels: Literal["noisy", "clean"] = "noisy"
+
+
+class RMTrainingOverrides(Section):
+    """Per-proxy exceptions to `proxy_training` (fields left unset inherit the shared value)."""
+
+    lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=8)
+    lr_scheduler: Literal["cosine", "linear", "constant"] | None = None
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    n_train_pairs: int | None = Field(None, ge=1)
+    lora: LoraConfig | None = None
+    labels: Literal["noisy", "clean"] | None = None
+
+
+ProxyType = Literal["bt", "margin", "label_smoothing", "grm", "frozen", "ensemble", "checkpoint"]
+TrainedType = Literal["bt", "margin", "label_smoothing", "grm", "frozen"]
+
+
+class ProxyConfig(Section):
+    """One proxy reward model of the study. Its `name` keys its stages (train_proxy[name], bon_score[name], ...)."""
+
+    name: str
+    type: ProxyType
+    seed: int = 0
+    # reward head (paper default: Dropout(0.1) -> Linear(H, width) -> ReLU -> Linear(width, 1))
+    head: Literal["mlp", "linear"] = "mlp"
+    head_width: int = Field(1024, ge=1)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    # grm
+    reg: Literal["sft", "sft_nll", "dpo", "dpo_noref"] = "sft"
+    alpha: float = Field(0.01, ge=0, le=1)
+    beta: float = Field(0.1, gt=0)
+    # label_smoothing
+    epsilon: float = Field(0.1, ge=0, lt=0.5)
+    # margin: m = margin_scale * (gold_chosen - gold_rejected)
+    margin_scale: float = Field(1.0, ge=0)
+    # ensemble: `members` copies of `member_type`, seeds seed, seed+1, ...
+    members: int = Field(3, ge=2)
+    member_type: TrainedType = "bt"
+    combine: Literal["mean", "min", "uwo"] = "mean"
+    uwo_lambda: float = Field(0.5, ge=0)
+    # checkpoint: an existing RM (local dir or hub id), no training stage
+    path: str | None = None
+    trust_remote_code: bool = False
+    training: RMTrainingOverrides = RMTrainingOverrides()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", v) or v == "gold":
+            raise ValueError(f"proxy name {v!r} must match [A-Za-z0-9_-]+ and not be 'gold'")
+        return v
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_path(self) -> "ProxyConfig":
+        if self.type == "checkpoint" and not self.path:
+            raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
+        return self
+
+    def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
+        """The shared training settings with this proxy's explicit overrides applied."""
+        return shared.model_copy(update=self.training.model_dump(exclude_none=True))
+
+    def member_specs(self) -> list["ProxyConfig"]:
+        """The trained members of an ensemble, each its own seeded proxy."""
+        if self.type != "ensemble":
+            return [self]
+        base = self.model_dump(exclude={"name", "type", "seed", "members", "member_type", "combine", "uwo_lambda"})
+        return [
+            ProxyConfig(**base, name=f"{self.name}-m{i}", type=self.member_type, seed=self.seed + i)
+            for i in range(self.members)
+        ]
+
+
+class EvalProxyConfig(Section):
+    batch_size: int = Field(64, ge=1)
+    # Paper path: local files or hub ids in the HHH-Alignment / MT-Bench human-judgment schemas (optional).
+    hhh_path: str | None = None
+    mt_bench_path: str | None = None
+    mt_bench_keep_ties: bool = False
+
+
+class BonConfig(Section):
+    n_samples: int = Field(256, ge=1)
+    sampling: SamplingConfig = SamplingConfig(batch_size=512)
+    seed: int = 0
+    prompts_per_shard: int = Field(8, ge=1)
+    backend: Literal["hf", "vllm"] = "hf"
+    score_batch_size: int = Field(256, ge=1)
+    # n values of the curve; None = 1, 2, 4, ..., n_samples.
+    n_values: list[int] | None = None
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+    nested_estimator: bool = False
+
+    @model_validator(mode="after")
+    def _n_values_fit(self) -> "BonConfig":
+        bad = [n for n in (self.n_values or []) if not 1 <= n <= self.n_samples]
+        if bad:
+            raise ValueError(f"bon.n_values {bad} must lie in 1..bon.n_samples ({self.n_samples})")
+        return self
+
+    def curve_ns(self) -> list[int]:
+        if self.n_values:
+            return sorted(set(self.n_values))
+        ns, n = [], 1
+        while n <= self.n_samples:
+            ns.append(n)
+            n *= 2
+        return ns
+
+
+class DistributedSmokeConfig(Section):
+    """A stage that proves the multi-process path: a few ZeRO steps on a tiny causal LM under accelerate."""
+
+    enabled: bool = False
+    num_processes: int = Field(2, ge=1)
+    deepspeed_config: Path = Path("configs/deepspeed/zero2.json")
+    steps: int = Field(3, ge=1)
+    seed: int = 0
+
+
+class StudyConfig(Section):
+    study: str = "tiny"
+    run: RunConfig = RunConfig()
+    world: WorldConfig = WorldConfig()
+    policy: PolicyConfig = PolicyConfig()
+    gold: GoldConfig = GoldConfig()
+    gold_label: GoldLabelConfig = GoldLabelConfig()
+    proxy_training: RMTrainingConfig = RMTrainingConfig()
+    proxies: list[ProxyConfig] = []
+    eval_proxy: EvalProxyConfig = EvalProxyConfig()
+    bon: BonConfig | None = BonConfig()
+    distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudyConfig":
+        names = [p.name for p in self.proxies]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"proxies: duplicate names {dup}")
+        if self.gold_label.source == "policy_samples" and self.policy.source != "tiny":
+            raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
+        if self.gold.type == "world" and self.policy.source != "tiny":
+            raise ValueError("gold.type 'world' only exists in the tiny world (policy.source: tiny)")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    return path, yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set_path(tree: dict, path: list[str], value: Any, item: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, path[: i + 1], item)
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {item!r}: {'.'.join(path[: i + 1])} is not a section")
+    if isinstance(node, list):
+        raise ConfigError(f"override {item!r}: cannot replace a whole list item; set one of its keys")
+    node[path[-1]] = value
+
+
+def _list_item(items: list, part: str, where: list[str], item: str) -> dict:
+    """`proxies.bt.lr=...` addresses the list item whose `name` is `bt` (or its index)."""
+    for entry in items:
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return entry
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    names = [e.get("name") for e in items if isinstance(e, dict)]
+    raise ConfigError(f"override {item!r}: no entry {part!r} in {'.'.join(where[:-1])} (names: {names})")
+
+
+def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
+    """Walk the schema along `loc` and suggest the closest valid field name for its last part."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", ()) + (ann,):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cls = cand
+                break
+            inner = getattr(cand, "__args__", ())
+            if inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+                cls = inner[0]
+                break
+    fields = list(getattr(cls, "model_fields", {}))
+    match = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            hint = _closest_key(StudyConfig, loc)
+            lines.append(f"  unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read a study YAML, apply `section.key=value` overrides, validate. Raises ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _set_path(tree, keys, value, item)
+    try:
+        return StudyConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (saved next to every run's log)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage configs: the exact slice of the study a stage depends on (its fingerprint), assembled by `pipeline.study`.
+
+
+class BaseModelRef(Section):
+    """Where the base causal LM comes from: the `policy` input artifact (tiny world) or a hub id / directory."""
+
+    model_id: str | None = None  # None = the `policy` input artifact's model/ directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class GoldLabelStageConfig(Section):
+    label: GoldLabelConfig
+    gold: GoldConfig
+    policy: BaseModelRef
+
+
+class TrainProxyStageConfig(Section):
+    proxy: ProxyConfig
+    training: RMTrainingConfig
+    base: BaseModelRef
+
+
+class ScorerStageConfig(Section):
+    """A scorer by name: "gold" or a proxy (trained, checkpoint or ensemble)."""
+
+    name: str
+    gold: GoldConfig | None = None
+    proxy: ProxyConfig | None = None
+    batch_size: int = 64
+    max_length: int = 1024
+
+
+class EvalProxyStageConfig(Section):
+    eval: EvalProxyConfig
+    scorer: ScorerStageConfig
+
+
+class BonSampleStageConfig(Section):
+    n_samples: int
+    sampling: SamplingConfig
+    seed: int
+    prompts_per_shard: int
+    backend: Literal["hf", "vllm"]
+    policy: BaseModelRef
+
+
+class BonCurveStageConfig(Section):
+    proxy: str
+    ns: list[int]
+    bootstrap: int
+    ci: float
+    nested_estimator: bool
+    seed: int
+
+
+class ReportStageConfig(Section):
+    study: str
+    proxies: list[str]

@@ -1,0 +1,48 @@
+"""Batched sampling from a causal-LM policy, returning records keyed by (prompt index, sample index).
+
+Prompts go through the tokenizer's chat template (`pipeline.tokenization.prompt_ids`), are left-padded, and sampled
+with `model.generate`. The response text is decoded once here, from the generated ids, and stored raw.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pipeline.config import SamplingConfig
+from pipeline.tokenization import Prompt, pad_token_id, prompt_ids
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: Sequence[Prompt], n_per_prompt: int, sampling: SamplingConfig,
+                     seed: int, progress: bool = False) -> list[dict]:
+    """`n_per_prompt` samples for each prompt: dicts with prompt_index, sample_idx, response, n_tokens, finished."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    jobs = [(i, j) for i, _ in enumerate(prompts) for j in range(n_per_prompt)]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    rows = []
+    for s in tqdm(range(0, len(jobs), sampling.batch_size), desc="sampling", disable=not progress, leave=False):
+        batch = jobs[s:s + sampling.batch_size]
+        width = max(len(encoded[i]) for i, _ in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, (i, _) in enumerate(batch):  # left padding: every row's next token is at the same position
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attn[r, width - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+        for r, (i, j) in enumerate(batch):
+            new = out[r, width:].tolist()
+            finished = eos_id in new
+            new = new[:new.index(eos_id)] if finished else new
+            rows.append({"prompt_index": i, "sample_idx": j, "n_tokens": len(new), "finished": finished,
+                         "response": tokenizer.decode(new, skip_special_tokens=True).strip()})
+    return rows

@@ -1,0 +1,127 @@
+"""The one model-loading module: tokenizers, policies and reward models, local directories or hub ids.
+
+Weights load from safetensors only, and `trust_remote_code` is passed through only when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_local(name_or_path: str | Path) -> None:
+    p = Path(name_or_path)
+    looks_local = p.is_absolute() or str(name_or_path).startswith(".") or p.exists()
+    if looks_local and not p.is_dir():
+        raise FileNotFoundError(f"model directory not found: {p}")
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_local(name_or_path)
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no chat template; overopt formats every prompt with it")
+    return tok
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A policy (or reference policy) as AutoModelForCausalLM, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def seq_cls_rewards(model):
+    """rewards(input_ids, attention_mask) for an AutoModelForSequenceClassification reward model.
+
+    Reads the score head at the last *attended* token ourselves instead of the model's pooling, which locates the
+    last token through `config.pad_token_id` and goes wrong when pad == eos or the config's pad differs from the
+    tokenizer's.
+    """
+    from pipeline.tokenization import last_token_index
+
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no score head (expected a `score` or `classifier` module)")
+    base = getattr(model, model.base_model_prefix)
+    # Positions count attended tokens only, so a left-padded batch scores like an unpadded one (without this, models
+    # with absolute position embeddings, e.g. GPT-2, read left-padded rows at shifted positions).
+    takes_positions = "position_ids" in inspect.signature(base.forward).parameters
+
+    def rewards(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)} if takes_positions else {}
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        last = last_token_index(attention_mask)
+        return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])[:, 0]
+
+    return rewards
+
+
+def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A Hugging Face sequence-classification reward model; refuses a checkpoint whose score head is untrained."""
+    from transformers import AutoModelForSequenceClassification
+
+    _check_local(name_or_path)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(name_or_path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True,
+        trust_remote_code=trust_remote_code, output_loading_info=True)
+    missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+    if missing_head:
+        raise ValueError(f"{name_or_path} has no trained score head (missing {sorted(missing_head)}): "
+                         f"it is not a sequence-classification reward model")
+    if model.config.num_labels != 1:
+        raise ValueError(f"{name_or_path} has num_labels={model.config.num_labels}; a reward model has 1")
+    return model.eval()
+
+
+def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
+                       trust_remote_code: bool = False):
+    """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier."""
+    from pipeline.reward_model import GRMRewardModel, is_grm_checkpoint
+    from pipeline.scoring import ModelScorer
+
+    _check_local(name_or_path)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
+        model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length)
+    model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
+    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length)
+
+
+def build_scorer(cfg, inputs: dict[str, Path]):
+    """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
+
+    Trained proxies are read from their `train_proxy` artifacts in `inputs` ("model", or "member<i>" for an
+    ensemble, whose members are standardised with the reference-set statistics saved beside them).
+    """
+    import json
+
+    from pipeline.scoring import EnsembleScorer, WorldGoldScorer
+
+    if cfg.gold is not None:
+        gold = cfg.gold
+        if gold.type == "world":
+            return WorldGoldScorer()
+        return load_reward_scorer(gold.model_id, gold.batch_size, gold.max_length, gold.dtype, gold.trust_remote_code)
+    proxy = cfg.proxy
+    if proxy is None:
+        raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
+    if proxy.type == "checkpoint":
+        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length,
+                                  trust_remote_code=proxy.trust_remote_code)
+    if proxy.type == "ensemble":
+        dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
+        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length) for d in dirs]
+        stats = [json.loads((d / "reference_stats.json").read_text()) for d in dirs]
+        return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
+    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length)

@@ -1,0 +1,32 @@
+"""Plots of over-optimization curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    """Gold (solid, with CI band) and proxy (dashed) relative to n = 1 against √KL, one colour per proxy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        axes[0].plot(c.sqrt_kl_bound, c.gold_rel, "-o", ms=3, color=color, label=f"{name}: gold")
+        axes[0].fill_between(c.sqrt_kl_bound, c.gold_rel_lo, c.gold_rel_hi, color=color, alpha=0.2)
+        axes[1].plot(c.sqrt_kl_bound, c.proxy_rel, "--s", ms=3, color=color, label=f"{name}: proxy")
+    axes[0].set_ylabel("gold score − gold at n=1")
+    axes[1].set_ylabel("proxy score − proxy at n=1")
+    for ax in axes:
+        ax.set_xlabel("√KL  (KL = log n − (n−1)/n, an upper bound)")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

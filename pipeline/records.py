@@ -1,0 +1,75 @@
+"""Record formats shared by stages, stored as parquet and keyed by ids.
+
+A prompt is always stored as its list of chat messages (`[{"role": "user", "content": ...}, ...]`), responses as raw
+strings. Nothing downstream recovers text from decoded token ids of another stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+# One row per preference pair (gold_label output, RM training and evaluation input).
+PAIR_COLUMNS = ["pair_id", "prompt_id", "prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
+                "label_clean", "label_noisy", "split"]
+# One row per sampled response (bon_sample output).
+SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "response", "n_tokens", "finished"]
+# One row per scored response (bon_score output).
+SCORE_COLUMNS = ["prompt_id", "sample_idx", "score"]
+
+
+class RecordError(ValueError):
+    """A record file is missing or lacks a required column; the message names the file and the column."""
+
+
+def user_prompt(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def prompt_text(prompt) -> str:
+    """The last user turn of a stored prompt, for display."""
+    return [m for m in prompt if m["role"] == "user"][-1]["content"]
+
+
+def write_records(df: pd.DataFrame, path: Path, columns: Iterable[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise RecordError(f"refusing to write {path}: missing columns {missing}")
+    df.to_parquet(path, index=False)
+
+
+def read_records(path: Path, columns: Iterable[str]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"record file not found: {path}")
+    df = pd.read_parquet(path)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise RecordError(f"{path} lacks column(s) {missing} (has {list(df.columns)})")
+    return df
+
+
+def messages(prompt) -> list[dict]:
+    """A stored prompt (list/array of structs) as plain message dicts for a chat template."""
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+
+
+def read_sample_shards(artifact: Path) -> pd.DataFrame:
+    """All shards of a bon_sample artifact as one frame, ordered by (prompt_id, sample_idx)."""
+    shards = sorted((Path(artifact) / "shards").glob("shard_*.parquet"))
+    if not shards:
+        raise RecordError(f"no sample shards in {Path(artifact) / 'shards'}")
+    frame = pd.concat([read_records(f, SAMPLE_COLUMNS) for f in shards], ignore_index=True)
+    return frame.sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+
+
+def score_matrix(scores: pd.DataFrame, prompt_ids: list[str] | None = None):
+    """(P, N) matrix of a score table keyed by (prompt_id, sample_idx); rows in `prompt_ids` order (default sorted)."""
+    table = scores.pivot(index="prompt_id", columns="sample_idx", values="score")
+    if prompt_ids is not None:
+        table = table.loc[prompt_ids]
+    if table.isna().any().any():
+        raise RecordError("score table is missing (prompt_id, sample_idx) entries or holds NaN scores")
+    return table.to_numpy(dtype=float), list(table.index)

@@ -1,0 +1,273 @@
+"""The stage runner: fingerprints a DAG of stages, runs what is not cached, commits each artifact atomically.
+
+A stage is a module with `VERSION` (bump it when its output would change) and `run(cfg, inputs, out)`: a typed config
+section, a dict of upstream artifact directories by role, and an empty output directory. It knows nothing about the
+cache. The runner decides what to run from fingerprints:
+
+    fingerprint = sha256(stage name, key, VERSION, config section, upstream fingerprints)
+
+so changing one stage's config re-runs exactly that stage and its descendants, and adding a parametrised stage
+(a new proxy) leaves every existing fingerprint as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from pipeline.cache import ArtifactCache
+from pipeline.config import ConfigError
+
+log = logging.getLogger("overopt")
+
+
+@dataclass(frozen=True)
+class StageNode:
+    """One box of the DAG: `key` is unique (`train_proxy[bt]`), `stage` is the module name in `stages/`."""
+
+    key: str
+    stage: str
+    config: BaseModel
+    inputs: dict[str, str] = field(default_factory=dict)  # role -> upstream key
+    launcher: Literal["inline", "accelerate"] = "inline"
+    num_processes: int = 1
+    deepspeed_config: Path | None = None
+    publish_to: Path | None = None  # copy the artifact here after the run (reports)
+
+    @property
+    def module(self):
+        return importlib.import_module(f"stages.{self.stage}")
+
+
+@dataclass
+class PlannedStage:
+    node: StageNode
+    fingerprint: str
+    status: str  # cached | stale | missing | corrupt
+    detail: str = ""
+    manifest: dict | None = None
+
+
+def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
+    payload = {
+        "stage": node.stage,
+        "key": node.key,
+        "version": str(getattr(node.module, "VERSION")),
+        "config": node.config.model_dump(mode="json"),
+        "inputs": {role: upstream[k] for role, k in sorted(node.inputs.items())},
+        "launcher": [node.launcher, node.num_processes],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def toposort(nodes: list[StageNode]) -> list[StageNode]:
+    by_key = {n.key: n for n in nodes}
+    if len(by_key) != len(nodes):
+        raise ValueError("duplicate stage keys in the DAG")
+    order, state = [], {}
+
+    def visit(n: StageNode) -> None:
+        if state.get(n.key) == "done":
+            return
+        if state.get(n.key) == "visiting":
+            raise ValueError(f"cycle in the stage DAG at {n.key}")
+        state[n.key] = "visiting"
+        for up in n.inputs.values():
+            if up not in by_key:
+                raise ValueError(f"stage {n.key} needs {up}, which is not in the DAG")
+            visit(by_key[up])
+        state[n.key] = "done"
+        order.append(n)
+
+    for n in nodes:
+        visit(n)
+    return order
+
+
+def _matches(node: StageNode, names: set[str]) -> bool:
+    return node.key in names or node.stage in names
+
+
+class Runner:
+    def __init__(self, nodes: list[StageNode], cache: ArtifactCache):
+        self.nodes = toposort(nodes)
+        self.by_key = {n.key: n for n in self.nodes}
+        self.cache = cache
+
+    def check_names(self, names: set[str]) -> None:
+        known = {n.key for n in self.nodes} | {n.stage for n in self.nodes}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; stages of this study: {sorted(known)}")
+
+    def plan(self) -> list[PlannedStage]:
+        fps: dict[str, str] = {}
+        planned = []
+        for n in self.nodes:
+            fp = fingerprint(n, fps)
+            fps[n.key] = fp
+            state = self.cache.check(n.key, fp)
+            status = state.status
+            if status == "missing" and (self.cache.root / n.key).exists():
+                status = "stale"  # an artifact exists for another fingerprint (config or code changed)
+            planned.append(PlannedStage(n, fp, status, state.detail, state.manifest))
+        return planned
+
+    def ancestors(self, keys: set[str]) -> set[str]:
+        out, stack = set(), list(keys)
+        while stack:
+            k = stack.pop()
+            if k not in out:
+                out.add(k)
+                stack.extend(self.by_key[k].inputs.values())
+        return out
+
+    def run(self, only: set[str] = frozenset(), until: set[str] = frozenset(),
+            force: set[str] = frozenset()) -> list[PlannedStage]:
+        """Run the DAG (or the part selected by `only` / `until`); return the plan with final states."""
+        self.check_names(set(only) | set(until) | set(force))
+        plan = self.plan()
+        selected = {p.node.key for p in plan}
+        if until:
+            selected = self.ancestors({n.key for n in self.nodes if _matches(n, set(until))})
+        if only:
+            selected = {n.key for n in self.nodes if _matches(n, set(only))}
+        fps = {p.node.key: p.fingerprint for p in plan}
+        done: dict[str, str] = {}
+        for p in plan:
+            n = p.node
+            if n.key not in selected:
+                continue
+            rerun = _matches(n, set(force))
+            if p.status == "cached" and not rerun:
+                log.info("✓ %-28s cached  %s", n.key, p.fingerprint)
+                done[n.key] = p.status
+                self._publish(n, p.fingerprint)
+                continue
+            if p.status == "corrupt":
+                log.warning("! %-28s cached artifact is corrupt (%s): recomputing it", n.key, p.detail)
+            for role, up in n.inputs.items():
+                if self.cache.check(up, fps[up]).status != "cached":
+                    raise RuntimeError(f"stage {n.key} needs {up} ({role}), which is not cached; "
+                                       f"run without --only to build it")
+            inputs = {role: self.cache.path(up, fps[up]) for role, up in n.inputs.items()}
+            log.info("▶ %-28s running (%s)", n.key, p.fingerprint)
+            manifest = self._execute(n, p.fingerprint, inputs)
+            log.info("✓ %-28s done in %.1fs", n.key, manifest["wall_time_s"])
+            p.status, p.manifest = "cached", manifest
+            self._publish(n, p.fingerprint)
+        return plan
+
+    def _execute(self, node: StageNode, fp: str, inputs: dict[str, Path]) -> dict:
+        with self.cache.staging(node.key, fp, resumable=getattr(node.module, "RESUMABLE", False)) as out:
+            t0 = time.time()
+            if node.launcher == "accelerate":
+                launch_stage(node, inputs, out)
+            else:
+                node.module.run(node.config, inputs, out)
+            wall = time.time() - t0
+            record = {"stage": node.stage, "version": str(node.module.VERSION), "wall_time_s": round(wall, 3),
+                      "config": node.config.model_dump(mode="json"),
+                      "inputs": {r: str(p) for r, p in inputs.items()}}
+            return self.cache.commit(node.key, fp, out, record)
+
+    def _publish(self, node: StageNode, fp: str) -> None:
+        if node.publish_to is None:
+            return
+        src = self.cache.path(node.key, fp)
+        dst = Path(node.publish_to)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.rglob("*"):
+            if f.is_file() and f.name != "manifest.json":
+                target = dst / f.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# multi-process stages
+
+
+def _accelerate_config(node: StageNode, cuda: bool) -> dict:
+    """A complete `accelerate launch` config, so a user's `~/.cache/huggingface/accelerate/default_config.yaml`
+    (written by `accelerate config`) cannot change how a stage is launched."""
+    if node.deepspeed_config is not None:
+        dist = "DEEPSPEED"
+    elif node.num_processes > 1:
+        dist = "MULTI_GPU" if cuda else "MULTI_CPU"
+    else:
+        dist = "NO"
+    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": dist, "mixed_precision": "no",
+            "use_cpu": not cuda, "num_processes": node.num_processes, "num_machines": 1, "machine_rank": 0,
+            "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "main_training_function": "main",
+            "downcast_bf16": False, "debug": False, "enable_cpu_affinity": False}
+
+
+def _resolve_repo_path(p: Path) -> Path:
+    """A relative path (`configs/deepspeed/zero2.json`) from the working directory, else from the repository root."""
+    p = Path(p)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    alt = _REPO_ROOT / p
+    return alt.resolve() if alt.exists() else p.resolve()
+
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
+    """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails.
+
+    Every rank runs `python -m pipeline.stage_main JOBFILE`. The rendezvous port is a free one picked by accelerate
+    (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one.
+    """
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    ds_config = None
+    if node.deepspeed_config is not None:
+        ds_config = _resolve_repo_path(node.deepspeed_config)
+        if not ds_config.is_file():
+            raise FileNotFoundError(f"stage {node.key}: DeepSpeed config {node.deepspeed_config} not found")
+    job = {"stage": node.stage, "config_class": f"{type(node.config).__module__}.{type(node.config).__qualname__}",
+           "config": node.config.model_dump(mode="json"), "inputs": {r: str(p) for r, p in inputs.items()},
+           "out": str(Path(out).resolve())}
+    with tempfile.TemporaryDirectory(prefix=f"overopt-launch-{node.key}-") as tmp:
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        acc_file = Path(tmp) / "accelerate.json"
+        acc_file.write_text(json.dumps(_accelerate_config(node, cuda)))
+        port = os.environ.get("MASTER_PORT", "0")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
+               "--num_processes", str(node.num_processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", port]
+        if ds_config is not None:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
+        elif not cuda:
+            cmd += ["--cpu"]
+        cmd += ["-m", "pipeline.stage_main", str(job_file)]
+        env = dict(os.environ)
+        if not cuda:
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        # `pipeline` and `stages` importable on every rank whatever the working directory.
+        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        log.info("  launching: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})")

@@ -1,0 +1,100 @@
+"""The one reward-scoring interface: `scorer.score(prompts, responses) -> np.ndarray` of float rewards.
+
+RM evaluation, gold labeling, best-of-n and PPO all score through this. Implementations:
+- `ModelScorer`: any neural reward model (a Hugging Face sequence classifier, a GRM); batched, length-sorted, no
+  grad, eval mode, chat template applied with the scorer's own tokenizer, reward read at the last real token;
+- `WorldGoldScorer`: the tiny world's programmatic gold;
+- `EnsembleScorer`: members standardised on a reference set, combined by mean, min (WCO) or mean - λ·var (UWO).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.tokenization import Prompt, as_messages, collate, encode_conversation, pad_token_id
+
+log = logging.getLogger("overopt")
+
+
+class RewardScorer(Protocol):
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Rewards for each (prompt, response); NaN where the pair is longer than the scorer's max length."""
+        ...
+
+
+# rewards_fn(input_ids, attention_mask) -> (B,) tensor of rewards read at the last real token
+RewardsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ModelScorer:
+    """Batched scoring of a neural reward model through `pipeline.tokenization`."""
+
+    def __init__(self, rewards_fn: RewardsFn, module: torch.nn.Module, tokenizer, batch_size: int = 32,
+                 max_length: int = 1024, padding_side: str = "right"):
+        self.rewards_fn, self.module, self.tokenizer = rewards_fn, module, tokenizer
+        self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
+        self.pad_id = pad_token_id(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
+        encoded = [encode_conversation(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        out = np.full(len(encoded), np.nan, dtype=np.float64)
+        keep = [i for i, e in enumerate(encoded) if not e.truncated]
+        if len(keep) < len(encoded):
+            log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
+                        len(encoded) - len(keep), len(encoded), self.max_length)
+        keep.sort(key=lambda i: len(encoded[i].input_ids))  # length-sorted batches waste little padding
+        self.module.eval()  # dropout off: a reward is a deterministic function of the text
+        with torch.no_grad():
+            for s in range(0, len(keep), self.batch_size):
+                idx = keep[s:s + self.batch_size]
+                batch = collate([encoded[i] for i in idx], self.pad_id, self.padding_side)
+                rewards = self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+                out[idx] = rewards.float().cpu().numpy()
+        return out
+
+
+class WorldGoldScorer:
+    """The tiny world's gold reward (`pipeline.world.gold_reward`), behind the same interface."""
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        from pipeline.world import gold_reward
+
+        return np.array([gold_reward(as_messages(p)[-1]["content"], r) for p, r in zip(prompts, responses)],
+                        dtype=np.float64)
+
+
+def combine_ensemble(member_scores: np.ndarray, combine: str, uwo_lambda: float = 0.5) -> np.ndarray:
+    """Combine standardised member scores of shape (K, ...) into one reward (Coste et al. 2023)."""
+    if combine == "mean":
+        return member_scores.mean(axis=0)
+    if combine == "min":
+        return member_scores.min(axis=0)
+    if combine == "uwo":
+        return member_scores.mean(axis=0) - uwo_lambda * member_scores.var(axis=0)
+    raise ValueError(f"unknown ensemble combine {combine!r} (expected mean, min or uwo)")
+
+
+def standardise(scores: np.ndarray, stats: dict) -> np.ndarray:
+    """Put a member on a common scale using its mean/std on the reference set (saved with the member)."""
+    return (scores - stats["mean"]) / max(stats["std"], 1e-8)
+
+
+class EnsembleScorer:
+    def __init__(self, members: list[RewardScorer], stats: list[dict], combine: str, uwo_lambda: float):
+        if len(members) != len(stats):
+            raise ValueError("ensemble needs one reference-set statistic per member")
+        self.members, self.stats, self.combine, self.uwo_lambda = members, stats, combine, uwo_lambda
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        scores = np.stack([standardise(m.score(prompts, responses), s) for m, s in zip(self.members, self.stats)])
+        return combine_ensemble(scores, self.combine, self.uwo_lambda)

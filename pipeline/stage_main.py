@@ -1,0 +1,67 @@
+"""Entry point of one rank of a multi-process stage: `python -m pipeline.stage_main JOBFILE`.
+
+`pipeline.runner.launch_stage` writes the job file and starts this module under `accelerate launch`; every rank reads
+the same job, validates the stage's config section with its pydantic class, and calls `stages.<stage>.run(cfg,
+inputs, out)`. The stage itself decides what rank 0 (or every rank) writes into `out`.
+
+Job file (JSON): {"stage": str, "config_class": "package.module.Class", "config": {...},
+                  "inputs": {role: path}, "out": path}
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+log = logging.getLogger("overopt")
+
+
+def _import_dotted(path: str):
+    """`package.module.Outer.Inner` -> the object, importing the longest module prefix that exists."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"cannot import {path!r}")
+
+
+def load_job(job_file: str | Path) -> tuple[str, BaseModel, dict[str, Path], Path]:
+    job = json.loads(Path(job_file).read_text())
+    missing = {"stage", "config_class", "config", "inputs", "out"} - set(job)
+    if missing:
+        raise ValueError(f"job file {job_file} lacks {sorted(missing)}")
+    config_class = _import_dotted(job["config_class"])
+    if not (isinstance(config_class, type) and issubclass(config_class, BaseModel)):
+        raise TypeError(f"{job['config_class']} is not a pydantic model class")
+    cfg = config_class.model_validate(job["config"])
+    inputs = {role: Path(p) for role, p in job["inputs"].items()}
+    return job["stage"], cfg, inputs, Path(job["out"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pipeline.stage_main JOBFILE", file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"[rank {rank}] %(message)s")
+    stage, cfg, inputs, out = load_job(argv[0])
+    module = importlib.import_module(f"stages.{stage}")
+    module.run(cfg, inputs, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""From a `StudyConfig` to the DAG of stages of one over-optimization study.
+
+    world ─► sft_policy ─► gold_label ─► train_proxy[p] ─► eval_proxy[p]
+                 │              │               └──────────► bon_score[p] ─► bon_curve[p] ─► report
+                 └─► bon_sample ┴──────────────────────────► bon_score[gold] ┘
+
+Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
+scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id and pairs come from a
+dataset in the Unified-Feedback schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalProxyStageConfig,
+                             GoldLabelStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
+                             TrainProxyStageConfig)
+from pipeline.runner import StageNode
+
+
+def _base_ref(cfg: StudyConfig) -> BaseModelRef:
+    if cfg.policy.source == "hub":
+        return BaseModelRef(model_id=cfg.policy.model_id, dtype=cfg.policy.dtype,
+                            trust_remote_code=cfg.policy.trust_remote_code)
+    return BaseModelRef(dtype=cfg.policy.dtype)
+
+
+def _scorer_inputs(proxy: ProxyConfig, artifact: str) -> dict[str, str]:
+    """Upstream artifacts a proxy's scorer needs: its trained model, or each ensemble member's."""
+    if proxy.type == "checkpoint":
+        return {}
+    if proxy.type == "ensemble":
+        return {f"member{i}": f"{artifact}[{m.name}]" for i, m in enumerate(proxy.member_specs())}
+    return {"model": f"{artifact}[{proxy.name}]"}
+
+
+def build_stages(cfg: StudyConfig) -> list[StageNode]:
+    nodes: list[StageNode] = []
+    tiny = cfg.policy.source == "tiny"
+    base = _base_ref(cfg)
+    policy_input = {"policy": "sft_policy"} if tiny else {}
+
+    if tiny:
+        nodes.append(StageNode("world", "world", cfg.world))
+        nodes.append(StageNode("sft_policy", "sft_policy", cfg.policy, {"world": "world"}))
+
+    label_inputs = {"world": "world", **policy_input} if tiny else {}
+    nodes.append(StageNode("gold_label", "gold_label",
+                           GoldLabelStageConfig(label=cfg.gold_label, gold=cfg.gold, policy=base), label_inputs))
+
+    # proxies: one train_proxy per trained model (ensemble members are trained models of their own)
+    for proxy in cfg.proxies:
+        for member in proxy.member_specs():
+            if member.type in ("checkpoint", "ensemble"):
+                continue
+            nodes.append(StageNode(
+                f"train_proxy[{member.name}]", "train_proxy",
+                TrainProxyStageConfig(proxy=member, training=member.resolved_training(cfg.proxy_training), base=base),
+                {"pairs": "gold_label", **policy_input}))
+        scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=cfg.eval_proxy.batch_size,
+                                   max_length=cfg.proxy_training.max_length)
+        nodes.append(StageNode(f"eval_proxy[{proxy.name}]", "eval_proxy",
+                               EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
+                               {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")}))
+
+    if cfg.bon is not None and tiny:
+        bon = cfg.bon
+        nodes.append(StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
+            n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
+            backend=bon.backend, policy=base), {"world": "world", **policy_input}))
+        gold = ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=bon.score_batch_size,
+                                 max_length=cfg.gold.max_length)
+        nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"}))
+        for proxy in cfg.proxies:
+            scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=bon.score_batch_size,
+                                       max_length=cfg.proxy_training.max_length)
+            inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
+            if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
+                inputs.update({f"member{i}_scores": f"bon_score[{m.name}]"
+                               for i, m in enumerate(proxy.member_specs())})
+                for m in proxy.member_specs():
+                    m_scorer = ScorerStageConfig(name=m.name, proxy=m, batch_size=bon.score_batch_size,
+                                                 max_length=cfg.proxy_training.max_length)
+                    nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", m_scorer,
+                                           {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
+            nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", scorer, inputs))
+            curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
+                                        nested_estimator=bon.nested_estimator, seed=bon.seed)
+            nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,
+                                   {"proxy_scores": f"bon_score[{proxy.name}]", "gold_scores": "bon_score[gold]"}))
+
+    if cfg.distributed_smoke.enabled:
+        ds = cfg.distributed_smoke
+        nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
+                               num_processes=ds.num_processes, deepspeed_config=Path(ds.deepspeed_config)))
+
+    report_inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
+    if cfg.bon is not None and tiny:
+        report_inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
+    if tiny:
+        report_inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
+    nodes.append(StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies]),
+                           report_inputs, publish_to=Path(cfg.run.reports_dir)))
+    return nodes

@@ -1,0 +1,96 @@
+"""One way to turn (prompt, response) into model inputs: the tokenizer's own chat template, tokenized once.
+
+Used by every reward model (scoring and training) so that the reward is always read at the same position and the
+response-token mask used by GRM's text-generation loss is the same span that a policy generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+Message = dict  # {"role": ..., "content": ...}
+Prompt = Union[str, Sequence[Message]]
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    """A prompt is either a single user turn (str) or the list of turns before the response."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def _template_ids(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    # tokenize=True keeps the template's own special tokens and adds none (no doubled BOS).
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of the prompt followed by the template's generation prompt (what a policy continues)."""
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
+    return _template_ids(tokenizer, as_messages(prompt), add_generation_prompt=True)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    response_start: int  # index of the first response token
+    truncated: bool
+
+
+def encode_conversation(tokenizer, prompt: Prompt, response: str, max_length: int) -> Encoded:
+    """Token ids of prompt + response through the chat template; `response_start` marks the response span.
+
+    Over-long sequences are kept from the left and flagged, so callers can filter them rather than silently score a
+    truncated response.
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
+    messages = as_messages(prompt)
+    head = _template_ids(tokenizer, messages, add_generation_prompt=True)
+    full = _template_ids(tokenizer, messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    start = len(head) if full[: len(head)] == head else _common_prefix(head, full)
+    truncated = len(full) > max_length
+    return Encoded(full[:max_length], min(start, max_length), truncated)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def collate(encoded: list[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch; returns input_ids, attention_mask and response_mask (1 on response tokens only)."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    resp = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e.input_ids)
+        off = width - n if padding_side == "left" else 0
+        ids[i, off:off + n] = torch.tensor(e.input_ids)
+        attn[i, off:off + n] = 1
+        resp[i, off + e.response_start:off + n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, whatever the padding side."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+def pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token")

@@ -1,0 +1,77 @@
+"""bon_sample: N samples per evaluation prompt from the base policy, independent of any proxy.
+
+Prompts are processed in shards of `prompts_per_shard`; each shard is sampled with its own seed (seed + shard index)
+and written atomically, so a killed run resumes at the first missing shard and gives the same samples.
+
+Writes shards/shard_XXXXX.parquet (records keyed by prompt_id, sample_idx; raw response text, token counts, whether
+EOS was emitted) and samples.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipeline.config import BonSampleStageConfig
+from pipeline.generation import sample_responses
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.records import SAMPLE_COLUMNS, messages, read_records, write_records
+
+VERSION = "1"
+RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.ArtifactCache.staging)
+log = logging.getLogger("overopt")
+
+
+def _vllm_samples(model_path: str, prompts: list, n: int, cfg: BonSampleStageConfig, seed: int) -> list[dict]:
+    """Optional GPU backend; the prompts go through the same chat template as the HF path."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as e:  # pragma: no cover - GPU users only
+        raise ImportError("bon.backend is 'vllm' but vllm is not installed (pip install 'overopt[vllm]')") from e
+    from pipeline.tokenization import prompt_ids
+
+    llm = LLM(model=model_path, seed=seed, trust_remote_code=cfg.policy.trust_remote_code)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(n=n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                            max_tokens=cfg.sampling.max_new_tokens, seed=seed)
+    outs = llm.generate([{"prompt_token_ids": prompt_ids(tok, p)} for p in prompts], params)
+    return [{"prompt_index": i, "sample_idx": j, "response": c.text.strip(), "n_tokens": len(c.token_ids),
+             "finished": c.finish_reason == "stop"} for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
+
+
+def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    model_path = cfg.policy.model_id or str(inputs["policy"] / "model")
+    prompts = pd.read_parquet(inputs["world"] / "eval_prompts.parquet")
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
+        f.unlink()
+    starts = list(range(0, len(prompts), cfg.prompts_per_shard))
+    todo = [(i, s) for i, s in enumerate(starts) if not (shard_dir / f"shard_{i:05d}.parquet").exists()]
+    if len(todo) < len(starts):
+        log.info("  resuming: %d of %d shards already sampled", len(starts) - len(todo), len(starts))
+    model = tokenizer = None
+    for shard, start in tqdm(todo, desc="bon_sample shards", leave=False):
+        chunk = prompts.iloc[start:start + cfg.prompts_per_shard].reset_index(drop=True)
+        chunk_prompts = [messages(p) for p in chunk.prompt]
+        if cfg.backend == "vllm":
+            rows = _vllm_samples(model_path, chunk_prompts, cfg.n_samples, cfg, cfg.seed + shard)
+        else:
+            if model is None:
+                tokenizer = load_tokenizer(model_path, cfg.policy.trust_remote_code)
+                model = load_causal_lm(model_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
+            rows = sample_responses(model, tokenizer, chunk_prompts, cfg.n_samples, cfg.sampling, cfg.seed + shard)
+        frame = pd.DataFrame(rows)
+        frame["prompt_id"] = chunk.prompt_id.to_numpy()[frame.prompt_index]
+        frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]
+        tmp = shard_dir / f"shard_{shard:05d}.parquet.tmp"
+        write_records(frame[SAMPLE_COLUMNS], tmp, SAMPLE_COLUMNS)
+        os.replace(tmp, shard_dir / f"shard_{shard:05d}.parquet")
+    (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
+                                                  "shards": len(starts)}))
+

@@ -1,0 +1,48 @@
+"""bon_score[scorer]: score every best-of-n sample with one scorer (the gold, or one proxy).
+
+Cached per (samples, scorer), so adding a proxy scores only with that proxy. An ensemble does not re-score: it
+combines its members' bon_score artifacts, each standardised with the member's reference-set statistics.
+
+Writes scores.parquet (prompt_id, sample_idx, score).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ScorerStageConfig
+from pipeline.models import build_scorer
+from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, write_records
+from pipeline.scoring import combine_ensemble, standardise
+
+VERSION = "1"
+log = logging.getLogger("overopt")
+
+
+def _ensemble_scores(cfg: ScorerStageConfig, inputs: dict[str, Path]) -> pd.DataFrame:
+    proxy = cfg.proxy
+    frames = [read_records(inputs[f"member{i}_scores"] / "scores.parquet", SCORE_COLUMNS) for i in range(proxy.members)]
+    keys = frames[0][["prompt_id", "sample_idx"]]
+    for f in frames[1:]:
+        if not f[["prompt_id", "sample_idx"]].equals(keys):
+            raise ValueError(f"ensemble {proxy.name!r}: member score tables are not aligned on (prompt_id, sample_idx)")
+    stats = [json.loads((inputs[f"member{i}"] / "reference_stats.json").read_text()) for i in range(proxy.members)]
+    member = np.stack([standardise(f.score.to_numpy(), s) for f, s in zip(frames, stats)])
+    return keys.assign(score=combine_ensemble(member, proxy.combine, proxy.uwo_lambda))
+
+
+def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    if cfg.proxy is not None and cfg.proxy.type == "ensemble":
+        scores = _ensemble_scores(cfg, inputs)
+    else:
+        samples = read_sample_shards(inputs["samples"])
+        scorer = build_scorer(cfg, inputs)
+        values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
+        scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
+    write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
+    log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

@@ -1,0 +1,177 @@
+"""train_proxy[name]: train one proxy reward model on the gold-labeled pairs with the Hugging Face Trainer.
+
+Every proxy is a `GRMRewardModel` (the base causal LM with its LM head kept, plus a reward head); the proxy type only
+picks the loss (`pipeline.losses`):
+
+    bt               -mean log σ(r_c - r_r)
+    margin           -mean log σ(r_c - r_r - m),  m = margin_scale · |gold_c - gold_r|
+    label_smoothing  -(1-ε) mean log σ(r_c - r_r) - ε mean log σ(r_r - r_c)
+    frozen           bt, backbone frozen (only the head trains)
+    grm              (1-α)·bt + α·reg, reg from the response-token log-probs of the same forward pass
+
+Writes model/ (`GRMRewardModel.save_pretrained`, tokenizer included), reference_stats.json (mean/std of its rewards on
+the training responses, used to standardise ensemble members), train_log.json, metrics.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import losses
+from pipeline.config import TrainProxyStageConfig
+from pipeline.models import DTYPES, load_tokenizer
+from pipeline.records import PAIR_COLUMNS, messages, read_records
+from pipeline.reward_model import GRMRewardModel, RewardHeadConfig
+from pipeline.scoring import ModelScorer
+from pipeline.tokenization import collate, encode_conversation, pad_token_id
+
+VERSION = "1"
+log = logging.getLogger("overopt")
+DATA_SUBSET_SEED = 0  # every proxy of a study sees the same pairs (a controlled comparison); seeds vary init/order
+
+
+def training_pairs(pairs: pd.DataFrame, labels: str, n: int | None) -> pd.DataFrame:
+    """Train-split pairs ordered as the annotator preferred them (`labels`: "noisy" or "clean")."""
+    train = pairs[pairs.split == "train"].reset_index(drop=True)
+    if n is not None and n < len(train):
+        train = train.sample(n=n, random_state=DATA_SUBSET_SEED).reset_index(drop=True)
+    if labels == "noisy":
+        flip = train.label_noisy == 0
+        train.loc[flip, ["chosen", "rejected"]] = train.loc[flip, ["rejected", "chosen"]].to_numpy()
+    return train
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int, margin_scale: float):
+        self.items, dropped = [], 0
+        for r in frame.itertuples():
+            prompt = messages(r.prompt)
+            c = encode_conversation(tokenizer, prompt, r.chosen, max_length)
+            j = encode_conversation(tokenizer, prompt, r.rejected, max_length)
+            if c.truncated or j.truncated:  # filter, never train on a truncated response
+                dropped += 1
+                continue
+            self.items.append((c, j, margin_scale * abs(r.gold_chosen - r.gold_rejected)))
+        self.dropped = dropped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class PairCollator:
+    """Chosen rows first, then rejected rows: one forward pass scores both sides of every pair."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        batch = collate([c for c, _, _ in items] + [j for _, j, _ in items], self.pad_id)
+        batch["margin"] = torch.tensor([m for _, _, m in items], dtype=torch.float32)
+        return batch
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class RewardTrainer(Trainer):
+        """The Trainer's loop, with the proxy's loss. `ref_model` is the frozen base for the DPO regulariser."""
+
+        def __init__(self, *args, proxy, ref_model=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.proxy, self.ref_model = proxy, ref_model
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            p = self.proxy
+            needs_logits = p.type == "grm"
+            out = model(inputs["input_ids"], inputs["attention_mask"], return_logits=needs_logits)
+            r_c, r_r = out.rewards.chunk(2)
+            if p.type in ("bt", "frozen"):
+                loss = losses.bt_loss(r_c, r_r)
+            elif p.type == "margin":
+                loss = losses.margin_loss(r_c, r_r, inputs["margin"])
+            elif p.type == "label_smoothing":
+                loss = losses.label_smoothing_loss(r_c, r_r, p.epsilon)
+            elif p.type == "grm":
+                logp_c, logp_r = losses.response_logprobs(out.logits, inputs["input_ids"],
+                                                          inputs["response_mask"]).chunk(2)
+                ref_c = ref_r = None
+                if p.reg == "dpo":
+                    with torch.no_grad():
+                        ref_logits = self.ref_model(input_ids=inputs["input_ids"],
+                                                    attention_mask=inputs["attention_mask"]).logits
+                        ref_c, ref_r = losses.response_logprobs(ref_logits, inputs["input_ids"],
+                                                                inputs["response_mask"]).chunk(2)
+                reg = losses.grm_regulariser(p.reg, logp_c, logp_r, p.beta, ref_c, ref_r)
+                loss = losses.grm_loss(r_c, r_r, reg, p.alpha)
+            else:
+                raise ValueError(f"proxy type {p.type!r} is not trained by train_proxy")
+            return (loss, out) if return_outputs else loss
+
+    return RewardTrainer
+
+
+def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    from transformers import TrainingArguments, set_seed
+
+    proxy, tr = cfg.proxy, cfg.training
+    base = cfg.base.model_id or str(inputs["policy"] / "model")
+    tokenizer = load_tokenizer(base, cfg.base.trust_remote_code)
+    pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
+    train = training_pairs(pairs, tr.labels, tr.n_train_pairs)
+    dataset = PairDataset(train, tokenizer, tr.max_length, proxy.margin_scale)
+    if len(dataset) == 0:
+        raise ValueError(f"proxy {proxy.name!r}: no training pairs fit proxy_training.max_length={tr.max_length}")
+
+    set_seed(proxy.seed)  # the head's initialisation and the data order depend on the proxy's seed
+    head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout)
+    model = GRMRewardModel.from_base(base, head, DTYPES[cfg.base.dtype], cfg.base.trust_remote_code, lora=tr.lora)
+    if proxy.type == "frozen":
+        model.freeze_backbone()
+    ref_model = None
+    if proxy.type == "grm" and proxy.reg == "dpo":
+        ref_model = copy.deepcopy(model.causal_lm()).eval().requires_grad_(False)
+    model.train()
+
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants an output_dir; nothing in it is kept
+        args = TrainingArguments(
+            output_dir=scratch, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size,
+            gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
+            lr_scheduler_type=tr.lr_scheduler, warmup_steps=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
+            weight_decay=tr.weight_decay, seed=proxy.seed, data_seed=proxy.seed, logging_steps=10,
+            save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=True,
+            dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+        trainer = make_trainer_class()(model=model, args=args, train_dataset=dataset,
+                                       data_collator=PairCollator(pad_token_id(tokenizer)), proxy=proxy,
+                                       ref_model=ref_model)
+        result = trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    model.save_pretrained(out / "model", tokenizer=tokenizer)
+
+    # reference statistics on the training responses (standardises ensemble members) and training accuracy
+    scorer = ModelScorer(model.rewards, model, tokenizer, batch_size=64, max_length=tr.max_length)
+    prompts = [messages(p) for p in train.prompt]
+    r_c, r_r = scorer.score(prompts, list(train.chosen)), scorer.score(prompts, list(train.rejected))
+    both = np.concatenate([r_c, r_r])
+    both = both[~np.isnan(both)]
+    (out / "reference_stats.json").write_text(json.dumps({"mean": float(both.mean()), "std": float(both.std()),
+                                                          "n": int(both.size), "set": "training responses"}))
+    (out / "train_log.json").write_text(json.dumps(history))
+    metrics = {"train_pairs": len(dataset), "dropped_over_length": dataset.dropped,
+               "train_loss": result.training_loss, "steps": result.global_step,
+               "train_accuracy": float(np.mean(r_c > r_r)),
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("  %s (%s): %d pairs, %d steps, loss %.3f, train accuracy %.3f", proxy.name, proxy.type,
+             len(dataset), result.global_step, result.training_loss, metrics["train_accuracy"])
