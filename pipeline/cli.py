@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from pipeline.config import ConfigError, StudyConfig, dump_config, load_config
@@ -48,7 +49,7 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))  # before any work
     with runner.cache.lock(cfg.run.lock_timeout_s):
         runner.cache.sweep_stale()
-        run_dir = cfg.run.cache_root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
         (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))
         _setup_logging(run_dir / "run.log")
@@ -61,6 +62,7 @@ def cmd_run(cfg: StudyConfig, args) -> int:
 
 def cmd_status(cfg: StudyConfig, args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     runner = _runner(cfg)
@@ -72,7 +74,7 @@ def cmd_status(cfg: StudyConfig, args) -> int:
         wall = f"{m['wall_time_s']:.1f}s" if "wall_time_s" in m and p.status == "cached" else ""
         size = f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m and p.status == "cached" else ""
         state = p.status + (f" ({p.detail})" if p.detail else "")
-        table.add_row(p.node.key, p.fingerprint, state, wall, size)
+        table.add_row(escape(p.node.key), p.fingerprint, escape(state), wall, size)
     Console().print(table)
     return 0
 
@@ -112,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--force", action="append", help="re-run these stages even if cached")
         if name == "show":
             p.add_argument("-n", type=int, default=5)
-    args = parser.parse_args(argv)
+    # overrides may come after options (`run CONFIG --only x a.b=1`): collect the leftovers that look like overrides
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

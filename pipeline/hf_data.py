@@ -414,7 +414,7 @@ def load_hhh_alignment(path: str | Path, subsets: Sequence[str] = HHH_SUBSETS, s
 
 
 def load_mt_bench_human(path: str | Path, keep_ties: bool = False, split: str = "human",
-                        cache_dir: str | None = None) -> pd.DataFrame:
+                        turns: Sequence[int] = (1, 2), cache_dir: str | None = None) -> pd.DataFrame:
     """MT-Bench human judgments as chosen/rejected pairs for the judged turn.
 
     The response is the `turn`-th assistant message of each conversation (the last one when there is no `turn`
@@ -423,6 +423,7 @@ def load_mt_bench_human(path: str | Path, keep_ties: bool = False, split: str = 
     in `prompt_rejected` (equal to `prompt` where they agree) - score through `pair_prompts(df)`.
 
     Ties ("tie", "tie (bothbad)") are dropped unless `keep_ties`; kept ties have `tie` True and chosen/rejected = A/B.
+    `turns` selects the judged turns to keep (`(1,)` gives only pairs that share their prompt).
     Returns pair_id, prompt_id, subset ("mt_bench"), prompt, chosen, rejected, prompt_rejected, turn, model_chosen,
     model_rejected, judge, tie.
     """
@@ -433,7 +434,8 @@ def load_mt_bench_human(path: str | Path, keep_ties: bool = False, split: str = 
     rows: list[dict] = []
     dropped = {"ties (keep_ties=False)": 0, "unknown winner value": 0,
                "a conversation has no assistant message for the judged turn": 0,
-               "the two conversations differ in their user turns up to the judged turn": 0}
+               "the two conversations differ in their user turns up to the judged turn": 0,
+               f"judged turn not in turns={tuple(turns)}": 0}
     for i in range(len(ds)):
         winner = str(data["winner"][i]).strip().lower()
         tie = winner.startswith("tie")
@@ -446,6 +448,9 @@ def load_mt_bench_human(path: str | Path, keep_ties: bool = False, split: str = 
         conv_a = normalise_messages(data["conversation_a"][i] or [])
         conv_b = normalise_messages(data["conversation_b"][i] or [])
         turn = int(get("turn", i, 0) or 0) or sum(m["role"] == "assistant" for m in conv_a)
+        if turn not in turns:
+            dropped[f"judged turn not in turns={tuple(turns)}"] += 1
+            continue
         a, b = _split_at_turn(conv_a, turn), _split_at_turn(conv_b, turn)
         if a is None or b is None:
             dropped["a conversation has no assistant message for the judged turn"] += 1

@@ -72,7 +72,7 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
 
     _check_local(name_or_path)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(name_or_path), num_labels=1, dtype=DTYPES[dtype], use_safetensors=True,
+        str(name_or_path), dtype=DTYPES[dtype], use_safetensors=True,
         trust_remote_code=trust_remote_code, output_loading_info=True)
     missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
     if missing_head:

@@ -36,6 +36,7 @@ error - never a silently random head. Weights load from safetensors only; remote
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from dataclasses import asdict, dataclass
@@ -130,6 +131,11 @@ def _get(obj, *names, default=None):
     return default
 
 
+@functools.lru_cache(maxsize=None)
+def _accepts_position_ids(lm_class: type) -> bool:
+    return "position_ids" in inspect.signature(lm_class.forward).parameters
+
+
 def _hidden_size(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.hidden_size)
@@ -207,8 +213,9 @@ class GRMRewardModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _position_kwargs(self, lm: nn.Module, attention_mask: torch.Tensor) -> dict:
-        # Positions count attended tokens only, so left and right padding give the same positions (as in generate).
-        if "position_ids" not in inspect.signature(lm.forward).parameters:
+        # Positions count attended tokens only, so left and right padding give the same positions (as in generate);
+        # this matters for absolute position embeddings (RoPE models are shift-invariant anyway).
+        if not _accepts_position_ids(type(lm)):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
@@ -219,7 +226,8 @@ class GRMRewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 return_logits: bool = True) -> RewardModelOutput:
-        """Rewards (B,) read at the last real token and, when `return_logits`, the LM logits (B, T, V) of the same pass."""
+        """Rewards (B,) read at the last real token and, when `return_logits`, the LM logits (B, T, V) of the same
+        forward pass (GRM's text-generation loss needs both)."""
         lm = self.causal_lm()
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                       **self._position_kwargs(lm, attention_mask))

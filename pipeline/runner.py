@@ -49,7 +49,8 @@ class StageNode:
 
     @property
     def module(self):
-        return importlib.import_module(f"stages.{self.stage}")
+        # a dotted name is a full module path (used by tests); a plain name lives in stages/
+        return importlib.import_module(self.stage if "." in self.stage else f"stages.{self.stage}")
 
 
 @dataclass
@@ -70,6 +71,11 @@ def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
         "inputs": {role: upstream[k] for role, k in sorted(node.inputs.items())},
         "launcher": [node.launcher, node.num_processes],
     }
+    if node.deepspeed_config is not None:  # the DeepSpeed settings change the result, not only its file name
+        ds = _resolve_repo_path(node.deepspeed_config)
+        if not ds.is_file():
+            raise ConfigError(f"stage {node.key}: DeepSpeed config {node.deepspeed_config} not found")
+        payload["deepspeed_config"] = hashlib.sha256(ds.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,6 +222,9 @@ def _accelerate_config(node: StageNode, cuda: bool) -> dict:
             "downcast_bf16": False, "debug": False, "enable_cpu_affinity": False}
 
 
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def _resolve_repo_path(p: Path) -> Path:
     """A relative path (`configs/deepspeed/zero2.json`) from the working directory, else from the repository root."""
     p = Path(p)
@@ -225,7 +234,18 @@ def _resolve_repo_path(p: Path) -> Path:
     return alt.resolve() if alt.exists() else p.resolve()
 
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _visible_cuda_devices() -> int:
+    """GPUs the launched ranks will see (0 when CUDA_VISIBLE_DEVICES hides them all, even after CUDA was initialised
+    in this process)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:  # pragma: no cover
+        return 0
 
 
 def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
@@ -234,12 +254,11 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
     Every rank runs `python -m pipeline.stage_main JOBFILE`. The rendezvous port is a free one picked by accelerate
     (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one.
     """
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        cuda = False
+    gpus = _visible_cuda_devices()
+    if 0 < gpus < node.num_processes:
+        raise RuntimeError(f"stage {node.key} needs {node.num_processes} processes, one per GPU, but {gpus} GPU(s) "
+                           f"are visible; lower num_processes or set CUDA_VISIBLE_DEVICES='' to run it on CPU")
+    cuda = gpus > 0
     ds_config = None
     if node.deepspeed_config is not None:
         ds_config = _resolve_repo_path(node.deepspeed_config)

@@ -2,7 +2,7 @@
 
 `pipeline.runner.launch_stage` writes the job file and starts this module under `accelerate launch`; every rank reads
 the same job, validates the stage's config section with its pydantic class, and calls `stages.<stage>.run(cfg,
-inputs, out)`. The stage itself decides what rank 0 (or every rank) writes into `out`.
+inputs, out)` (`<stage>.run` for a dotted module path). The stage decides what rank 0 (or every rank) writes in `out`.
 
 Job file (JSON): {"stage": str, "config_class": "package.module.Class", "config": {...},
                   "inputs": {role: path}, "out": path}
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[rank {rank}] %(message)s")
     stage, cfg, inputs, out = load_job(argv[0])
-    module = importlib.import_module(f"stages.{stage}")
+    # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
+    module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
     module.run(cfg, inputs, out)
     return 0
 

@@ -58,9 +58,11 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     rows = []
     for name, frame in sets.items():
-        prompts = [messages(p) for p in frame.prompt]
-        r_c = scorer.score(prompts, list(frame.chosen))
-        r_r = scorer.score(prompts, list(frame.rejected))
+        # MT-Bench turn-2 pairs have a different context per side (each model's own first answer)
+        prompts_c = [messages(p) for p in frame.prompt]
+        prompts_r = [messages(p) for p in frame.prompt_rejected] if "prompt_rejected" in frame else prompts_c
+        r_c = scorer.score(prompts_c, list(frame.chosen))
+        r_r = scorer.score(prompts_r, list(frame.rejected))
         rows.append({"proxy": cfg.scorer.name, "set": name, "labels": "clean", **pairwise_accuracy(r_c, r_r)})
         if "label_noisy" in frame and (frame.label_noisy == 0).any():
             rows.append({"proxy": cfg.scorer.name, "set": name, "labels": "noisy",

@@ -92,6 +92,7 @@ def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
     else:
         from pipeline.hf_data import load_unified_feedback
 
+        # n_pairs candidates, as in the paper: gold ties and over-length pairs dropped below leave slightly fewer
         candidates = load_unified_feedback(label.dataset_path, label.dataset_config, label.dataset_split,
                                            label.shuffle_seed, label.n_pairs)
     pairs, stats = label_pairs(candidates, scorer)

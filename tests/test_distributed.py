@@ -20,6 +20,35 @@ from pipeline.runner import Runner, StageNode
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _two_ranks_fit(monkeypatch):
+    """Two ranks need two GPUs; with fewer, run both on CPU (DeepSpeed's CPU accelerator) instead of failing."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+def test_stage_main_validates_the_job(tmp_path):
+    """The per-rank entry point rebuilds the typed config from the job file (and rejects a bad one)."""
+    from pydantic import ValidationError
+
+    from pipeline.stage_main import load_job
+
+    job = {"stage": "distributed_smoke", "config_class": "pipeline.config.DistributedSmokeConfig",
+           "config": DistributedSmokeConfig(enabled=True, steps=2).model_dump(mode="json"),
+           "inputs": {"world": str(tmp_path / "w")}, "out": str(tmp_path / "out")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    stage, cfg, inputs, out = load_job(tmp_path / "job.json")
+    assert stage == "distributed_smoke"
+    assert cfg == DistributedSmokeConfig(enabled=True, steps=2)
+    assert isinstance(cfg.deepspeed_config, Path)
+    assert inputs == {"world": tmp_path / "w"} and out == tmp_path / "out"
+    job["config"]["stepz"] = 3
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    with pytest.raises(ValidationError):
+        load_job(tmp_path / "job.json")
+
+
 def _run_smoke(tmp_path: Path, ds_file: str) -> tuple[dict, Path]:
     ds_config = Path("configs/deepspeed") / ds_file
     node = StageNode(key="distributed_smoke", stage="distributed_smoke",

@@ -260,7 +260,7 @@ def test_hhh_missing_subset_or_column(tmp_path):
     assert "harmless.jsonl" in str(e.value)
 
 
-def test_hhh_single_file_takes_subset_from_name():
+def test_hhh_dialogue_input_becomes_messages():
     df_rows = hhh_rows("harmless")
     msgs = hf_data.hhh_input_messages(df_rows[1]["input"])
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
@@ -268,7 +268,7 @@ def test_hhh_single_file_takes_subset_from_name():
         {"role": "user", "content": "only a question"}]
 
 
-def test_hhh_single_file(tmp_path):
+def test_hhh_single_file_takes_subset_from_name(tmp_path):
     f = write_parquet(tmp_path / "harmless.parquet", hhh_rows("harmless"), HHH_SCHEMA)
     df = load_hhh_alignment(f)
     assert set(df.subset) == {"harmless"} and len(df) == 3
@@ -314,6 +314,9 @@ def test_mt_bench_ties_excluded_by_default(tmp_path, caplog):
     chosen_prompts, rejected_prompts = pair_prompts(df)
     assert rejected_prompts[1][1]["content"] == "gpt-4 turn1" and chosen_prompts[1][1]["content"] == "llama-13b turn1"
     assert df.pair_id.is_unique
+    only_first = load_mt_bench_human(f, turns=(1,))
+    assert list(only_first.turn) == [1, 1]
+    assert all(p == r for p, r in zip(only_first.prompt, only_first.prompt_rejected))
 
 
 def test_mt_bench_keep_ties_and_directory_split(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.losses import bt_loss, grm_loss, grm_regulariser, response_logprobs
+from pipeline.losses import grm_loss, grm_regulariser, response_logprobs
 from pipeline.reward_model import (HEAD_CONFIG_FILE, HEAD_FILE, GRMRewardModel, RewardHeadConfig,
                                    checkpoint_layout, is_grm_checkpoint)
 from pipeline.scoring import ModelScorer
@@ -282,7 +282,8 @@ def write_authors_checkpoint(arch, tok, directory, layer_type, width=16, drop_lm
         state.pop("lm_head.weight")
     g = torch.Generator().manual_seed(7)
     if layer_type == "linear":
-        head = {"v_head.summary.weight": torch.randn(1, 32, generator=g), "v_head.summary.bias": torch.randn(1, generator=g)}
+        head = {"v_head.summary.weight": torch.randn(1, 32, generator=g),
+                "v_head.summary.bias": torch.randn(1, generator=g)}
     else:
         head = {"v_head.summary.0.weight": torch.randn(width, 32, generator=g),
                 "v_head.summary.0.bias": torch.randn(width, generator=g),
@@ -290,7 +291,9 @@ def write_authors_checkpoint(arch, tok, directory, layer_type, width=16, drop_lm
                 "v_head.summary.2.bias": torch.randn(1, generator=g)}
     save_file({**state, **head}, directory / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((directory / "config.json").read_text())
-    cfg.update(vhead_layer_type=layer_type, vhead_num_neurons=width, vhead_num_layers=1)
+    cfg.update(vhead_layer_type=layer_type, vhead_num_neurons=width, vhead_num_layers=1,
+               # as on the hub: custom-code entry for the authors' class, never executed here
+               architectures=["GRewardModel"], auto_map={"AutoModelForSequenceClassification": "model.GRewardModel"})
     if dropout is not None:
         cfg["summary_dropout_prob"] = dropout
     (directory / "config.json").write_text(json.dumps(cfg))
@@ -381,13 +384,15 @@ def grm_step(model, tok, lr=1e-2):
     return grads
 
 
-def test_lora_trains_only_lora_and_head_and_merged_save_reloads(bases, tok, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma"])  # untied and tied LM head
+def test_lora_trains_only_lora_and_head_and_merged_save_reloads(arch, bases, tok, tmp_path):
     lora = SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    model = new_model(bases["llama"], lora=lora)
+    model = new_model(bases[arch], lora=lora)
     names = trainable(model)
     assert names and all("lora_" in n or n.startswith("v_head.") for n in names)
     assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
-    assert {n for n, _ in model.v_head.named_parameters()} == {n[len("v_head."):] for n in names if n.startswith("v_head.")}
+    head_names = {n[len("v_head."):] for n in names if n.startswith("v_head.")}
+    assert head_names == {n for n, _ in model.v_head.named_parameters()}
     grads = grm_step(model, tok)
     assert any("lora_B" in n for n in grads) and any(n.startswith("v_head.") for n in grads)
     assert grads <= names
@@ -431,6 +436,20 @@ def test_full_finetune_reaches_backbone_and_gradient_checkpointing(bases, tok):
     assert any(n.startswith("v_head.") for n in grads)
 
 
+def test_bfloat16_backbone_float32_head(bases, tok, tmp_path):
+    model = new_model(bases["qwen2"], dtype=torch.bfloat16)
+    assert next(model.backbone.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.v_head.parameters())
+    b = batch(tok)
+    with torch.no_grad():
+        r = model.rewards(b["input_ids"], b["attention_mask"])
+    assert r.dtype == torch.float32 and torch.isfinite(r).all()
+    model.save_pretrained(tmp_path / "rm")
+    loaded = GRMRewardModel.from_pretrained(tmp_path / "rm", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(r, loaded.rewards(b["input_ids"], b["attention_mask"]))
+
+
 def test_bad_settings_are_errors(bases):
     with pytest.raises(ValueError):
         RewardHeadConfig(type="transformer")
@@ -438,4 +457,3 @@ def test_bad_settings_are_errors(bases):
         RewardHeadConfig(dropout=1.0)
     with pytest.raises(ValueError, match="target_modules"):
         new_model(bases["llama"], lora=SimpleNamespace(r=4, alpha=8))
-    assert bt_loss  # imported for the GRM step helpers

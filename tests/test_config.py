@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, dump_config, load_config
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_tiny_config_loads_and_round_trips(tmp_path):
+    cfg = load_config(TINY)
+    assert cfg.study == "tiny"
+    assert [p.name for p in cfg.proxies][:2] == ["bt", "grm_sft"]
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "gold_label:\n  noise_rat: 0.1\n"))
+    assert "gold_label.noise_rat" in str(e.value) and "noise_rate" in str(e.value)
+
+
+def test_unknown_key_inside_a_proxy(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "proxies:\n  - {name: a, type: grm, alpah: 0.1}\n"))
+    assert "proxies.0.alpah" in str(e.value) and "alpha" in str(e.value)
+
+
+def test_wrong_type_and_range_name_the_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "gold_label:\n  noise_rate: 0.9\n"))
+    assert "gold_label.noise_rate" in str(e.value) and "0.5" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "bon:\n  n_samples: many\n"))
+    assert "bon.n_samples" in str(e.value) and "integer" in str(e.value)
+
+
+def test_overrides(tmp_path):
+    cfg = load_config(TINY, ["gold_label.noise_rate=0.25", "proxies.bt.seed=3", "bon.sampling.temperature=0.7"])
+    assert cfg.gold_label.noise_rate == 0.25
+    assert next(p for p in cfg.proxies if p.name == "bt").seed == 3
+    assert cfg.bon.sampling.temperature == 0.7
+    with pytest.raises(ConfigError, match="proxies.nope.seed"):
+        load_config(TINY, ["proxies.nope.seed=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(TINY, ["gold_label"])
+    with pytest.raises(ConfigError, match="did you mean 'noise_rate'"):
+        load_config(TINY, ["gold_label.noise_rat=0.1"])
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_config(write(tmp_path, "proxies:\n  - {name: a, type: bt}\n  - {name: a, type: grm}\n"))
+    with pytest.raises(ConfigError, match="no 'path'"):
+        load_config(write(tmp_path, "proxies:\n  - {name: a, type: checkpoint}\n"))
+    with pytest.raises(ConfigError, match="n_values"):
+        load_config(write(tmp_path, "bon:\n  n_samples: 8\n  n_values: [1, 16]\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_proxy_training_overrides_and_ensemble_members():
+    cfg = load_config(TINY, ["proxies.bt.training={lr: 0.5}"])
+    bt = next(p for p in cfg.proxies if p.name == "bt")
+    assert bt.resolved_training(cfg.proxy_training).lr == 0.5
+    assert bt.resolved_training(cfg.proxy_training).epochs == cfg.proxy_training.epochs
+    from pipeline.config import ProxyConfig
+
+    ens = ProxyConfig(name="ens", type="ensemble", members=3, seed=10)
+    members = ens.member_specs()
+    assert [m.name for m in members] == ["ens-m0", "ens-m1", "ens-m2"]
+    assert [m.seed for m in members] == [10, 11, 12] and all(m.type == "bt" for m in members)

@@ -1,0 +1,74 @@
+"""The whole study on the smoke config through the CLI: every stage runs, a re-run is fully cached, and adding
+proxies runs only their stages (and the report)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.cache import ArtifactCache
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import Runner
+from pipeline.study import build_stages
+
+SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
+
+
+def plan(config, overrides):
+    cfg = load_config(config, overrides)
+    return {p.node.key: p.status for p in Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root)).plan()}
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path, capsys):
+    overrides = [f"run.cache_root={tmp_path / 'cache'}", f"run.reports_dir={tmp_path / 'report'}"]
+    assert main(["run", str(SMOKE), *overrides]) == 0
+    report = tmp_path / "report"
+    assert (report / "README.md").exists() and (report / "bon_gold_vs_kl.png").stat().st_size > 1000
+    acc = pd.read_csv(report / "accuracy.csv")
+    assert set(acc.proxy) == {"bt", "grm_sft"} and set(acc.set) == {"id_test", "ood"}
+    assert acc.accuracy.between(0, 1).all()
+    curves = pd.read_csv(report / "bon_curves.csv")
+    assert sorted(curves.n.unique()) == [1, 2, 4, 8, 16]
+    runs = list((tmp_path / "cache" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "resolved_config.yaml").exists() and (runs[0] / "run.log").exists()
+
+    # an unchanged re-run executes nothing
+    assert set(plan(SMOKE, overrides).values()) == {"cached"}
+    assert main(["run", str(SMOKE), *overrides]) == 0
+    assert "running" not in (sorted((tmp_path / "cache" / "runs").iterdir())[-1] / "run.log").read_text()
+
+    # adding proxies (label smoothing and a 2-member ensemble) leaves every existing stage cached
+    tree = yaml.safe_load(SMOKE.read_text())
+    tree["proxies"] += [{"name": "ls", "type": "label_smoothing", "head_width": 16},
+                        {"name": "ens", "type": "ensemble", "members": 2, "combine": "min", "head_width": 16}]
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(yaml.safe_dump(tree))
+    states = plan(bigger, overrides)
+    new = {k for k, s in states.items() if s != "cached"}
+    assert new == {"train_proxy[ls]", "eval_proxy[ls]", "bon_score[ls]", "bon_curve[ls]",
+                   "train_proxy[ens-m0]", "train_proxy[ens-m1]", "eval_proxy[ens]", "bon_score[ens-m0]",
+                   "bon_score[ens-m1]", "bon_score[ens]", "bon_curve[ens]", "report"}
+    assert main(["run", str(bigger), *overrides]) == 0
+    assert set(plan(bigger, overrides).values()) == {"cached"}
+    acc = pd.read_csv(report / "accuracy.csv")
+    assert set(acc.proxy) == {"bt", "grm_sft", "ls", "ens"}
+
+    # status and show print tables a person can read
+    capsys.readouterr()
+    assert main(["status", str(bigger), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "train_proxy[ens-m1]" in out and "cached" in out
+    assert main(["show", str(bigger), *overrides, "-n", "2"]) == 0
+    assert "chosen" in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
+    assert main(["run", str(SMOKE), "gold_label.noise_rat=0.1", f"run.cache_root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "gold_label.noise_rat" in err and "noise_rate" in err
+    assert not any(tmp_path.iterdir())  # nothing was created
+    assert main(["run", str(SMOKE), "--only", "nope", f"run.cache_root={tmp_path / 'c'}"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
