@@ -67,7 +67,8 @@ def cmd_status(cfg: StudyConfig, args) -> int:
 
     runner = _runner(cfg)
     table = Table(title=f"study {cfg.study} — cache {cfg.run.cache_root}")
-    for col in ("stage", "fingerprint", "state", "wall time", "size"):
+    table.add_column("stage", no_wrap=True)
+    for col in ("fingerprint", "state", "wall time", "size"):
         table.add_column(col)
     for p in runner.plan():
         m = p.manifest or {}
