@@ -258,8 +258,7 @@ class EvalProxyConfig(Section):
     batch_size: int = Field(64, ge=1)
     # Paper path: local files or hub ids in the HHH-Alignment / MT-Bench human-judgment schemas (optional).
     hhh_path: str | None = None
-    mt_bench_path: str | None = None
-    mt_bench_keep_ties: bool = False
+    mt_bench_path: str | None = None  # human-judgment ties are excluded (a strict accuracy has no right answer)
 
 
 class BonConfig(Section):
@@ -280,6 +279,9 @@ class BonConfig(Section):
         bad = [n for n in (self.n_values or []) if not 1 <= n <= self.n_samples]
         if bad:
             raise ValueError(f"bon.n_values {bad} must lie in 1..bon.n_samples ({self.n_samples})")
+        if len([n for n in self.curve_ns() if n > 1]) < 2:
+            raise ValueError(f"bon needs at least two n > 1 for the curve and its fit (n values {self.curve_ns()}, "
+                             f"n_samples {self.n_samples})")
         return self
 
     def curve_ns(self) -> list[int]:

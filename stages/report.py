@@ -13,7 +13,7 @@ import pandas as pd
 from pipeline.config import ReportStageConfig
 from pipeline.plots import plot_bon_curves
 
-VERSION = "1"
+VERSION = "2"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -60,10 +60,11 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
             fit = json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text())
             t = pd.DataFrame({"n": c.n, "KL bound": c.kl_bound, "proxy": c.proxy,
                               "gold": [f"{g:.3f} [{lo:.3f}, {hi:.3f}]" for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
-            peak = fit["empirical_peak"]
+            peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
+            d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f}"
             parts += [f"### {p}", "", _md(t), "",
                       f"Gold peaks at n = {peak['n']} (KL ≤ {peak['kl_bound']:.2f}) at {peak['gold']:.3f}; "
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {c.gold.iloc[0]:.3f}). "
-                      f"Gao fit of relative gold: α = {fit['gao_fit_gold_rel']['alpha']:.3f}, "
-                      f"β = {fit['gao_fit_gold_rel']['beta']:.3f}, d* = {fit['gao_fit_gold_rel']['d_star']:.2f}.", ""]
+                      f"Gao fit of relative gold R(d) = d(α − βd): α = {gao['alpha']:.3f}, β = {gao['beta']:.3f}, "
+                      f"peak d* = {d_star}.", ""]
     (out / "README.md").write_text("\n".join(parts))

@@ -170,7 +170,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     (out / "train_log.json").write_text(json.dumps(history))
     metrics = {"train_pairs": len(dataset), "dropped_over_length": dataset.dropped,
                "train_loss": result.training_loss, "steps": result.global_step,
-               "train_accuracy": float(np.mean(r_c > r_r)),
+               "train_accuracy": float(np.mean((r_c > r_r)[~(np.isnan(r_c) | np.isnan(r_r))])),
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("  %s (%s): %d pairs, %d steps, loss %.3f, train accuracy %.3f", proxy.name, proxy.type,

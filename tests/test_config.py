@@ -77,3 +77,20 @@ def test_proxy_training_overrides_and_ensemble_members():
     members = ens.member_specs()
     assert [m.name for m in members] == ["ens-m0", "ens-m1", "ens-m2"]
     assert [m.seed for m in members] == [10, 11, 12] and all(m.type == "bt" for m in members)
+
+
+def test_bon_curve_needs_two_n_above_one(tmp_path):
+    with pytest.raises(ConfigError, match="at least two n > 1"):
+        load_config(write(tmp_path, "bon:\n  n_samples: 8\n  n_values: [1, 4]\n"))
+    with pytest.raises(ConfigError, match="at least two n > 1"):
+        load_config(write(tmp_path, "bon:\n  n_samples: 3\n"))
+    assert load_config(write(tmp_path, "bon:\n  n_samples: 4\n")).bon.curve_ns() == [1, 2, 4]
+
+
+def test_missing_relative_model_dir_is_named(tmp_path, monkeypatch):
+    from pipeline.models import load_reward_scorer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpts").mkdir()
+    with pytest.raises(FileNotFoundError, match="ckpts/rm"):
+        load_reward_scorer("ckpts/rm")
