@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from pipeline.cache import ArtifactCache
 from pipeline.cli import main

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from datetime import datetime
@@ -45,8 +44,11 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
+    from pipeline.study import check_local_paths
+
+    check_local_paths(cfg)  # before any work
     runner = _runner(cfg)
-    runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))  # before any work
+    runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
     with runner.cache.lock(cfg.run.lock_timeout_s):
         runner.cache.sweep_stale()
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")

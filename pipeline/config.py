@@ -263,6 +263,8 @@ class EvalProxyConfig(Section):
 
 class BonConfig(Section):
     n_samples: int = Field(256, ge=1)
+    # paper scale only: held-out Unified-Feedback prompts to sample (the tiny world sets world.n_eval_prompts)
+    n_prompts: int = Field(1000, ge=1)
     sampling: SamplingConfig = SamplingConfig(batch_size=512)
     seed: int = 0
     prompts_per_shard: int = Field(8, ge=1)
@@ -469,6 +471,11 @@ class ScorerStageConfig(Section):
 class EvalProxyStageConfig(Section):
     eval: EvalProxyConfig
     scorer: ScorerStageConfig
+
+
+class EvalPromptsStageConfig(Section):
+    label: GoldLabelConfig
+    n_prompts: int
 
 
 class BonSampleStageConfig(Section):

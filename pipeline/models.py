@@ -13,11 +13,16 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def looks_local(name_or_path: str | Path) -> bool:
+    """A path on this machine rather than a hub id: absolute, `./`-relative, existing, or under an existing folder."""
+    p = Path(name_or_path)
+    return p.is_absolute() or str(name_or_path).startswith(".") or p.exists() or Path(p.parts[0]).is_dir()
+
+
 def _check_local(name_or_path: str | Path) -> None:
     """Fail fast, naming the path, when a local model directory is missing (instead of asking the hub for it)."""
     p = Path(name_or_path)
-    looks_local = p.is_absolute() or str(name_or_path).startswith(".") or p.exists() or Path(p.parts[0]).is_dir()
-    if looks_local and not p.is_dir():
+    if looks_local(name_or_path) and not p.is_dir():
         raise FileNotFoundError(f"model directory not found: {p}")
 
 

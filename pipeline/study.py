@@ -5,16 +5,16 @@
                  └─► bon_sample ┴──────────────────────────► bon_score[gold] ┘
 
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
-scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id and pairs come from a
-dataset in the Unified-Feedback schema.
+scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
+dataset in the Unified-Feedback schema, and an `eval_prompts` stage holds out prompts of that dataset for best-of-n.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalProxyStageConfig,
-                             GoldLabelStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
+from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalPromptsStageConfig,
+                             EvalProxyStageConfig, GoldLabelStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
                              TrainProxyStageConfig)
 from pipeline.runner import StageNode
 
@@ -33,6 +33,21 @@ def _scorer_inputs(proxy: ProxyConfig, artifact: str) -> dict[str, str]:
     if proxy.type == "ensemble":
         return {f"member{i}": f"{artifact}[{m.name}]" for i, m in enumerate(proxy.member_specs())}
     return {"model": f"{artifact}[{proxy.name}]"}
+
+
+def check_local_paths(cfg: StudyConfig) -> None:
+    """Before any stage runs: every configured local model directory or data file exists (hub ids are not checked)."""
+    from pipeline.config import ConfigError
+    from pipeline.models import looks_local
+
+    wanted = {"policy.model_id": cfg.policy.model_id, "gold.model_id": cfg.gold.model_id,
+              "gold_label.dataset_path": cfg.gold_label.dataset_path, "eval_proxy.hhh_path": cfg.eval_proxy.hhh_path,
+              "eval_proxy.mt_bench_path": cfg.eval_proxy.mt_bench_path,
+              **{f"proxies.{p.name}.path": p.path for p in cfg.proxies}}
+    missing = [f"{key}: {path}" for key, path in wanted.items()
+               if path and looks_local(path) and not Path(path).exists()]
+    if missing:
+        raise ConfigError("configured local path(s) not found:\n  " + "\n  ".join(missing))
 
 
 def build_stages(cfg: StudyConfig) -> list[StageNode]:
@@ -64,11 +79,14 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
                                {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")}))
 
-    if cfg.bon is not None and tiny:
+    if cfg.bon is not None:
         bon = cfg.bon
+        if not tiny:  # paper scale: held-out Unified-Feedback prompts
+            nodes.append(StageNode("eval_prompts", "eval_prompts",
+                                   EvalPromptsStageConfig(label=cfg.gold_label, n_prompts=bon.n_prompts)))
         nodes.append(StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
             n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
-            backend=bon.backend, policy=base), {"world": "world", **policy_input}))
+            backend=bon.backend, policy=base), {"prompts": "world" if tiny else "eval_prompts", **policy_input}))
         gold = ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=bon.score_batch_size,
                                  max_length=cfg.gold.max_length)
         nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"}))
@@ -96,7 +114,7 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                                num_processes=ds.num_processes, deepspeed_config=Path(ds.deepspeed_config)))
 
     report_inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
-    if cfg.bon is not None and tiny:
+    if cfg.bon is not None:
         report_inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
     if tiny:
         report_inputs |= {"pairs": "gold_label", "policy": "sft_policy"}

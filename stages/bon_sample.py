@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.config import BonSampleStageConfig
 from pipeline.generation import sample_responses
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.records import SAMPLE_COLUMNS, messages, read_records, write_records
+from pipeline.records import SAMPLE_COLUMNS, messages, write_records
 
 VERSION = "1"
 RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.ArtifactCache.staging)
@@ -46,7 +46,7 @@ def _vllm_samples(model_path: str, prompts: list, n: int, cfg: BonSampleStageCon
 
 def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     model_path = cfg.policy.model_id or str(inputs["policy"] / "model")
-    prompts = pd.read_parquet(inputs["world"] / "eval_prompts.parquet")
+    prompts = pd.read_parquet(inputs["prompts"] / "eval_prompts.parquet")  # from the world or eval_prompts stage
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     for f in shard_dir.glob("*.tmp"):  # half-written by a killed run

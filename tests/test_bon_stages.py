@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import stages.bon_curve as bon_curve
 import stages.bon_sample as bon_sample
@@ -39,13 +38,6 @@ MAX_NEW = 12
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def sample_cfg(seed: int = 0, prompts_per_shard: int = 1) -> BonSampleStageConfig:
     return BonSampleStageConfig(n_samples=N_SAMPLES, sampling=SamplingConfig(max_new_tokens=MAX_NEW, batch_size=64),
@@ -66,7 +58,7 @@ def smoke(tmp_path_factory):
 
 
 def run_sample(smoke, cfg: BonSampleStageConfig, out: Path) -> Path:
-    bon_sample.run(cfg, {"world": smoke.world, "policy": smoke.policy}, out)
+    bon_sample.run(cfg, {"prompts": smoke.world, "policy": smoke.policy}, out)
     return out
 
 

@@ -72,3 +72,14 @@ def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing was created
     assert main(["run", str(SMOKE), "--only", "nope", f"run.cache_root={tmp_path / 'c'}"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_missing_local_checkpoint_is_reported_before_any_stage(tmp_path, capsys):
+    tree = yaml.safe_load(SMOKE.read_text())
+    tree["proxies"].append({"name": "released", "type": "checkpoint", "path": str(tmp_path / "no_such_rm")})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    assert main(["run", str(cfg), f"run.cache_root={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert "proxies.released.path" in err and "no_such_rm" in err
+    assert not (tmp_path / "cache").exists()

@@ -40,13 +40,6 @@ SCORE_BATCH = 64  # the batch size train_proxy scores its training pairs with (r
 # ------------------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

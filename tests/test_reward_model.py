@@ -22,14 +22,6 @@ PAIRS = [("list 3 fruits", "apple pear plum"),
 HEAD = RewardHeadConfig(type="mlp", width=16, dropout=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only contend (on a loaded 2-core box a forward is ~200x slower with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tok():
