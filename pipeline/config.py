@@ -270,6 +270,8 @@ class BonConfig(Section):
     prompts_per_shard: int = Field(8, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
     score_batch_size: int = Field(256, ge=1)
+    # Token limit when scoring samples (prompt + response); a longer sample is an error, never silently dropped.
+    score_max_length: int = Field(2048, ge=8)
     # n values of the curve; None = 1, 2, 4, ..., n_samples.
     n_values: list[int] | None = None
     bootstrap: int = Field(1000, ge=0)
@@ -449,7 +451,7 @@ class BaseModelRef(Section):
 class GoldLabelStageConfig(Section):
     label: GoldLabelConfig
     gold: GoldConfig
-    policy: BaseModelRef
+    policy: BaseModelRef | None = None  # the sampling policy (tiny world only)
 
 
 class TrainProxyStageConfig(Section):
@@ -466,6 +468,7 @@ class ScorerStageConfig(Section):
     proxy: ProxyConfig | None = None
     batch_size: int = 64
     max_length: int = 1024
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # trained proxies: the base model's dtype
 
 
 class EvalProxyStageConfig(Section):
@@ -474,7 +477,13 @@ class EvalProxyStageConfig(Section):
 
 
 class EvalPromptsStageConfig(Section):
-    label: GoldLabelConfig
+    """Only what picks the held-out prompts: label noise or the gold model must not re-draw best-of-n samples."""
+
+    dataset_path: str
+    dataset_config: str | None
+    dataset_split: str
+    shuffle_seed: int
+    n_pairs: int
     n_prompts: int
 
 

@@ -341,11 +341,15 @@ def hhh_input_messages(text: str) -> list[dict]:
     parts = _DIALOGUE_MARKER.split(text)
     if len(parts) == 1:
         return [{"role": "user", "content": text.strip()}]
-    messages = []
+    messages: list[dict] = []
     if parts[0].strip():
         messages.append({"role": "user", "content": parts[0].strip()})
     for speaker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+        role = "user" if speaker == "Human" else "assistant"
+        if messages and messages[-1]["role"] == role:  # chat templates (gemma's) require alternating turns
+            messages[-1]["content"] = f"{messages[-1]['content']}\n\n{content.strip()}".strip()
+        else:
+            messages.append({"role": role, "content": content.strip()})
     while messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()  # a trailing "Assistant:" cue: the response goes there
     return messages

@@ -36,14 +36,19 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def default_device() -> torch.device:
+    """Where inference runs: the (first) GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """A policy (or reference policy) as AutoModelForCausalLM, in eval mode."""
+    """A policy (or reference policy) as AutoModelForCausalLM, in eval mode, on `default_device()`."""
     from transformers import AutoModelForCausalLM
 
     _check_local(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
-    return model.eval()
+    return model.to(default_device()).eval()
 
 
 def seq_cls_rewards(model):
@@ -86,7 +91,7 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
                          f"it is not a sequence-classification reward model")
     if model.config.num_labels != 1:
         raise ValueError(f"{name_or_path} has num_labels={model.config.num_labels}; a reward model has 1")
-    return model.eval()
+    return model.to(default_device()).eval()
 
 
 def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
@@ -99,6 +104,7 @@ def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_lengt
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
         model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model.to(default_device())
         return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length)
     model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
     return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length)
@@ -118,7 +124,7 @@ def build_scorer(cfg, inputs: dict[str, Path]):
         gold = cfg.gold
         if gold.type == "world":
             return WorldGoldScorer()
-        return load_reward_scorer(gold.model_id, gold.batch_size, gold.max_length, gold.dtype, gold.trust_remote_code)
+        return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code)
     proxy = cfg.proxy
     if proxy is None:
         raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
@@ -127,7 +133,7 @@ def build_scorer(cfg, inputs: dict[str, Path]):
                                   trust_remote_code=proxy.trust_remote_code)
     if proxy.type == "ensemble":
         dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
-        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length) for d in dirs]
+        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype) for d in dirs]
         stats = [json.loads((d / "reference_stats.json").read_text()) for d in dirs]
         return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
-    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length)
+    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype)

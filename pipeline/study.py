@@ -61,8 +61,9 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes.append(StageNode("sft_policy", "sft_policy", cfg.policy, {"world": "world"}))
 
     label_inputs = {"world": "world", **policy_input} if tiny else {}
-    nodes.append(StageNode("gold_label", "gold_label",
-                           GoldLabelStageConfig(label=cfg.gold_label, gold=cfg.gold, policy=base), label_inputs))
+    nodes.append(StageNode("gold_label", "gold_label", GoldLabelStageConfig(
+        label=cfg.gold_label, gold=cfg.gold, policy=base if cfg.gold_label.source == "policy_samples" else None),
+        label_inputs))
 
     # proxies: one train_proxy per trained model (ensemble members are trained models of their own)
     for proxy in cfg.proxies:
@@ -74,7 +75,7 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                 TrainProxyStageConfig(proxy=member, training=member.resolved_training(cfg.proxy_training), base=base),
                 {"pairs": "gold_label", **policy_input}))
         scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=cfg.eval_proxy.batch_size,
-                                   max_length=cfg.proxy_training.max_length)
+                                   max_length=cfg.proxy_training.max_length, dtype=cfg.policy.dtype)
         nodes.append(StageNode(f"eval_proxy[{proxy.name}]", "eval_proxy",
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
                                {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")}))
@@ -82,24 +83,26 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
     if cfg.bon is not None:
         bon = cfg.bon
         if not tiny:  # paper scale: held-out Unified-Feedback prompts
-            nodes.append(StageNode("eval_prompts", "eval_prompts",
-                                   EvalPromptsStageConfig(label=cfg.gold_label, n_prompts=bon.n_prompts)))
+            lab = cfg.gold_label
+            nodes.append(StageNode("eval_prompts", "eval_prompts", EvalPromptsStageConfig(
+                dataset_path=lab.dataset_path, dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
+                shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs, n_prompts=bon.n_prompts)))
         nodes.append(StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
             n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
             backend=bon.backend, policy=base), {"prompts": "world" if tiny else "eval_prompts", **policy_input}))
         gold = ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=bon.score_batch_size,
-                                 max_length=cfg.gold.max_length)
+                                 max_length=bon.score_max_length)
         nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"}))
         for proxy in cfg.proxies:
             scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=bon.score_batch_size,
-                                       max_length=cfg.proxy_training.max_length)
+                                       max_length=bon.score_max_length, dtype=cfg.policy.dtype)
             inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
             if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
                 inputs.update({f"member{i}_scores": f"bon_score[{m.name}]"
                                for i, m in enumerate(proxy.member_specs())})
                 for m in proxy.member_specs():
                     m_scorer = ScorerStageConfig(name=m.name, proxy=m, batch_size=bon.score_batch_size,
-                                                 max_length=cfg.proxy_training.max_length)
+                                                 max_length=bon.score_max_length, dtype=cfg.policy.dtype)
                     nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", m_scorer,
                                            {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
             nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", scorer, inputs))

@@ -27,21 +27,30 @@ RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.Art
 log = logging.getLogger("overopt")
 
 
-def _vllm_samples(model_path: str, prompts: list, n: int, cfg: BonSampleStageConfig, seed: int) -> list[dict]:
-    """Optional GPU backend; the prompts go through the same chat template as the HF path."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as e:  # pragma: no cover - GPU users only
-        raise ImportError("bon.backend is 'vllm' but vllm is not installed (pip install 'overopt[vllm]')") from e
-    from pipeline.tokenization import prompt_ids
+class VllmSampler:
+    """Optional GPU backend, one engine per stage run; prompts go through the same chat template as the HF path."""
 
-    llm = LLM(model=model_path, seed=seed, trust_remote_code=cfg.policy.trust_remote_code)
-    tok = llm.get_tokenizer()
-    params = SamplingParams(n=n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                            max_tokens=cfg.sampling.max_new_tokens, seed=seed)
-    outs = llm.generate([{"prompt_token_ids": prompt_ids(tok, p)} for p in prompts], params)
-    return [{"prompt_index": i, "sample_idx": j, "response": c.text.strip(), "n_tokens": len(c.token_ids),
-             "finished": c.finish_reason == "stop"} for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
+    def __init__(self, cfg: BonSampleStageConfig, model_path: str):
+        try:
+            from vllm import LLM
+        except ImportError as e:  # pragma: no cover - GPU users only
+            raise ImportError("bon.backend is 'vllm' but vllm is not installed (pip install 'overopt[vllm]')") from e
+        self.cfg = cfg
+        self.llm = LLM(model=model_path, seed=cfg.seed, dtype=cfg.policy.dtype,
+                       trust_remote_code=cfg.policy.trust_remote_code)
+
+    def sample(self, prompts: list, seed: int) -> list[dict]:  # pragma: no cover - GPU users only
+        from vllm import SamplingParams
+
+        from pipeline.tokenization import prompt_ids
+
+        s = self.cfg.sampling
+        params = SamplingParams(n=self.cfg.n_samples, temperature=s.temperature, top_p=s.top_p,
+                                max_tokens=s.max_new_tokens, seed=seed)
+        tok = self.llm.get_tokenizer()
+        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tok, p)} for p in prompts], params)
+        return [{"prompt_index": i, "sample_idx": j, "response": c.text.strip(), "n_tokens": len(c.token_ids),
+                 "finished": c.finish_reason == "stop"} for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
 
 
 def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -55,17 +64,20 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     todo = [(i, s) for i, s in enumerate(starts) if not (shard_dir / f"shard_{i:05d}.parquet").exists()]
     if len(todo) < len(starts):
         log.info("  resuming: %d of %d shards already sampled", len(starts) - len(todo), len(starts))
-    model = tokenizer = None
+    if not todo:
+        sample = None
+    elif cfg.backend == "vllm":
+        sample = VllmSampler(cfg, model_path).sample
+    else:
+        tokenizer = load_tokenizer(model_path, cfg.policy.trust_remote_code)
+        model = load_causal_lm(model_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
+
+        def sample(chunk_prompts, seed):
+            return sample_responses(model, tokenizer, chunk_prompts, cfg.n_samples, cfg.sampling, seed)
+
     for shard, start in tqdm(todo, desc="bon_sample shards", leave=False):
         chunk = prompts.iloc[start:start + cfg.prompts_per_shard].reset_index(drop=True)
-        chunk_prompts = [messages(p) for p in chunk.prompt]
-        if cfg.backend == "vllm":
-            rows = _vllm_samples(model_path, chunk_prompts, cfg.n_samples, cfg, cfg.seed + shard)
-        else:
-            if model is None:
-                tokenizer = load_tokenizer(model_path, cfg.policy.trust_remote_code)
-                model = load_causal_lm(model_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
-            rows = sample_responses(model, tokenizer, chunk_prompts, cfg.n_samples, cfg.sampling, cfg.seed + shard)
+        rows = sample([messages(p) for p in chunk.prompt], cfg.seed + shard)  # a seed per shard: resumable
         frame = pd.DataFrame(rows)
         frame["prompt_id"] = chunk.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]

@@ -43,6 +43,9 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         samples = read_sample_shards(inputs["samples"])
         scorer = build_scorer(cfg, inputs)
         values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
+        if np.isnan(values).any():  # dropping them would bias best-of-n towards short samples
+            raise ValueError(f"{cfg.name}: {int(np.isnan(values).sum())} of {len(values)} samples exceed the scoring "
+                             f"limit of {cfg.max_length} tokens; raise bon.score_max_length")
         scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

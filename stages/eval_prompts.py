@@ -19,16 +19,15 @@ log = logging.getLogger("overopt")
 
 
 def run(cfg: EvalPromptsStageConfig, inputs: dict[str, Path], out: Path) -> None:
-    label = cfg.label
     # a margin of rows beyond the training slice: some held-out rows repeat a training prompt or each other
-    rows = load_unified_feedback(label.dataset_path, label.dataset_config, label.dataset_split, label.shuffle_seed,
-                                 label.n_pairs + 2 * cfg.n_prompts)
-    train_prompts = set(rows.prompt_id.iloc[: label.n_pairs])
-    held_out = rows.iloc[label.n_pairs:]
+    rows = load_unified_feedback(cfg.dataset_path, cfg.dataset_config, cfg.dataset_split, cfg.shuffle_seed,
+                                 cfg.n_pairs + 2 * cfg.n_prompts)
+    train_prompts = set(rows.prompt_id.iloc[: cfg.n_pairs])
+    held_out = rows.iloc[cfg.n_pairs:]
     held_out = held_out[~held_out.prompt_id.isin(train_prompts)].drop_duplicates("prompt_id").head(cfg.n_prompts)
     if len(held_out) < cfg.n_prompts:
         log.warning("  only %d held-out prompts available (bon.n_prompts = %d)", len(held_out), cfg.n_prompts)
     if held_out.empty:
-        raise ValueError(f"{label.dataset_path}: no held-out prompts after the first {label.n_pairs} training rows")
+        raise ValueError(f"{cfg.dataset_path}: no held-out prompts after the first {cfg.n_pairs} training rows")
     held_out[["prompt_id", "prompt"]].to_parquet(out / "eval_prompts.parquet", index=False)
     log.info("  %d held-out evaluation prompts", len(held_out))

@@ -86,7 +86,8 @@ def _split_by_prompt(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Se
 
 def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
     label = cfg.label
-    scorer = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold), {})
+    scorer = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
+                                            max_length=cfg.gold.max_length), {})
     if label.source == "policy_samples":
         candidates = _policy_candidates(cfg, inputs)
     else:

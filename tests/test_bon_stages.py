@@ -278,3 +278,11 @@ def test_bon_curve_nested_columns_and_gold_as_its_own_proxy(smoke, members, gold
     assert (np.diff(curve.gold) >= -1e-12).all()
     g = gold_scores.pivot(index="prompt_id", columns="sample_idx", values="score").to_numpy()
     assert curve.gold.iloc[-1] == pytest.approx(g.max(axis=1).mean(), abs=1e-12)  # best of all N: the per-prompt max
+
+
+def test_bon_score_refuses_samples_longer_than_the_scoring_limit(smoke, members, tmp_path):
+    """Dropping unscored samples would bias best-of-n towards short ones: it is an error naming the setting."""
+    m = members[0]
+    cfg = ScorerStageConfig(name=m.spec.name, proxy=m.spec, batch_size=64, max_length=8)
+    with pytest.raises(ValueError, match="bon.score_max_length"):
+        bon_score.run(cfg, {"samples": smoke.samples, "model": m.train}, tmp_path)
