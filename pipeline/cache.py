@@ -77,6 +77,8 @@ class ArtifactCache:
             manifest = json.loads(mf.read_text())
         except (OSError, json.JSONDecodeError) as e:
             return ArtifactState("corrupt", f"manifest unreadable: {e}")
+        if not isinstance(manifest.get("files"), dict):
+            return ArtifactState("corrupt", "manifest lists no files")
         for rel, meta in manifest["files"].items():
             f = d / rel
             if not f.is_file():
@@ -140,12 +142,15 @@ class ArtifactCache:
         shutil.rmtree(self.trash_root, ignore_errors=True)
         return manifest
 
-    def sweep_stale(self) -> list[Path]:
-        """Remove temporary directories left by runs that died (only call while holding the lock)."""
+    def sweep_stale(self, keep_partial: set[str] = frozenset()) -> list[Path]:
+        """Remove temporary directories left by runs that died, and resumable partial outputs other than
+        `keep_partial` ("<key>.<fingerprint>" of stages still planned). Only call while holding the lock."""
         removed = []
-        for root in (self.tmp_root, self.trash_root):
+        for root in (self.tmp_root, self.trash_root, self.root / ".partial"):
             if root.exists():
                 for d in root.iterdir():
+                    if root.name == ".partial" and d.name in keep_partial:
+                        continue
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d)
         return removed

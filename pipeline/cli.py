@@ -50,14 +50,18 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     runner = _runner(cfg)
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
     with runner.cache.lock(cfg.run.lock_timeout_s):
-        runner.cache.sweep_stale()
+        runner.cache.sweep_stale(keep_partial={f"{k}.{fp}" for k, fp in runner.fingerprints().items()})
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
         (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))
         _setup_logging(run_dir / "run.log")
         log.info("study %s: %d stages; log and resolved config in %s", cfg.study, len(runner.nodes), run_dir)
         t0 = time.time()
-        runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
+        try:
+            runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
+        except Exception:
+            log.exception("run failed after %.1fs (finished stages stay cached)", time.time() - t0)
+            raise
         log.info("finished in %.1fs", time.time() - t0)
     return 0
 
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a clear one-line reason; the traceback is in the run log
+    except Exception as e:
         from pipeline.cache import CacheLockedError
 
         if isinstance(e, CacheLockedError):

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what was expected."""
 
 
+# Marks a field that cannot change a stage's result (inference batch sizes): the runner leaves it out of fingerprints.
+NOT_FINGERPRINTED = {"fingerprint": False}
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable once loaded."""
 
@@ -112,7 +116,7 @@ class GoldConfig(Section):
     model_id: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     max_length: int = Field(1024, ge=8)
 
     @model_validator(mode="after")
@@ -239,6 +243,16 @@ class ProxyConfig(Section):
             raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
         return self
 
+    def canonical(self) -> "ProxyConfig":
+        """This proxy with the fields its type does not use reset to their defaults, so that changing, say, `alpha`
+        of a BT proxy does not look like a new proxy to the cache."""
+        used = {"name", "type", "seed", "head", "head_width", "head_dropout", "training"}
+        used |= {"grm": {"reg", "alpha", "beta"}, "label_smoothing": {"epsilon"}, "margin": {"margin_scale"},
+                 "checkpoint": {"path", "trust_remote_code"}}.get(self.type, set())
+        if self.type == "ensemble":
+            return self  # its members inherit every field of their member_type
+        return ProxyConfig(**self.model_dump(include=used))
+
     def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
         """The shared training settings with this proxy's explicit overrides applied."""
         return shared.model_copy(update=self.training.model_dump(exclude_none=True))
@@ -255,7 +269,7 @@ class ProxyConfig(Section):
 
 
 class EvalProxyConfig(Section):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     # Paper path: local files or hub ids in the HHH-Alignment / MT-Bench human-judgment schemas (optional).
     hhh_path: str | None = None
     mt_bench_path: str | None = None  # human-judgment ties are excluded (a strict accuracy has no right answer)
@@ -269,7 +283,7 @@ class BonConfig(Section):
     seed: int = 0
     prompts_per_shard: int = Field(8, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
-    score_batch_size: int = Field(256, ge=1)
+    score_batch_size: int = Field(256, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     # Token limit when scoring samples (prompt + response); a longer sample is an error, never silently dropped.
     score_max_length: int = Field(2048, ge=8)
     # n values of the curve; None = 1, 2, 4, ..., n_samples.
@@ -324,9 +338,10 @@ class StudyConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
         names = [p.name for p in self.proxies]
+        names += [m.name for p in self.proxies if p.type == "ensemble" for m in p.member_specs()]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"proxies: duplicate names {dup}")
+            raise ValueError(f"proxies: duplicate names {dup} (an ensemble's members are named <name>-m<i>)")
         if self.gold_label.source == "policy_samples" and self.policy.source != "tiny":
             raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
         if self.gold.type == "world" and self.policy.source != "tiny":
@@ -345,7 +360,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override {item!r} has an empty key part")
-    return path, yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return path, yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
 
 
 def _set_path(tree: dict, path: list[str], value: Any, item: str) -> None:
@@ -448,10 +466,30 @@ class BaseModelRef(Section):
     trust_remote_code: bool = False
 
 
-class GoldLabelStageConfig(Section):
-    label: GoldLabelConfig
+class GoldScoreStageConfig(Section):
+    """What the gold-scored candidates depend on (not the noise, pair budget or split: those are gold_label's)."""
+
+    source: Literal["policy_samples", "unified_feedback"]
     gold: GoldConfig
-    policy: BaseModelRef | None = None  # the sampling policy (tiny world only)
+    # unified_feedback
+    dataset_path: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    shuffle_seed: int = 42
+    n_pairs: int | None = None
+    # policy_samples (tiny world)
+    policy: BaseModelRef | None = None
+    samples_per_prompt: int | None = None
+    sampling: SamplingConfig | None = None
+    seed: int = 0
+
+
+class GoldLabelStageConfig(Section):
+    n_pairs: int
+    test_fraction: float
+    noise_rate: float
+    noise_seed: int
+    seed: int
 
 
 class TrainProxyStageConfig(Section):
@@ -466,7 +504,7 @@ class ScorerStageConfig(Section):
     name: str
     gold: GoldConfig | None = None
     proxy: ProxyConfig | None = None
-    batch_size: int = 64
+    batch_size: int = Field(64, json_schema_extra=NOT_FINGERPRINTED)
     max_length: int = 1024
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # trained proxies: the base model's dtype
 

@@ -14,6 +14,27 @@ from pipeline.config import SamplingConfig
 from pipeline.tokenization import Prompt, pad_token_id, prompt_ids
 
 
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS and the model's generation-config EOS ids (chat models often
+    end a turn with their own token, e.g. `<end_of_turn>` or `<|eot_id|>`)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    if not ids:
+        raise ValueError(f"no end-of-turn token for {getattr(tokenizer, 'name_or_path', '')!r}")
+    return sorted(ids)
+
+
+def finish_response(token_ids: Sequence[int], stop_ids: Sequence[int], tokenizer, stopped: bool = False) -> dict:
+    """One sampled continuation as a record: cut at the first stop token (excluded), decoded once, raw text kept.
+    `stopped`: the backend reports a stop whose token it did not return (vLLM)."""
+    token_ids = list(token_ids)
+    cut = next((i for i, t in enumerate(token_ids) if t in stop_ids), None)
+    kept = token_ids if cut is None else token_ids[:cut]
+    return {"response": tokenizer.decode(kept, skip_special_tokens=True).strip(), "n_tokens": len(kept),
+            "finished": cut is not None or stopped}
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], n_per_prompt: int, sampling: SamplingConfig,
                      seed: int, progress: bool = False) -> list[dict]:
@@ -22,7 +43,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], n_per_prompt: 
 
     model.eval()
     device = next(model.parameters()).device
-    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    pad_id, stop_ids = pad_token_id(tokenizer), stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     jobs = [(i, j) for i, _ in enumerate(prompts) for j in range(n_per_prompt)]
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     gen = torch.Generator().manual_seed(seed)
@@ -38,11 +59,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], n_per_prompt: 
             attn[r, width - len(encoded[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                              temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids)
         for r, (i, j) in enumerate(batch):
-            new = out[r, width:].tolist()
-            finished = eos_id in new
-            new = new[:new.index(eos_id)] if finished else new
-            rows.append({"prompt_index": i, "sample_idx": j, "n_tokens": len(new), "finished": finished,
-                         "response": tokenizer.decode(new, skip_special_tokens=True).strip()})
+            rows.append({"prompt_index": i, "sample_idx": j,
+                         **finish_response(out[r, width:].tolist(), stop_ids, tokenizer)})
     return rows

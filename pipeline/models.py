@@ -14,14 +14,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def looks_local(name_or_path: str | Path) -> bool:
-    """A path on this machine rather than a hub id: absolute, `./`-relative, existing, or under an existing folder."""
-    p = Path(name_or_path)
-    return p.is_absolute() or str(name_or_path).startswith(".") or p.exists() or Path(p.parts[0]).is_dir()
+    """A path on this machine rather than a hub id (`org/name`): absolute, `./` or `~` relative, a data-file name,
+    existing, under an existing folder, or not shaped like a hub id."""
+    from pipeline.hf_data import _looks_local
+
+    return _looks_local(str(name_or_path)) or Path(Path(str(name_or_path)).parts[0]).is_dir()
 
 
 def _check_local(name_or_path: str | Path) -> None:
     """Fail fast, naming the path, when a local model directory is missing (instead of asking the hub for it)."""
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
     if looks_local(name_or_path) and not p.is_dir():
         raise FileNotFoundError(f"model directory not found: {p}")
 
@@ -60,9 +62,9 @@ def seq_cls_rewards(model):
     """
     from pipeline.tokenization import last_token_index
 
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    head = getattr(model, "score", None)  # decoder RMs; encoders' `classifier` heads pool differently
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no score head (expected a `score` or `classifier` module)")
+        raise ValueError(f"{type(model).__name__} has no `score` head: overopt reads decoder-only reward models")
     base = getattr(model, model.base_model_prefix)
     # Positions count attended tokens only, so a left-padded batch scores like an unpadded one (without this, models
     # with absolute position embeddings, e.g. GPT-2, read left-padded rows at shifted positions).
@@ -95,7 +97,7 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
 
 
 def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
-                       trust_remote_code: bool = False):
+                       trust_remote_code: bool = False, strict_length: bool = False):
     """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier."""
     from pipeline.reward_model import GRMRewardModel, is_grm_checkpoint
     from pipeline.scoring import ModelScorer
@@ -105,35 +107,38 @@ def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_lengt
     if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
         model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(default_device())
-        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length)
+        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length)
     model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
-    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length)
+    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length)
 
 
-def build_scorer(cfg, inputs: dict[str, Path]):
+def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
     """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
 
     Trained proxies are read from their `train_proxy` artifacts in `inputs` ("model", or "member<i>" for an
-    ensemble, whose members are standardised with the reference-set statistics saved beside them).
+    ensemble, whose members are standardised with the reference-set statistics saved beside them). `strict_length`:
+    a sequence over the scorer's max length is an error raised before any forward pass, instead of a NaN score.
     """
-    import json
 
-    from pipeline.scoring import EnsembleScorer, WorldGoldScorer
+    from pipeline.scoring import EnsembleScorer, WorldGoldScorer, load_member_stats
 
     if cfg.gold is not None:
         gold = cfg.gold
         if gold.type == "world":
             return WorldGoldScorer()
-        return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code)
+        return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code,
+                                  strict_length)
     proxy = cfg.proxy
     if proxy is None:
         raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
     if proxy.type == "checkpoint":
-        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length,
-                                  trust_remote_code=proxy.trust_remote_code)
+        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, cfg.dtype, proxy.trust_remote_code,
+                                  strict_length)
     if proxy.type == "ensemble":
         dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
-        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype) for d in dirs]
-        stats = [json.loads((d / "reference_stats.json").read_text()) for d in dirs]
+        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
+                                      strict_length=strict_length) for d in dirs]
+        stats = [load_member_stats(d) for d in dirs]
         return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
-    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype)
+    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
+                              strict_length=strict_length)

@@ -14,6 +14,8 @@ import pandas as pd
 # One row per preference pair (gold_label output, RM training and evaluation input).
 PAIR_COLUMNS = ["pair_id", "prompt_id", "prompt", "chosen", "rejected", "gold_chosen", "gold_rejected",
                 "label_clean", "label_noisy", "split"]
+# One row per gold-scored candidate pair (gold_score output, gold_label input).
+CANDIDATE_COLUMNS = ["pair_id", "prompt_id", "prompt", "response_a", "response_b", "gold_a", "gold_b"]
 # One row per sampled response (bon_sample output).
 SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "response", "n_tokens", "finished"]
 # One row per scored response (bon_score output).
@@ -65,11 +67,19 @@ def read_sample_shards(artifact: Path) -> pd.DataFrame:
     return frame.sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
 
 
-def score_matrix(scores: pd.DataFrame, prompt_ids: list[str] | None = None):
-    """(P, N) matrix of a score table keyed by (prompt_id, sample_idx); rows in `prompt_ids` order (default sorted)."""
+def score_matrix(scores: pd.DataFrame, source: Path | str, prompt_ids: list[str] | None = None):
+    """(P, N) matrix of a score table keyed by (prompt_id, sample_idx); rows in `prompt_ids` order (default sorted).
+    `source` names the file in errors."""
+    dup = scores.duplicated(["prompt_id", "sample_idx"])
+    if dup.any():
+        raise RecordError(f"{source}: repeated keys {scores.loc[dup, ['prompt_id', 'sample_idx']].head(3).values.tolist()}")
     table = scores.pivot(index="prompt_id", columns="sample_idx", values="score")
     if prompt_ids is not None:
+        missing = sorted(set(prompt_ids) - set(table.index))
+        if missing:
+            raise RecordError(f"{source}: no scores for prompt_id(s) {missing[:3]}")
         table = table.loc[prompt_ids]
-    if table.isna().any().any():
-        raise RecordError("score table is missing (prompt_id, sample_idx) entries or holds NaN scores")
+    holes = table.isna().stack()
+    if holes.any():
+        raise RecordError(f"{source}: missing or NaN scores at (prompt_id, sample_idx) {holes[holes].index[:3].tolist()}")
     return table.to_numpy(dtype=float), list(table.index)

@@ -46,6 +46,7 @@ class StageNode:
     num_processes: int = 1
     deepspeed_config: Path | None = None
     publish_to: Path | None = None  # copy the artifact here after the run (reports)
+    external: tuple[str, ...] = ()  # local files/directories the stage reads (datasets, models): their signature counts
 
     @property
     def module(self):
@@ -62,15 +63,41 @@ class PlannedStage:
     manifest: dict | None = None
 
 
+def fingerprint_view(value):
+    """A config as it counts for fingerprints: fields marked `json_schema_extra={"fingerprint": False}` (batch sizes
+    of inference, which do not change a result) are left out."""
+    if isinstance(value, BaseModel):
+        return {name: fingerprint_view(getattr(value, name)) for name, field in type(value).model_fields.items()
+                if (field.json_schema_extra or {}).get("fingerprint", True)}
+    if isinstance(value, (list, tuple)):
+        return [fingerprint_view(v) for v in value]
+    if isinstance(value, dict):
+        return {k: fingerprint_view(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def external_signature(path: str) -> list:
+    """What identifies a local input without reading it whole: each file's relative name, size and mtime."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [[p.name, p.stat().st_size, p.stat().st_mtime_ns]]
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    return [[f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
     payload = {
         "stage": node.stage,
         "key": node.key,
         "version": str(getattr(node.module, "VERSION")),
-        "config": node.config.model_dump(mode="json"),
+        "config": fingerprint_view(node.config),
         "inputs": {role: upstream[k] for role, k in sorted(node.inputs.items())},
         "launcher": [node.launcher, node.num_processes],
     }
+    if node.external:
+        payload["external"] = {path: external_signature(path) for path in node.external}
     if node.deepspeed_config is not None:  # the DeepSpeed settings change the result, not only its file name
         ds = _resolve_repo_path(node.deepspeed_config)
         if not ds.is_file():
@@ -119,12 +146,17 @@ class Runner:
         if unknown:
             raise ConfigError(f"unknown stage(s) {unknown}; stages of this study: {sorted(known)}")
 
-    def plan(self) -> list[PlannedStage]:
+    def fingerprints(self) -> dict[str, str]:
         fps: dict[str, str] = {}
+        for n in self.nodes:  # topological order: upstream fingerprints are known
+            fps[n.key] = fingerprint(n, fps)
+        return fps
+
+    def plan(self) -> list[PlannedStage]:
         planned = []
+        fps = self.fingerprints()
         for n in self.nodes:
-            fp = fingerprint(n, fps)
-            fps[n.key] = fp
+            fp = fps[n.key]
             state = self.cache.check(n.key, fp)
             status = state.status
             if status == "missing" and (self.cache.root / n.key).exists():
@@ -152,7 +184,7 @@ class Runner:
         if only:
             selected = {n.key for n in self.nodes if _matches(n, set(only))}
         fps = {p.node.key: p.fingerprint for p in plan}
-        done: dict[str, str] = {}
+        state = {p.node.key: p.status for p in plan}  # checked once by plan(); updated as stages commit
         for p in plan:
             n = p.node
             if n.key not in selected:
@@ -160,13 +192,12 @@ class Runner:
             rerun = _matches(n, set(force))
             if p.status == "cached" and not rerun:
                 log.info("✓ %-28s cached  %s", n.key, p.fingerprint)
-                done[n.key] = p.status
                 self._publish(n, p.fingerprint)
                 continue
             if p.status == "corrupt":
                 log.warning("! %-28s cached artifact is corrupt (%s): recomputing it", n.key, p.detail)
             for role, up in n.inputs.items():
-                if self.cache.check(up, fps[up]).status != "cached":
+                if state[up] != "cached":
                     raise RuntimeError(f"stage {n.key} needs {up} ({role}), which is not cached; "
                                        f"run without --only to build it")
             inputs = {role: self.cache.path(up, fps[up]) for role, up in n.inputs.items()}
@@ -174,6 +205,7 @@ class Runner:
             manifest = self._execute(n, p.fingerprint, inputs)
             log.info("✓ %-28s done in %.1fs", n.key, manifest["wall_time_s"])
             p.status, p.manifest = "cached", manifest
+            state[n.key] = "cached"
             self._publish(n, p.fingerprint)
         return plan
 

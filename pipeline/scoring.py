@@ -34,9 +34,10 @@ class ModelScorer:
     """Batched scoring of a neural reward model through `pipeline.tokenization`."""
 
     def __init__(self, rewards_fn: RewardsFn, module: torch.nn.Module, tokenizer, batch_size: int = 32,
-                 max_length: int = 1024, padding_side: str = "right"):
+                 max_length: int = 1024, padding_side: str = "right", strict_length: bool = False):
         self.rewards_fn, self.module, self.tokenizer = rewards_fn, module, tokenizer
         self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
+        self.strict_length = strict_length  # raise before any forward pass instead of returning NaN
         self.pad_id = pad_token_id(tokenizer)
 
     @property
@@ -49,6 +50,9 @@ class ModelScorer:
         encoded = [encode_conversation(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
         out = np.full(len(encoded), np.nan, dtype=np.float64)
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
+        if len(keep) < len(encoded) and self.strict_length:
+            raise ValueError(f"{len(encoded) - len(keep)} of {len(encoded)} sequences exceed max_length="
+                             f"{self.max_length} tokens (e.g. item {next(i for i, e in enumerate(encoded) if e.truncated)})")
         if len(keep) < len(encoded):
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
                         len(encoded) - len(keep), len(encoded), self.max_length)
@@ -89,6 +93,22 @@ def standardise(scores: np.ndarray, stats: dict) -> np.ndarray:
     return (scores - stats["mean"]) / max(stats["std"], 1e-8)
 
 
+def combine_members(member_scores: Sequence[np.ndarray], stats: Sequence[dict], combine: str,
+                    uwo_lambda: float) -> np.ndarray:
+    """An ensemble's reward from its members' raw scores: standardise each, then combine."""
+    if len(member_scores) != len(stats):
+        raise ValueError("ensemble needs one reference-set statistic per member")
+    return combine_ensemble(np.stack([standardise(s, st) for s, st in zip(member_scores, stats)]), combine, uwo_lambda)
+
+
+def load_member_stats(train_artifact) -> dict:
+    """The reference-set mean/std a `train_proxy` artifact saved for standardising it as an ensemble member."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(train_artifact) / "reference_stats.json").read_text())
+
+
 class EnsembleScorer:
     def __init__(self, members: list[RewardScorer], stats: list[dict], combine: str, uwo_lambda: float):
         if len(members) != len(stats):
@@ -96,5 +116,5 @@ class EnsembleScorer:
         self.members, self.stats, self.combine, self.uwo_lambda = members, stats, combine, uwo_lambda
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
-        scores = np.stack([standardise(m.score(prompts, responses), s) for m, s in zip(self.members, self.stats)])
-        return combine_ensemble(scores, self.combine, self.uwo_lambda)
+        return combine_members([m.score(prompts, responses) for m in self.members], self.stats, self.combine,
+                               self.uwo_lambda)

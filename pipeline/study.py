@@ -1,8 +1,8 @@
 """From a `StudyConfig` to the DAG of stages of one over-optimization study.
 
-    world ─► sft_policy ─► gold_label ─► train_proxy[p] ─► eval_proxy[p]
-                 │              │               └──────────► bon_score[p] ─► bon_curve[p] ─► report
-                 └─► bon_sample ┴──────────────────────────► bon_score[gold] ┘
+    world ─► sft_policy ─► gold_score ─► gold_label ─► train_proxy[p] ─► eval_proxy[p] ────────────┐
+                 │                                          └──────────► bon_score[p] ─► bon_curve[p] ─┤
+                 └─► bon_sample ───────────────────────────────────────► bon_score[gold] ┘             └► report
 
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalPromptsStageConfig,
-                             EvalProxyStageConfig, GoldLabelStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
+                             EvalProxyStageConfig, GoldLabelStageConfig, GoldScoreStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
                              TrainProxyStageConfig)
 from pipeline.runner import StageNode
 
@@ -35,6 +35,13 @@ def _scorer_inputs(proxy: ProxyConfig, artifact: str) -> dict[str, str]:
     return {"model": f"{artifact}[{proxy.name}]"}
 
 
+def _local(*paths: str | None) -> tuple[str, ...]:
+    """The configured paths that are on this machine (their size/mtime signature enters the stage's fingerprint)."""
+    from pipeline.models import looks_local
+
+    return tuple(p for p in paths if p and looks_local(p))
+
+
 def check_local_paths(cfg: StudyConfig) -> None:
     """Before any stage runs: every configured local model directory or data file exists (hub ids are not checked)."""
     from pipeline.config import ConfigError
@@ -45,7 +52,7 @@ def check_local_paths(cfg: StudyConfig) -> None:
               "eval_proxy.mt_bench_path": cfg.eval_proxy.mt_bench_path,
               **{f"proxies.{p.name}.path": p.path for p in cfg.proxies}}
     missing = [f"{key}: {path}" for key, path in wanted.items()
-               if path and looks_local(path) and not Path(path).exists()]
+               if path and looks_local(path) and not Path(path).expanduser().exists()]
     if missing:
         raise ConfigError("configured local path(s) not found:\n  " + "\n  ".join(missing))
 
@@ -60,10 +67,20 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes.append(StageNode("world", "world", cfg.world))
         nodes.append(StageNode("sft_policy", "sft_policy", cfg.policy, {"world": "world"}))
 
-    label_inputs = {"world": "world", **policy_input} if tiny else {}
+    lab = cfg.gold_label
+    if lab.source == "policy_samples":
+        score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, policy=base,
+                                         samples_per_prompt=lab.samples_per_prompt, sampling=lab.sampling, seed=lab.seed)
+    else:
+        score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, dataset_path=lab.dataset_path,
+                                         dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
+                                         shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs)
+    nodes.append(StageNode("gold_score", "gold_score", score_cfg,
+                           {"world": "world", **policy_input} if tiny else {},
+                           external=_local(cfg.gold.model_id, lab.dataset_path)))
     nodes.append(StageNode("gold_label", "gold_label", GoldLabelStageConfig(
-        label=cfg.gold_label, gold=cfg.gold, policy=base if cfg.gold_label.source == "policy_samples" else None),
-        label_inputs))
+        n_pairs=lab.n_pairs, test_fraction=lab.test_fraction, noise_rate=lab.noise_rate, noise_seed=lab.noise_seed,
+        seed=lab.seed), {"scores": "gold_score"}))
 
     # proxies: one train_proxy per trained model (ensemble members are trained models of their own)
     for proxy in cfg.proxies:
@@ -72,13 +89,16 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                 continue
             nodes.append(StageNode(
                 f"train_proxy[{member.name}]", "train_proxy",
-                TrainProxyStageConfig(proxy=member, training=member.resolved_training(cfg.proxy_training), base=base),
-                {"pairs": "gold_label", **policy_input}))
-        scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=cfg.eval_proxy.batch_size,
-                                   max_length=cfg.proxy_training.max_length, dtype=cfg.policy.dtype)
+                TrainProxyStageConfig(proxy=member.canonical(), training=member.resolved_training(cfg.proxy_training),
+                                      base=base),
+                {"pairs": "gold_label", **policy_input}, external=_local(cfg.policy.model_id)))
+        scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=cfg.eval_proxy.batch_size,
+                                   max_length=proxy.resolved_training(cfg.proxy_training).max_length,
+                                   dtype=cfg.policy.dtype)
         nodes.append(StageNode(f"eval_proxy[{proxy.name}]", "eval_proxy",
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
-                               {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")}))
+                               {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")},
+                               external=_local(proxy.path, cfg.eval_proxy.hhh_path, cfg.eval_proxy.mt_bench_path)))
 
     if cfg.bon is not None:
         bon = cfg.bon
@@ -86,26 +106,30 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
             lab = cfg.gold_label
             nodes.append(StageNode("eval_prompts", "eval_prompts", EvalPromptsStageConfig(
                 dataset_path=lab.dataset_path, dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
-                shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs, n_prompts=bon.n_prompts)))
+                shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs, n_prompts=bon.n_prompts),
+                external=_local(lab.dataset_path)))
         nodes.append(StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
             n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
-            backend=bon.backend, policy=base), {"prompts": "world" if tiny else "eval_prompts", **policy_input}))
+            backend=bon.backend, policy=base), {"prompts": "world" if tiny else "eval_prompts", **policy_input},
+            external=_local(cfg.policy.model_id)))
         gold = ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=bon.score_batch_size,
                                  max_length=bon.score_max_length)
-        nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"}))
+        nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"},
+                               external=_local(cfg.gold.model_id)))
         for proxy in cfg.proxies:
-            scorer = ScorerStageConfig(name=proxy.name, proxy=proxy, batch_size=bon.score_batch_size,
+            scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=bon.score_batch_size,
                                        max_length=bon.score_max_length, dtype=cfg.policy.dtype)
             inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
             if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
                 inputs.update({f"member{i}_scores": f"bon_score[{m.name}]"
                                for i, m in enumerate(proxy.member_specs())})
                 for m in proxy.member_specs():
-                    m_scorer = ScorerStageConfig(name=m.name, proxy=m, batch_size=bon.score_batch_size,
+                    m_scorer = ScorerStageConfig(name=m.name, proxy=m.canonical(), batch_size=bon.score_batch_size,
                                                  max_length=bon.score_max_length, dtype=cfg.policy.dtype)
                     nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", m_scorer,
                                            {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
-            nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", scorer, inputs))
+            nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", scorer, inputs,
+                                   external=_local(proxy.path)))
             curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
                                         nested_estimator=bon.nested_estimator, seed=bon.seed)
             nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,

@@ -53,9 +53,25 @@ def encode_conversation(tokenizer, prompt: Prompt, response: str, max_length: in
     messages = as_messages(prompt)
     head = _template_ids(tokenizer, messages, add_generation_prompt=True)
     full = _template_ids(tokenizer, messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-    start = len(head) if full[: len(head)] == head else _common_prefix(head, full)
+    if full[: len(head)] == head:
+        start = len(head)
+    else:  # the template tokenizes the prompt differently once a response follows: mask from where they diverge
+        start = _common_prefix(head, full)
+        _warn_once(tokenizer, f"chat template of {getattr(tokenizer, 'name_or_path', '')!r}: the prompt's tokens "
+                              f"are not a prefix of prompt + response; the response span starts at their common prefix")
     truncated = len(full) > max_length
     return Encoded(full[:max_length], min(start, max_length), truncated)
+
+
+_warned: set[int] = set()
+
+
+def _warn_once(tokenizer, message: str) -> None:
+    import logging
+
+    if id(tokenizer) not in _warned:
+        _warned.add(id(tokenizer))
+        logging.getLogger("overopt").warning(message)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

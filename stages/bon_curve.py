@@ -35,10 +35,9 @@ def _finite_or_none(tree):
 
 
 def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
-    proxy_scores = read_records(inputs["proxy_scores"] / "scores.parquet", SCORE_COLUMNS)
-    gold_scores = read_records(inputs["gold_scores"] / "scores.parquet", SCORE_COLUMNS)
-    proxy, prompt_ids = score_matrix(proxy_scores)
-    gold, _ = score_matrix(gold_scores, prompt_ids)  # same prompt order, same sample columns
+    proxy_file, gold_file = inputs["proxy_scores"] / "scores.parquet", inputs["gold_scores"] / "scores.parquet"
+    proxy, prompt_ids = score_matrix(read_records(proxy_file, SCORE_COLUMNS), proxy_file)
+    gold, _ = score_matrix(read_records(gold_file, SCORE_COLUMNS), gold_file, prompt_ids)  # same rows and columns
     ns = [n for n in cfg.ns if n <= proxy.shape[1]]
     table = bon_curve_table(proxy, gold, ns, n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     if cfg.nested_estimator:
@@ -50,7 +49,8 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     peak = table.loc[table.gold.idxmax()]
     summary = {"prompts": proxy.shape[0], "samples_per_prompt": proxy.shape[1], "gao_fit_gold_rel": fit,
                "empirical_peak": {"n": int(peak.n), "kl_bound": float(peak.kl_bound), "gold": float(peak.gold)},
-               "gold_at_max_n": float(table.gold.iloc[-1]), "gold_at_n1": float(table.gold.iloc[0])}
+               "gold_at_max_n": float(table.gold.iloc[-1]),
+               "gold_at_n1": float((table.gold - table.gold_rel).iloc[0])}  # the baseline, even if 1 is not in ns
     (out / "fit.json").write_text(json.dumps(_finite_or_none(summary), indent=2, allow_nan=False))
     plot_bon_curves({cfg.proxy: table}, out / "curve.png", f"best-of-n against proxy {cfg.proxy}")
     log.info("  gold peaks at n=%d (%.3f); gold at n=%d: %.3f; proxy rises %.3f → %.3f", int(peak.n),

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.config import BonSampleStageConfig
-from pipeline.generation import sample_responses
+from pipeline.generation import finish_response, sample_responses, stop_token_ids
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.records import SAMPLE_COLUMNS, messages, write_records
 
@@ -35,9 +35,17 @@ class VllmSampler:
             from vllm import LLM
         except ImportError as e:  # pragma: no cover - GPU users only
             raise ImportError("bon.backend is 'vllm' but vllm is not installed (pip install 'overopt[vllm]')") from e
+        from transformers import GenerationConfig
+
         self.cfg = cfg
-        self.llm = LLM(model=model_path, seed=cfg.seed, dtype=cfg.policy.dtype,
+        self.llm = LLM(model=model_path, seed=cfg.seed, dtype=cfg.policy.dtype, load_format="safetensors",
                        trust_remote_code=cfg.policy.trust_remote_code)
+        self.tokenizer = self.llm.get_tokenizer()
+        try:
+            gen_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            gen_config = None
+        self.stop_ids = stop_token_ids(self.tokenizer, gen_config)
 
     def sample(self, prompts: list, seed: int) -> list[dict]:  # pragma: no cover - GPU users only
         from vllm import SamplingParams
@@ -45,12 +53,14 @@ class VllmSampler:
         from pipeline.tokenization import prompt_ids
 
         s = self.cfg.sampling
-        params = SamplingParams(n=self.cfg.n_samples, temperature=s.temperature, top_p=s.top_p,
-                                max_tokens=s.max_new_tokens, seed=seed)
-        tok = self.llm.get_tokenizer()
-        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(tok, p)} for p in prompts], params)
-        return [{"prompt_index": i, "sample_idx": j, "response": c.text.strip(), "n_tokens": len(c.token_ids),
-                 "finished": c.finish_reason == "stop"} for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
+        # one seed per prompt: requests sharing a seed would draw correlated samples across prompts
+        params = [SamplingParams(n=self.cfg.n_samples, temperature=s.temperature, top_p=s.top_p,
+                                 max_tokens=s.max_new_tokens, seed=seed * 100_003 + i, stop_token_ids=self.stop_ids)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(self.tokenizer, p)} for p in prompts], params)
+        return [{"prompt_index": i, "sample_idx": j, **finish_response(c.token_ids, self.stop_ids, self.tokenizer,
+                                                                      stopped=c.finish_reason == "stop")}
+                for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
 
 
 def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -83,6 +93,8 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]
         tmp = shard_dir / f"shard_{shard:05d}.parquet.tmp"
         write_records(frame[SAMPLE_COLUMNS], tmp, SAMPLE_COLUMNS)
+        with open(tmp, "rb") as f:  # on disk before it counts as done: a resumed run trusts every shard it finds
+            os.fsync(f.fileno())
         os.replace(tmp, shard_dir / f"shard_{shard:05d}.parquet")
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
                                                   "shards": len(starts)}))

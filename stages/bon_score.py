@@ -8,7 +8,6 @@ Writes scores.parquet (prompt_id, sample_idx, score).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 from pipeline.config import ScorerStageConfig
 from pipeline.models import build_scorer
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, write_records
-from pipeline.scoring import combine_ensemble, standardise
+from pipeline.scoring import combine_members, load_member_stats
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -31,9 +30,9 @@ def _ensemble_scores(cfg: ScorerStageConfig, inputs: dict[str, Path]) -> pd.Data
     for f in frames[1:]:
         if not f[["prompt_id", "sample_idx"]].equals(keys):
             raise ValueError(f"ensemble {proxy.name!r}: member score tables are not aligned on (prompt_id, sample_idx)")
-    stats = [json.loads((inputs[f"member{i}"] / "reference_stats.json").read_text()) for i in range(proxy.members)]
-    member = np.stack([standardise(f.score.to_numpy(), s) for f, s in zip(frames, stats)])
-    return keys.assign(score=combine_ensemble(member, proxy.combine, proxy.uwo_lambda))
+    stats = [load_member_stats(inputs[f"member{i}"]) for i in range(proxy.members)]
+    return keys.assign(score=combine_members([f.score.to_numpy() for f in frames], stats, proxy.combine,
+                                             proxy.uwo_lambda))
 
 
 def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -41,11 +40,13 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         scores = _ensemble_scores(cfg, inputs)
     else:
         samples = read_sample_shards(inputs["samples"])
-        scorer = build_scorer(cfg, inputs)
-        values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
-        if np.isnan(values).any():  # dropping them would bias best-of-n towards short samples
-            raise ValueError(f"{cfg.name}: {int(np.isnan(values).sum())} of {len(values)} samples exceed the scoring "
-                             f"limit of {cfg.max_length} tokens; raise bon.score_max_length")
+        # an unscored sample cannot be dropped (best-of-n would favour short ones): over-length is an error, found
+        # before any forward pass
+        scorer = build_scorer(cfg, inputs, strict_length=True)
+        try:
+            values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
+        except ValueError as e:
+            raise ValueError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
         scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

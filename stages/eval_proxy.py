@@ -19,7 +19,8 @@ import pandas as pd
 
 from pipeline.config import EvalProxyStageConfig
 from pipeline.models import build_scorer
-from pipeline.records import PAIR_COLUMNS, messages, read_records
+from pipeline.hf_data import pair_prompts
+from pipeline.records import PAIR_COLUMNS, read_records
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -58,9 +59,7 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     rows = []
     for name, frame in sets.items():
-        # MT-Bench turn-2 pairs have a different context per side (each model's own first answer)
-        prompts_c = [messages(p) for p in frame.prompt]
-        prompts_r = [messages(p) for p in frame.prompt_rejected] if "prompt_rejected" in frame else prompts_c
+        prompts_c, prompts_r = pair_prompts(frame)  # MT-Bench turn 2: each side in its own model's conversation
         r_c = scorer.score(prompts_c, list(frame.chosen))
         r_r = scorer.score(prompts_r, list(frame.rejected))
         rows.append({"proxy": cfg.scorer.name, "set": name, "labels": "clean", **pairwise_accuracy(r_c, r_r)})

@@ -1,16 +1,15 @@
-"""gold_label: preference pairs labeled by the gold reward, with seeded label noise kept beside the clean label.
+"""gold_label: preference pairs from gold-scored candidates, with seeded label noise kept beside the clean label.
 
-Tiny world: sample responses for each training prompt from the base policy, score them with the gold scorer, pair
-up responses of the same prompt, drop ties. Paper scale: take pairs in the Unified-Feedback schema and re-score both
-sides with a gold RM. Either way `chosen`/`rejected` follow the gold scores (`label_clean` is always 1) and
-`label_noisy` is 0 on an exact, seeded fraction of pairs whose preference the noisy annotator flipped.
+`chosen`/`rejected` follow the gold scores (`label_clean` is always 1); ties and pairs the gold could not score
+(over its max length) are dropped, never truncated. `label_noisy` is 0 on an exact, seeded fraction of pairs whose
+preference the noisy annotator flipped. The split is by prompt, so test pairs have prompts no training pair has.
 
-Writes pairs.parquet (train + test splits), ood_pairs.parquet (tiny world), metrics.json.
+Writes pairs.parquet (train + test splits), ood_pairs.parquet (tiny world; clean labels only), metrics.json, and
+logs a few labeled examples so a person can check the world by eye (`overopt show` prints more).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
@@ -18,31 +17,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import GoldLabelStageConfig, ScorerStageConfig
-from pipeline.models import build_scorer
-from pipeline.records import PAIR_COLUMNS, messages, prompt_text, write_records
-from pipeline.scoring import RewardScorer
+from pipeline.config import GoldLabelStageConfig
+from pipeline.records import CANDIDATE_COLUMNS, PAIR_COLUMNS, prompt_text, read_records, write_records
 
-VERSION = "1"
+VERSION = "2"
 log = logging.getLogger("overopt")
 
 
-def label_pairs(candidates: pd.DataFrame, scorer: RewardScorer) -> tuple[pd.DataFrame, dict]:
-    """Score `response_a`/`response_b` of each candidate pair; keep non-tied pairs with chosen = higher gold."""
-    prompts = [messages(p) for p in candidates.prompt]
-    gold_a = scorer.score(prompts, list(candidates.response_a))
-    gold_b = scorer.score(prompts, list(candidates.response_b))
+def label_pairs(scored: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Non-tied, scored candidate pairs with chosen = the side of higher gold."""
+    gold_a, gold_b = scored.gold_a.to_numpy(), scored.gold_b.to_numpy()
     over_length = np.isnan(gold_a) | np.isnan(gold_b)
     ties = (gold_a == gold_b) & ~over_length
     keep = ~(ties | over_length)
     a_wins = gold_a > gold_b
-    df = candidates.loc[keep, ["pair_id", "prompt_id", "prompt"]].copy()
-    df["chosen"] = np.where(a_wins, candidates.response_a, candidates.response_b)[keep]
-    df["rejected"] = np.where(a_wins, candidates.response_b, candidates.response_a)[keep]
+    df = scored.loc[keep, ["pair_id", "prompt_id", "prompt"]].copy()
+    df["chosen"] = np.where(a_wins, scored.response_a, scored.response_b)[keep]
+    df["rejected"] = np.where(a_wins, scored.response_b, scored.response_a)[keep]
     df["gold_chosen"] = np.maximum(gold_a, gold_b)[keep]
     df["gold_rejected"] = np.minimum(gold_a, gold_b)[keep]
     df["label_clean"] = 1
-    return df.reset_index(drop=True), {"candidates": len(candidates), "ties_dropped": int(ties.sum()),
+    return df.reset_index(drop=True), {"candidates": len(scored), "ties_dropped": int(ties.sum()),
                                        "over_length_dropped": int(over_length.sum())}
 
 
@@ -56,28 +51,7 @@ def add_label_noise(df: pd.DataFrame, rate: float, seed: int) -> pd.DataFrame:
     return df
 
 
-def _policy_candidates(cfg: GoldLabelStageConfig, inputs: dict[str, Path]) -> pd.DataFrame:
-    """All same-prompt pairs among `samples_per_prompt` policy samples of each training prompt."""
-    from pipeline.generation import sample_responses
-    from pipeline.models import load_causal_lm, load_tokenizer
-
-    policy_dir = inputs["policy"] / "model"
-    tokenizer, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir, cfg.policy.dtype)
-    prompts = pd.read_parquet(inputs["world"] / "train_prompts.parquet")
-    rows = sample_responses(model, tokenizer, [messages(p) for p in prompts.prompt], cfg.label.samples_per_prompt,
-                            cfg.label.sampling, cfg.label.seed, progress=True)
-    by_prompt: dict[int, list[str]] = {}
-    for r in rows:
-        by_prompt.setdefault(r["prompt_index"], []).append(r["response"])
-    cands = []
-    for i, responses in by_prompt.items():
-        for a, b in itertools.combinations(range(len(responses)), 2):
-            cands.append({"pair_id": f"{prompts.prompt_id[i]}-{a}-{b}", "prompt_id": prompts.prompt_id[i],
-                          "prompt": prompts.prompt[i], "response_a": responses[a], "response_b": responses[b]})
-    return pd.DataFrame(cands)
-
-
-def _split_by_prompt(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Series:
+def split_by_prompt(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Series:
     prompt_ids = np.array(sorted(df.prompt_id.unique()))
     rng = np.random.default_rng(seed)
     test = set(rng.permutation(prompt_ids)[: max(1, int(round(test_fraction * len(prompt_ids))))])
@@ -85,32 +59,23 @@ def _split_by_prompt(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Se
 
 
 def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
-    label = cfg.label
-    scorer = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
-                                            max_length=cfg.gold.max_length), {})
-    if label.source == "policy_samples":
-        candidates = _policy_candidates(cfg, inputs)
-    else:
-        from pipeline.hf_data import load_unified_feedback
-
-        # n_pairs candidates, as in the paper: gold ties and over-length pairs dropped below leave slightly fewer
-        candidates = load_unified_feedback(label.dataset_path, label.dataset_config, label.dataset_split,
-                                           label.shuffle_seed, label.n_pairs)
-    pairs, stats = label_pairs(candidates, scorer)
-    if len(pairs) > label.n_pairs:  # a uniform, seeded subset when the pool is larger than the budget
-        pairs = pairs.sample(n=label.n_pairs, random_state=label.seed).reset_index(drop=True)
-    elif len(pairs) < label.n_pairs:
-        log.warning("  only %d non-tied pairs available (gold_label.n_pairs = %d)", len(pairs), label.n_pairs)
-    pairs = add_label_noise(pairs, label.noise_rate, label.noise_seed)
-    pairs["split"] = _split_by_prompt(pairs, label.test_fraction, label.seed)
+    scored = read_records(inputs["scores"] / "candidates.parquet", CANDIDATE_COLUMNS)
+    pairs, stats = label_pairs(scored)
+    if len(pairs) > cfg.n_pairs:  # a uniform, seeded subset when the pool is larger than the budget
+        pairs = pairs.sample(n=cfg.n_pairs, random_state=cfg.seed).reset_index(drop=True)
+    elif len(pairs) < cfg.n_pairs:
+        log.warning("  only %d non-tied pairs available (gold_label.n_pairs = %d)", len(pairs), cfg.n_pairs)
+    pairs = add_label_noise(pairs, cfg.noise_rate, cfg.noise_seed)
+    pairs["split"] = split_by_prompt(pairs, cfg.test_fraction, cfg.seed)
     write_records(pairs, out / "pairs.parquet", PAIR_COLUMNS)
     stats |= {"pairs": len(pairs), "train": int((pairs.split == "train").sum()),
               "test": int((pairs.split == "test").sum()), "noisy_flips": int((pairs.label_noisy == 0).sum()),
               "mean_gold_chosen": float(pairs.gold_chosen.mean()), "mean_gold_rejected": float(pairs.gold_rejected.mean())}
 
-    if "world" in inputs:
-        ood, ood_stats = label_pairs(pd.read_parquet(inputs["world"] / "ood_candidates.parquet"), scorer)
-        ood = add_label_noise(ood, 0.0, label.noise_seed)  # OOD is judged against clean labels only
+    ood_file = inputs["scores"] / "ood_candidates.parquet"
+    if ood_file.exists():
+        ood, ood_stats = label_pairs(read_records(ood_file, CANDIDATE_COLUMNS))
+        ood = add_label_noise(ood, 0.0, cfg.noise_seed)  # OOD is judged against clean labels only
         ood["split"] = "ood"
         write_records(ood, out / "ood_pairs.parquet", PAIR_COLUMNS)
         stats["ood"] = {**ood_stats, "pairs": len(ood)}

@@ -64,7 +64,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
             d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f}"
             parts += [f"### {p}", "", _md(t), "",
                       f"Gold peaks at n = {peak['n']} (KL ≤ {peak['kl_bound']:.2f}) at {peak['gold']:.3f}; "
-                      f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {c.gold.iloc[0]:.3f}). "
+                      f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
                       f"Gao fit of relative gold R(d) = d(α − βd): α = {gao['alpha']:.3f}, β = {gao['beta']:.3f}, "
                       f"peak d* = {d_star}.", ""]
     (out / "README.md").write_text("\n".join(parts))

@@ -107,6 +107,7 @@ def make_trainer_class():
                                                           inputs["response_mask"]).chunk(2)
                 ref_c = ref_r = None
                 if p.reg == "dpo":
+                    self.ref_model.to(inputs["input_ids"].device)  # the Trainer only places the trained model
                     with torch.no_grad():
                         ref_logits = self.ref_model(input_ids=inputs["input_ids"],
                                                     attention_mask=inputs["attention_mask"]).logits

@@ -94,3 +94,10 @@ def test_missing_relative_model_dir_is_named(tmp_path, monkeypatch):
     (tmp_path / "ckpts").mkdir()
     with pytest.raises(FileNotFoundError, match="ckpts/rm"):
         load_reward_scorer("ckpts/rm")
+
+
+def test_bad_override_value_and_colliding_member_names(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TINY, ["proxy_training.lora={r:"])
+    with pytest.raises(ConfigError, match="e-m0"):
+        load_config(write(tmp_path, "proxies:\n  - {name: e, type: ensemble, members: 2}\n  - {name: e-m0, type: bt}\n"))

@@ -83,3 +83,29 @@ def test_missing_local_checkpoint_is_reported_before_any_stage(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "proxies.released.path" in err and "no_such_rm" in err
     assert not (tmp_path / "cache").exists()
+
+
+def fingerprints(config, overrides=()):
+    cfg = load_config(config, list(overrides))
+    return Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root)).fingerprints()
+
+
+def test_fingerprints_ignore_what_cannot_change_a_result():
+    base = fingerprints(SMOKE)
+    assert fingerprints(SMOKE, ["gold.batch_size=3", "bon.score_batch_size=5", "eval_proxy.batch_size=7"]) == base
+    assert fingerprints(SMOKE, ["proxies.bt.alpha=0.5", "proxies.bt.epsilon=0.2"]) == base  # unused by BT
+    changed = fingerprints(SMOKE, ["proxies.grm_sft.alpha=0.5"])
+    assert {k for k in base if base[k] != changed[k]} == {"train_proxy[grm_sft]", "eval_proxy[grm_sft]",
+                                                           "bon_score[grm_sft]", "bon_curve[grm_sft]", "report"}
+
+
+def test_a_replaced_local_dataset_invalidates_what_reads_it(tmp_path):
+    data = tmp_path / "uf.parquet"
+    data.write_bytes(b"one")
+    paper = Path(__file__).parents[1] / "configs" / "paper" / "gemma2b_unified_feedback.yaml"
+    overrides = [f"gold_label.dataset_path={data}"]
+    before = fingerprints(paper, overrides)
+    data.write_bytes(b"other contents")
+    after = fingerprints(paper, overrides)
+    assert before["gold_score"] != after["gold_score"] and before["eval_prompts"] != after["eval_prompts"]
+    assert before["train_proxy[bt]"] != after["train_proxy[bt]"]  # through gold_label

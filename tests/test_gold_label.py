@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 import stages.gold_label as stage
-from pipeline.config import BaseModelRef, GoldConfig, GoldLabelConfig, GoldLabelStageConfig
+import stages.gold_score as gold_score
+from pipeline.config import GoldConfig, GoldLabelStageConfig, GoldScoreStageConfig
 from pipeline.records import PAIR_COLUMNS
 from pipeline.scoring import WorldGoldScorer
 
@@ -24,10 +25,14 @@ def candidates(n=100, seed=0):
     return pd.DataFrame(rows)
 
 
+def scored(cands):
+    return gold_score.score_candidates(cands, WorldGoldScorer())
+
+
 def test_label_pairs_orders_by_gold_and_drops_ties():
     cands = candidates()
     cands.loc[0, "response_b"] = cands.loc[0, "response_a"]  # an exact tie
-    pairs, stats = stage.label_pairs(cands, WorldGoldScorer())
+    pairs, stats = stage.label_pairs(scored(cands))
     assert stats["ties_dropped"] >= 1 and len(pairs) == len(cands) - stats["ties_dropped"]
     assert (pairs.gold_chosen > pairs.gold_rejected).all()
     assert "p0" not in set(pairs.pair_id)
@@ -37,7 +42,7 @@ def test_label_pairs_orders_by_gold_and_drops_ties():
 
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.25, 0.5])
 def test_noise_rate_is_exact_and_seeded_and_clean_labels_kept(rate):
-    pairs, _ = stage.label_pairs(candidates(400), WorldGoldScorer())
+    pairs, _ = stage.label_pairs(scored(candidates(400)))
     a = stage.add_label_noise(pairs, rate, seed=7)
     b = stage.add_label_noise(pairs, rate, seed=7)
     c = stage.add_label_noise(pairs, rate, seed=8)
@@ -71,14 +76,15 @@ def test_unified_feedback_path_with_a_local_seq_cls_gold(tmp_path):
                      "conv_A_rating": 1.0, "conv_B_rating": 2.0, "num_turns": 1, "source": "test"})
     data = tmp_path / "uf.parquet"
     pd.DataFrame(rows).to_parquet(data)
-    cfg = GoldLabelStageConfig(
-        label=GoldLabelConfig(source="unified_feedback", dataset_path=str(data), n_pairs=30, noise_rate=0.2,
-                              test_fraction=0.2),
-        gold=GoldConfig(type="hf", model_id=str(gold_dir), batch_size=4, max_length=64),
-        policy=BaseModelRef(model_id="unused"))
+    score_cfg = GoldScoreStageConfig(source="unified_feedback", dataset_path=str(data), n_pairs=30,
+                                     gold=GoldConfig(type="hf", model_id=str(gold_dir), batch_size=4, max_length=64))
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    gold_score.run(score_cfg, {}, scores)
+    cfg = GoldLabelStageConfig(n_pairs=30, test_fraction=0.2, noise_rate=0.2, noise_seed=0, seed=0)
     out = tmp_path / "out"
     out.mkdir()
-    stage.run(cfg, {}, out)
+    stage.run(cfg, {"scores": scores}, out)
     pairs = pd.read_parquet(out / "pairs.parquet")
     assert list(pairs.columns)[: len(PAIR_COLUMNS)] == PAIR_COLUMNS or set(PAIR_COLUMNS) <= set(pairs.columns)
     assert 0 < len(pairs) <= 30 and (pairs.gold_chosen > pairs.gold_rejected).all()
@@ -86,3 +92,11 @@ def test_unified_feedback_path_with_a_local_seq_cls_gold(tmp_path):
     assert set(pairs.split) <= {"train", "test"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pairs"] == len(pairs)
+
+
+def test_over_length_pairs_are_dropped_not_truncated():
+    cands = candidates(20)
+    sc = scored(cands)
+    sc.loc[[0, 1], "gold_a"] = np.nan  # what a scorer returns for a pair over its max length
+    pairs, stats = stage.label_pairs(sc)
+    assert stats["over_length_dropped"] == 2 and not {"p0", "p1"} & set(pairs.pair_id)

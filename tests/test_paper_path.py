@@ -58,15 +58,17 @@ def test_paper_config_builds_the_paper_dag():
     cfg = load_config(PAPER)
     nodes = {n.key: n for n in build_stages(cfg)}
     assert "world" not in nodes and "sft_policy" not in nodes
-    assert {"gold_label", "eval_prompts", "bon_sample", "bon_score[gold]", "report"} <= set(nodes)
+    assert {"gold_score", "gold_label", "eval_prompts", "bon_sample", "bon_score[gold]", "report"} <= set(nodes)
 
-    label = nodes["gold_label"].config
-    assert nodes["gold_label"].inputs == {}
-    assert (label.gold.type, label.gold.model_id, label.gold.dtype, label.gold.max_length) == (
+    scores = nodes["gold_score"].config
+    assert nodes["gold_score"].inputs == {} and nodes["gold_label"].inputs == {"scores": "gold_score"}
+    assert (scores.gold.type, scores.gold.model_id, scores.gold.dtype, scores.gold.max_length) == (
         "hf", "Ray2333/reward-model-Mistral-7B-instruct-Unified-Feedback", "bfloat16", 1024)
-    assert (label.label.source, label.label.dataset_path, label.label.dataset_config) == (
+    assert (scores.source, scores.dataset_path, scores.dataset_config) == (
         "unified_feedback", "llm-blender/Unified-Feedback", "all")
-    assert (label.label.n_pairs, label.label.shuffle_seed, label.label.noise_rate) == (20000, 42, 0.0)
+    assert (scores.n_pairs, scores.shuffle_seed) == (20000, 42)
+    label = nodes["gold_label"].config
+    assert (label.n_pairs, label.noise_rate) == (20000, 0.0)
 
     assert nodes["eval_prompts"].inputs == {} and nodes["eval_prompts"].config.n_prompts == 1000
     sample = nodes["bon_sample"]
@@ -76,7 +78,7 @@ def test_paper_config_builds_the_paper_dag():
     s = sample.config.sampling
     assert (s.temperature, s.top_p, s.max_new_tokens) == (0.7, 0.95, 1024)
     assert nodes["bon_score[gold]"].inputs == {"samples": "bon_sample"}
-    assert nodes["bon_score[gold]"].config.gold.model_id == label.gold.model_id
+    assert nodes["bon_score[gold]"].config.gold.model_id == scores.gold.model_id
 
     trained = sorted(k[len("train_proxy["):-1] for k in nodes if k.startswith("train_proxy["))
     assert trained == sorted(TRAINED_PAPER_PROXIES)
@@ -120,7 +122,7 @@ def test_label_noise_leaves_best_of_n_samples_cached():
     clean = fingerprints(load_config(PAPER))
     noisy = fingerprints(load_config(PAPER, ["gold_label.noise_rate=0.25"]))
     assert clean["gold_label"] != noisy["gold_label"]
-    assert [k for k in ("eval_prompts", "bon_sample", "bon_score[gold]") if clean[k] != noisy[k]] == []
+    assert [k for k in ("gold_score", "eval_prompts", "bon_sample", "bon_score[gold]") if clean[k] != noisy[k]] == []
 
 
 # ----------------------------------------------------------------------------------------------------------------

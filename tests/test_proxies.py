@@ -54,7 +54,7 @@ def smoke(tmp_path_factory):
 
     clean = build()
     noisy = build("gold_label.noise_rate=0.25")
-    assert noisy["sft_policy"] == clean["sft_policy"]  # only gold_label re-ran
+    assert noisy["gold_score"] == clean["gold_score"]  # only gold_label re-ran: no re-sampling, no re-scoring
     assert noisy["gold_label"] != clean["gold_label"]
     return SimpleNamespace(world=clean["world"], policy=clean["sft_policy"], pairs=clean["gold_label"],
                            noisy_pairs=noisy["gold_label"], tmp=tmp_path_factory)

@@ -1,0 +1,72 @@
+"""gold_score: candidate response pairs, both sides scored by the gold reward (the expensive half of labeling).
+
+Tiny world: sample `samples_per_prompt` responses for each training prompt from the base policy and pair up every
+two responses of the same prompt; the world's OOD candidates are scored too. Paper scale: the first `n_pairs` rows of
+a Unified-Feedback-schema dataset in its seeded order, both conversations re-scored by the gold RM.
+
+Kept apart from `gold_label` so that label noise, the pair budget or the split can change without re-scoring.
+Writes candidates.parquet (and ood_candidates.parquet in the tiny world): pair_id, prompt_id, prompt, response_a,
+response_b, gold_a, gold_b (NaN where the pair is longer than the gold's max length).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import GoldScoreStageConfig, ScorerStageConfig
+from pipeline.models import build_scorer
+from pipeline.records import CANDIDATE_COLUMNS, messages, write_records
+from pipeline.scoring import RewardScorer
+
+VERSION = "1"
+log = logging.getLogger("overopt")
+
+
+def score_candidates(candidates: pd.DataFrame, scorer: RewardScorer) -> pd.DataFrame:
+    """Both sides of every candidate pair scored by `scorer`."""
+    prompts = [messages(p) for p in candidates.prompt]
+    return candidates.assign(gold_a=scorer.score(prompts, list(candidates.response_a)),
+                             gold_b=scorer.score(prompts, list(candidates.response_b)))
+
+
+def _policy_candidates(cfg: GoldScoreStageConfig, inputs: dict[str, Path]) -> pd.DataFrame:
+    """All same-prompt pairs among `samples_per_prompt` policy samples of each training prompt."""
+    from pipeline.generation import sample_responses
+    from pipeline.models import load_causal_lm, load_tokenizer
+
+    policy_dir = inputs["policy"] / "model"
+    tokenizer, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir, cfg.policy.dtype)
+    prompts = pd.read_parquet(inputs["world"] / "train_prompts.parquet")
+    rows = sample_responses(model, tokenizer, [messages(p) for p in prompts.prompt], cfg.samples_per_prompt,
+                            cfg.sampling, cfg.seed, progress=True)
+    by_prompt: dict[int, list[str]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_index"], []).append(r["response"])
+    cands = []
+    for i, responses in by_prompt.items():
+        for a, b in itertools.combinations(range(len(responses)), 2):
+            cands.append({"pair_id": f"{prompts.prompt_id[i]}-{a}-{b}", "prompt_id": prompts.prompt_id[i],
+                          "prompt": prompts.prompt[i], "response_a": responses[a], "response_b": responses[b]})
+    return pd.DataFrame(cands)
+
+
+def run(cfg: GoldScoreStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    # the candidates first: a bad dataset fails before the gold model is loaded
+    if cfg.source == "policy_samples":
+        candidates = _policy_candidates(cfg, inputs)
+    else:
+        from pipeline.hf_data import load_unified_feedback
+
+        candidates = load_unified_feedback(cfg.dataset_path, cfg.dataset_config, cfg.dataset_split,
+                                           cfg.shuffle_seed, cfg.n_pairs)
+    gold = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
+                                          max_length=cfg.gold.max_length), {})
+    write_records(score_candidates(candidates, gold), out / "candidates.parquet", CANDIDATE_COLUMNS)
+    if "world" in inputs:
+        ood = pd.read_parquet(inputs["world"] / "ood_candidates.parquet")
+        write_records(score_candidates(ood, gold), out / "ood_candidates.parquet", CANDIDATE_COLUMNS)
+    log.info("  %d candidate pairs scored by the gold", len(candidates))
