@@ -142,15 +142,13 @@ class ArtifactCache:
         shutil.rmtree(self.trash_root, ignore_errors=True)
         return manifest
 
-    def sweep_stale(self, keep_partial: set[str] = frozenset()) -> list[Path]:
-        """Remove temporary directories left by runs that died, and resumable partial outputs other than
-        `keep_partial` ("<key>.<fingerprint>" of stages still planned). Only call while holding the lock."""
+    def sweep_stale(self) -> list[Path]:
+        """Remove temporary directories left by runs that died (only call while holding the lock). Resumable partial
+        outputs in `.partial/` stay: another study sharing this cache may resume them; a commit moves them away."""
         removed = []
-        for root in (self.tmp_root, self.trash_root, self.root / ".partial"):
+        for root in (self.tmp_root, self.trash_root):
             if root.exists():
                 for d in root.iterdir():
-                    if root.name == ".partial" and d.name in keep_partial:
-                        continue
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d)
         return removed

@@ -50,7 +50,7 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     runner = _runner(cfg)
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
     with runner.cache.lock(cfg.run.lock_timeout_s):
-        runner.cache.sweep_stale(keep_partial={f"{k}.{fp}" for k, fp in runner.fingerprints().items()})
+        runner.cache.sweep_stale()
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
         (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))

@@ -29,6 +29,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _expand_home(v: str | None) -> str | None:
+    """`~/models/rm` -> an absolute path, once, so every loader sees the same string (hub ids are untouched)."""
+    return str(Path(v).expanduser()) if isinstance(v, str) and v.startswith("~") else v
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # run-wide settings
 
@@ -89,6 +94,8 @@ class PolicyConfig(Section):
     pretrain: TrainLoopConfig = TrainLoopConfig(steps=700)
     sft: TrainLoopConfig = TrainLoopConfig(steps=300, lr=1e-3)
 
+    _home = field_validator("model_id")(classmethod(lambda cls, v: _expand_home(v)))
+
     @model_validator(mode="after")
     def _hub_needs_id(self) -> "PolicyConfig":
         if self.source == "hub" and not self.model_id:
@@ -119,6 +126,8 @@ class GoldConfig(Section):
     batch_size: int = Field(16, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     max_length: int = Field(1024, ge=8)
 
+    _home = field_validator("model_id")(classmethod(lambda cls, v: _expand_home(v)))
+
     @model_validator(mode="after")
     def _hf_needs_id(self) -> "GoldConfig":
         if self.type == "hf" and not self.model_id:
@@ -142,7 +151,10 @@ class GoldLabelConfig(Section):
     test_fraction: float = Field(0.15, gt=0, lt=1)
     noise_rate: float = Field(0.0, ge=0, le=0.5)
     noise_seed: int = 0
-    seed: int = 0
+    seed: int = 0  # the pair subset and the train/test split
+    sampling_seed: int = 0  # policy_samples: the responses sampled for pairs
+
+    _home = field_validator("dataset_path")(classmethod(lambda cls, v: _expand_home(v)))
 
     @model_validator(mode="after")
     def _uf_needs_path(self) -> "GoldLabelConfig":
@@ -228,7 +240,10 @@ class ProxyConfig(Section):
     # checkpoint: an existing RM (local dir or hub id), no training stage
     path: str | None = None
     trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     training: RMTrainingOverrides = RMTrainingOverrides()
+
+    _home = field_validator("path")(classmethod(lambda cls, v: _expand_home(v)))
 
     @field_validator("name")
     @classmethod
@@ -246,11 +261,13 @@ class ProxyConfig(Section):
     def canonical(self) -> "ProxyConfig":
         """This proxy with the fields its type does not use reset to their defaults, so that changing, say, `alpha`
         of a BT proxy does not look like a new proxy to the cache."""
+        by_type = {"grm": {"reg", "alpha", "beta"}, "label_smoothing": {"epsilon"}, "margin": {"margin_scale"},
+                   "checkpoint": {"path", "trust_remote_code", "dtype"}}
         used = {"name", "type", "seed", "head", "head_width", "head_dropout", "training"}
-        used |= {"grm": {"reg", "alpha", "beta"}, "label_smoothing": {"epsilon"}, "margin": {"margin_scale"},
-                 "checkpoint": {"path", "trust_remote_code"}}.get(self.type, set())
-        if self.type == "ensemble":
-            return self  # its members inherit every field of their member_type
+        used |= by_type.get(self.type, set())
+        if self.type == "ensemble":  # its members inherit the fields their member_type uses
+            used |= {"members", "member_type", "combine"} | by_type.get(self.member_type, set())
+            used |= {"uwo_lambda"} if self.combine == "uwo" else set()
         return ProxyConfig(**self.model_dump(include=used))
 
     def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
@@ -273,6 +290,8 @@ class EvalProxyConfig(Section):
     # Paper path: local files or hub ids in the HHH-Alignment / MT-Bench human-judgment schemas (optional).
     hhh_path: str | None = None
     mt_bench_path: str | None = None  # human-judgment ties are excluded (a strict accuracy has no right answer)
+
+    _home = field_validator("hhh_path", "mt_bench_path")(classmethod(lambda cls, v: _expand_home(v)))
 
 
 class BonConfig(Section):

@@ -11,13 +11,15 @@ from typing import Sequence
 import torch
 
 from pipeline.config import SamplingConfig
-from pipeline.tokenization import Prompt, pad_token_id, prompt_ids
+from pipeline.tokenization import Prompt, end_of_turn_ids, pad_token_id, prompt_ids
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """Every token that ends a turn: the tokenizer's EOS and the model's generation-config EOS ids (chat models often
-    end a turn with their own token, e.g. `<end_of_turn>` or `<|eot_id|>`)."""
+    """Every token that ends a turn: the tokenizer's EOS, the model's generation-config EOS ids, and the special tokens
+    its chat template closes an assistant turn with (gemma-2b-it's generation config lists only EOS, not
+    `<end_of_turn>`)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids |= end_of_turn_ids(tokenizer)
     extra = getattr(generation_config, "eos_token_id", None)
     ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
     if not ids:

@@ -87,7 +87,9 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
     model, info = AutoModelForSequenceClassification.from_pretrained(
         str(name_or_path), dtype=DTYPES[dtype], use_safetensors=True,
         trust_remote_code=trust_remote_code, output_loading_info=True)
-    missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+    if getattr(model, "score", None) is None:
+        raise ValueError(f"{name_or_path}: {type(model).__name__} has no `score` head; overopt reads decoder-only RMs")
+    missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] == "score"]
     if missing_head:
         raise ValueError(f"{name_or_path} has no trained score head (missing {sorted(missing_head)}): "
                          f"it is not a sequence-classification reward model")
@@ -132,7 +134,7 @@ def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
     if proxy is None:
         raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
     if proxy.type == "checkpoint":
-        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, cfg.dtype, proxy.trust_remote_code,
+        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, proxy.dtype, proxy.trust_remote_code,
                                   strict_length)
     if proxy.type == "ensemble":
         dirs = [inputs[f"member{i}"] for i in range(proxy.members)]

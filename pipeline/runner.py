@@ -83,7 +83,10 @@ def external_signature(path: str) -> list:
     p = Path(path).expanduser()
     if p.is_file():
         return [[p.name, p.stat().st_size, p.stat().st_mtime_ns]]
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    # hidden folders (.git, .cache/huggingface) change without the model changing
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".")
+                                                                       for part in f.relative_to(p).parts)) \
+        if p.is_dir() else []
     return [[f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 

@@ -20,6 +20,10 @@ from pipeline.tokenization import Prompt, as_messages, collate, encode_conversat
 log = logging.getLogger("overopt")
 
 
+class SequenceTooLongError(ValueError):
+    """A (prompt, response) is longer than a strict scorer's max length."""
+
+
 class RewardScorer(Protocol):
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         """Rewards for each (prompt, response); NaN where the pair is longer than the scorer's max length."""
@@ -51,7 +55,7 @@ class ModelScorer:
         out = np.full(len(encoded), np.nan, dtype=np.float64)
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
         if len(keep) < len(encoded) and self.strict_length:
-            raise ValueError(f"{len(encoded) - len(keep)} of {len(encoded)} sequences exceed max_length="
+            raise SequenceTooLongError(f"{len(encoded) - len(keep)} of {len(encoded)} sequences exceed max_length="
                              f"{self.max_length} tokens (e.g. item {next(i for i, e in enumerate(encoded) if e.truncated)})")
         if len(keep) < len(encoded):
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",

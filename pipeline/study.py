@@ -70,7 +70,8 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
     lab = cfg.gold_label
     if lab.source == "policy_samples":
         score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, policy=base,
-                                         samples_per_prompt=lab.samples_per_prompt, sampling=lab.sampling, seed=lab.seed)
+                                         samples_per_prompt=lab.samples_per_prompt, sampling=lab.sampling,
+                                         seed=lab.sampling_seed)
     else:
         score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, dataset_path=lab.dataset_path,
                                          dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,

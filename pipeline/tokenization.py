@@ -104,6 +104,16 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask).argmax(dim=1)
 
 
+def end_of_turn_ids(tokenizer) -> set[int]:
+    """Special tokens the chat template puts after an assistant message (`<end_of_turn>`, `<|eot_id|>`, `<|im_end|>`,
+    EOS...): a policy's turn ends at any of them, whatever its generation config lists."""
+    head = prompt_ids(tokenizer, "x")
+    full = _template_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                         add_generation_prompt=False)
+    ignore = {tokenizer.unk_token_id, tokenizer.pad_token_id}
+    return {t for t in full[len(head):] if t in set(tokenizer.all_special_ids) - ignore}
+
+
 def pad_token_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id

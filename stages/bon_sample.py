@@ -4,7 +4,7 @@ Prompts are processed in shards of `prompts_per_shard`; each shard is sampled wi
 and written atomically, so a killed run resumes at the first missing shard and gives the same samples.
 
 Writes shards/shard_XXXXX.parquet (records keyed by prompt_id, sample_idx; raw response text, token counts, whether
-EOS was emitted) and samples.json.
+a stop token ended the turn) and samples.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pipeline.generation import finish_response, sample_responses, stop_token_id
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.records import SAMPLE_COLUMNS, messages, write_records
 
-VERSION = "1"
+VERSION = "2"
 RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.ArtifactCache.staging)
 log = logging.getLogger("overopt")
 

@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.config import ScorerStageConfig
 from pipeline.models import build_scorer
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, write_records
-from pipeline.scoring import combine_members, load_member_stats
+from pipeline.scoring import SequenceTooLongError, combine_members, load_member_stats
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -45,8 +45,8 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         scorer = build_scorer(cfg, inputs, strict_length=True)
         try:
             values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
-        except ValueError as e:
-            raise ValueError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
+        except SequenceTooLongError as e:
+            raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
         scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

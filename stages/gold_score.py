@@ -4,7 +4,8 @@ Tiny world: sample `samples_per_prompt` responses for each training prompt from 
 two responses of the same prompt; the world's OOD candidates are scored too. Paper scale: the first `n_pairs` rows of
 a Unified-Feedback-schema dataset in its seeded order, both conversations re-scored by the gold RM.
 
-Kept apart from `gold_label` so that label noise, the pair budget or the split can change without re-scoring.
+Kept apart from `gold_label` so that label noise and the split (and, in the tiny world, the pair budget) can change
+without re-sampling or re-scoring; at paper scale `gold_label.n_pairs` picks the candidates and so is scored here.
 Writes candidates.parquet (and ood_candidates.parquet in the tiny world): pair_id, prompt_id, prompt, response_a,
 response_b, gold_a, gold_b (NaN where the pair is longer than the gold's max length).
 """

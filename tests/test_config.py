@@ -101,3 +101,21 @@ def test_bad_override_value_and_colliding_member_names(tmp_path):
         load_config(TINY, ["proxy_training.lora={r:"])
     with pytest.raises(ConfigError, match="e-m0"):
         load_config(write(tmp_path, "proxies:\n  - {name: e, type: ensemble, members: 2}\n  - {name: e-m0, type: bt}\n"))
+
+
+def test_home_relative_paths_are_expanded_once(tmp_path):
+    import os
+
+    cfg = load_config(write(tmp_path, "proxies:\n  - {name: r, type: checkpoint, path: ~/models/rm}\n"))
+    assert cfg.proxies[0].path == os.path.expanduser("~/models/rm")
+
+
+def test_canonical_proxies_drop_fields_their_type_does_not_use():
+    from pipeline.config import ProxyConfig
+
+    bt = ProxyConfig(name="a", type="bt", alpha=0.5, epsilon=0.2)
+    assert bt.canonical() == ProxyConfig(name="a", type="bt")
+    ens = ProxyConfig(name="e", type="ensemble", combine="mean", uwo_lambda=3.0, alpha=0.7)
+    assert ens.canonical() == ProxyConfig(name="e", type="ensemble", combine="mean")
+    grm_ens = ProxyConfig(name="e", type="ensemble", member_type="grm", alpha=0.7, combine="uwo", uwo_lambda=3.0)
+    assert grm_ens.canonical().alpha == 0.7 and grm_ens.canonical().uwo_lambda == 3.0
