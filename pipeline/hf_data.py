@@ -103,10 +103,13 @@ class _Source:
     hub_id: str | None = None
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str | Path) -> bool:
+    """A path on this machine rather than a hub id (`org/name`): absolute, `./` or `~` relative, a data-file name,
+    existing, under an existing folder, or not shaped like a hub id. The one rule for every loader."""
+    path = str(path)
     p = Path(path).expanduser()
     return (p.is_absolute() or path.startswith((".", "~")) or p.suffix.lower() in DATA_SUFFIXES or p.exists()
-            or not _HUB_ID.match(path))
+            or Path(p.parts[0]).is_dir() or not _HUB_ID.match(path))
 
 
 def _mentions(rel: Path, token: str) -> bool:
@@ -170,7 +173,7 @@ def _resolve(path: str | Path, config: str | None, split: str | None) -> _Source
         files = _narrow_to_split(files, p, split, str(p))
         files, builder = _one_format(files, str(p))
         return _Source(f"{p} ({len(files)} file(s))", files, builder)
-    if _looks_local(path_str):
+    if looks_local(path_str):
         raise FileNotFoundError(f"dataset path not found: {p} (expected a parquet/json/jsonl file, a directory of "
                                 f"them, or a Hugging Face hub dataset id)")
     return _Source(f"hub:{path_str}" + (f"[{config}]" if config else ""), hub_id=path_str)

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.hf_data import looks_local
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def looks_local(name_or_path: str | Path) -> bool:
-    """A path on this machine rather than a hub id (`org/name`): absolute, `./` or `~` relative, a data-file name,
-    existing, under an existing folder, or not shaped like a hub id."""
-    from pipeline.hf_data import _looks_local
-
-    return _looks_local(str(name_or_path)) or Path(Path(str(name_or_path)).parts[0]).is_dir()
 
 
 def _check_local(name_or_path: str | Path) -> None:

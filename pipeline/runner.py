@@ -112,7 +112,8 @@ def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
 def toposort(nodes: list[StageNode]) -> list[StageNode]:
     by_key = {n.key: n for n in nodes}
     if len(by_key) != len(nodes):
-        raise ValueError("duplicate stage keys in the DAG")
+        keys = [n.key for n in nodes]
+        raise ValueError(f"duplicate stage keys in the DAG: {sorted({k for k in keys if keys.count(k) > 1})}")
     order, state = [], {}
 
     def visit(n: StageNode) -> None:

@@ -9,7 +9,9 @@ RM evaluation, gold labeling, best-of-n and PPO all score through this. Implemen
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -107,9 +109,6 @@ def combine_members(member_scores: Sequence[np.ndarray], stats: Sequence[dict], 
 
 def load_member_stats(train_artifact) -> dict:
     """The reference-set mean/std a `train_proxy` artifact saved for standardising it as an ensemble member."""
-    import json
-    from pathlib import Path
-
     return json.loads((Path(train_artifact) / "reference_stats.json").read_text())
 
 

@@ -37,7 +37,7 @@ def _scorer_inputs(proxy: ProxyConfig, artifact: str) -> dict[str, str]:
 
 def _local(*paths: str | None) -> tuple[str, ...]:
     """The configured paths that are on this machine (their size/mtime signature enters the stage's fingerprint)."""
-    from pipeline.models import looks_local
+    from pipeline.hf_data import looks_local
 
     return tuple(p for p in paths if p and looks_local(p))
 
@@ -45,7 +45,7 @@ def _local(*paths: str | None) -> tuple[str, ...]:
 def check_local_paths(cfg: StudyConfig) -> None:
     """Before any stage runs: every configured local model directory or data file exists (hub ids are not checked)."""
     from pipeline.config import ConfigError
-    from pipeline.models import looks_local
+    from pipeline.hf_data import looks_local
 
     wanted = {"policy.model_id": cfg.policy.model_id, "gold.model_id": cfg.gold.model_id,
               "gold_label.dataset_path": cfg.gold_label.dataset_path, "eval_proxy.hhh_path": cfg.eval_proxy.hhh_path,

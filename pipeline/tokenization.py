@@ -17,9 +17,9 @@ Prompt = Union[str, Sequence[Message]]
 
 def as_messages(prompt: Prompt) -> list[Message]:
     """A prompt is either a single user turn (str) or the list of turns before the response."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
+    from pipeline.records import messages, user_prompt
+
+    return user_prompt(prompt) if isinstance(prompt, str) else messages(prompt)
 
 
 def _template_ids(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
