@@ -331,6 +331,91 @@ class BonConfig(Section):
         return ns
 
 
+class AdaptiveKLConfig(Section):
+    """Ziegler et al.'s controller: β_KL moves so the policy's KL to the initial policy tracks `target` nats."""
+
+    target: float = Field(6.0, gt=0)
+    horizon: int = Field(10000, ge=1)
+
+
+class PPOEvalConfig(Section):
+    """How each exported policy is evaluated (stage ppo_sample): samples on the best-of-n evaluation prompts at
+    temperature 1, so the measured KL is that of the policy's own distribution."""
+
+    n_samples: int = Field(16, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # None = bon.sampling.max_new_tokens
+    batch_size: int = Field(512, ge=1, json_schema_extra=NOT_FINGERPRINTED)
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+
+
+def log_spaced_steps(total: int) -> list[int]:
+    """0, 1, 2, 4, 8, ... below `total`, and `total`: where PPO exports its policy."""
+    steps, s = [0], 1
+    while s < total:
+        steps.append(s)
+        s *= 2
+    return steps + [total]
+
+
+class PPOConfig(Section):
+    """PPO of the base policy against each selected proxy (stages ppo[p], ppo_sample[p], ppo_gold[p], ppo_curve[p]).
+
+    Defaults follow Huang et al. 2024 ("The N+ implementation details of RLHF with PPO") unless a comment says
+    otherwise; `configs/paper/` sets the GRM paper's values.
+    """
+
+    proxies: list[str] | None = None  # None = every proxy of the study
+    num_processes: int = Field(2, ge=1)
+    # None = no DeepSpeed: plain PyTorch in one process (run inline) or DDP-free accelerate with several
+    deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
+    seed: int = 0
+    steps: int = Field(100, ge=1)  # PPO updates; each consumes one rollout batch
+    rollout_batch_size: int = Field(64, ge=1)  # prompts per update, over all processes
+    ppo_epochs: int = Field(4, ge=1)
+    num_minibatches: int = Field(4, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora: LoraConfig | None = None  # None = train the whole policy
+    value_init: Literal["policy", "proxy"] = "policy"  # the value model's decoder starts from this model
+    kl_coef: float = Field(0.0, ge=0)  # the GRM paper: 0 (KL measured, not penalised)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: AdaptiveKLConfig | None = None  # set to adapt kl_coef (its starting value) to a target KL
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    # subtracted from the score of a response that never ends its turn within max_new_tokens; None = no penalty
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    # none | first_batch (the GRM paper: scores standardised with the first rollout batch's mean and std, kept fixed)
+    # | batch (each batch's scores standardised over all processes)
+    reward_norm: Literal["none", "first_batch", "batch"] = "none"
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=16)  # rollouts
+    checkpoint_every: int = Field(25, ge=1, json_schema_extra=NOT_FINGERPRINTED)  # and at every export
+    report_to: list[Literal["tensorboard", "wandb"]] = Field([], json_schema_extra=NOT_FINGERPRINTED)
+    eval: PPOEvalConfig = PPOEvalConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "PPOConfig":
+        if self.rollout_batch_size % self.num_processes:
+            raise ValueError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                             f"ppo.num_processes ({self.num_processes})")
+        local = self.rollout_batch_size // self.num_processes
+        if local % self.num_minibatches:
+            raise ValueError(f"ppo.rollout_batch_size / ppo.num_processes ({local}) must be divisible by "
+                             f"ppo.num_minibatches ({self.num_minibatches})")
+        return self
+
+    def export_steps(self) -> list[int]:
+        return log_spaced_steps(self.steps)
+
+    def training_view(self) -> "PPOConfig":
+        """The fields that change training (the ppo stage's config): not which proxies, not the evaluation."""
+        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig()})
+
+
 class DistributedSmokeConfig(Section):
     """A stage that proves the multi-process path: a few ZeRO steps on a tiny causal LM under accelerate."""
 
@@ -352,6 +437,7 @@ class StudyConfig(Section):
     proxies: list[ProxyConfig] = []
     eval_proxy: EvalProxyConfig = EvalProxyConfig()
     bon: BonConfig | None = BonConfig()
+    ppo: PPOConfig | None = None
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
 
     @model_validator(mode="after")
@@ -365,6 +451,14 @@ class StudyConfig(Section):
             raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
         if self.gold.type == "world" and self.policy.source != "tiny":
             raise ValueError("gold.type 'world' only exists in the tiny world (policy.source: tiny)")
+        if self.ppo is not None:
+            unknown = sorted(set(self.ppo.proxies or []) - {p.name for p in self.proxies})
+            if unknown:
+                raise ValueError(f"ppo.proxies names {unknown}, which are not proxies of this study "
+                                 f"({[p.name for p in self.proxies]})")
+            if self.bon is None:
+                raise ValueError("ppo evaluates on the best-of-n evaluation prompts and beside the best-of-n curves: "
+                                 "it needs the bon section")
         return self
 
 
@@ -565,3 +659,30 @@ class BonCurveStageConfig(Section):
 class ReportStageConfig(Section):
     study: str
     proxies: list[str]
+
+
+class PPOStageConfig(Section):
+    """ppo[p]: the training settings, the proxy it optimises (a frozen scorer) and the initial policy."""
+
+    ppo: PPOConfig
+    scorer: ScorerStageConfig
+    policy: BaseModelRef
+
+
+class PPOSampleStageConfig(Section):
+    """ppo_sample[p]: samples of every exported policy on the evaluation prompts, KL to the initial policy measured
+    on them, and the proxy's scores."""
+
+    n_samples: int
+    max_new_tokens: int
+    batch_size: int = Field(512, json_schema_extra=NOT_FINGERPRINTED)
+    seed: int
+    policy: BaseModelRef
+    scorer: ScorerStageConfig
+
+
+class PPOCurveStageConfig(Section):
+    proxy: str
+    bootstrap: int
+    ci: float
+    seed: int

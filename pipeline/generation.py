@@ -34,35 +34,59 @@ def finish_response(token_ids: Sequence[int], stop_ids: Sequence[int], tokenizer
     cut = next((i for i, t in enumerate(token_ids) if t in stop_ids), None)
     kept = token_ids if cut is None else token_ids[:cut]
     return {"response": tokenizer.decode(kept, skip_special_tokens=True).strip(), "n_tokens": len(kept),
-            "finished": cut is not None or stopped}
+            "finished": cut is not None or stopped, "token_ids": kept,
+            "stop_id": token_ids[cut] if cut is not None else None}
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows padded on the left, so every row's next token is at the same
+    position."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+        attn[i, width - len(r):] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_rows: Sequence[Sequence[int]], sampling: SamplingConfig, pad_id: int,
+                 stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one continuation of each prompt (token ids): returns the left-padded prompts, their attention mask and
+    the generated tokens (B, ≤ max_new_tokens; after a stop token, `pad_id`)."""
+    device = next(model.parameters()).device
+    ids, attn = left_pad(prompt_rows, pad_id)
+    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                         max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=list(stop_ids))
+    return ids, attn, out[:, ids.shape[1]:].cpu()
+
+
+def seed_sampling(seed: int) -> None:
+    """Seed the global RNG `generate` draws from (from a derived seed, so sampling seed s does not replay the
+    stream of a model initialised with seed s)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
 
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], n_per_prompt: int, sampling: SamplingConfig,
                      seed: int, progress: bool = False) -> list[dict]:
-    """`n_per_prompt` samples for each prompt: dicts with prompt_index, sample_idx, response, n_tokens, finished."""
+    """`n_per_prompt` samples for each prompt: dicts with prompt_index, sample_idx, response, n_tokens, finished and
+    token_ids (the response's ids before the token that ended the turn) and stop_id (that token, or None)."""
     from tqdm.auto import tqdm
 
     model.eval()
-    device = next(model.parameters()).device
     pad_id, stop_ids = pad_token_id(tokenizer), stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     jobs = [(i, j) for i, _ in enumerate(prompts) for j in range(n_per_prompt)]
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    seed_sampling(seed)
     rows = []
     for s in tqdm(range(0, len(jobs), sampling.batch_size), desc="sampling", disable=not progress, leave=False):
         batch = jobs[s:s + sampling.batch_size]
-        width = max(len(encoded[i]) for i, _ in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, (i, _) in enumerate(batch):  # left padding: every row's next token is at the same position
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attn[r, width - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                             max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids)
+        _, _, generated = generate_ids(model, [encoded[i] for i, _ in batch], sampling, pad_id, stop_ids)
         for r, (i, j) in enumerate(batch):
             rows.append({"prompt_index": i, "sample_idx": j,
-                         **finish_response(out[r, width:].tolist(), stop_ids, tokenizer)})
+                         **finish_response(generated[r].tolist(), stop_ids, tokenizer)})
     return rows

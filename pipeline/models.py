@@ -22,6 +22,12 @@ def _check_local(name_or_path: str | Path) -> None:
         raise FileNotFoundError(f"model directory not found: {p}")
 
 
+def checked_local(name_or_path: str | Path) -> str:
+    """`name_or_path` as the string transformers wants, after checking a local directory exists."""
+    _check_local(name_or_path)
+    return str(name_or_path)
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -33,8 +39,8 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
 
 
 def default_device() -> torch.device:
-    """Where inference runs: the (first) GPU when there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """Where inference runs: this process's GPU when there is one (each rank of a launch has its own), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
@@ -138,3 +144,30 @@ def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
         return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
     return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
                               strict_length=strict_length)
+
+
+def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A causal LM's state dict with every active LoRA delta folded into its base weight (the model is untouched):
+    what `save_pretrained` should write for a LoRA-trained model to load as a plain one. `lm` is the transformers
+    model with LoRA layers injected (`PeftModel.get_base_model()`); without LoRA layers, its plain state dict."""
+    from peft.tuners.lora import LoraLayer
+
+    lora_modules = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in lm.state_dict().items():
+        owner = next((n for n in lora_modules if key.startswith(n + ".")), None)
+        if owner is None:
+            merged[key] = value
+            continue
+        rest = key[len(owner) + 1:]
+        if not rest.startswith("base_layer."):
+            continue  # lora_A / lora_B / ... weights
+        name = rest[len("base_layer."):]
+        module = lora_modules[owner]
+        if name == "weight" and not module.merged:
+            value = value.clone()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    value += module.get_delta_weight(adapter).to(value.dtype)
+        merged[f"{owner}.{name}"] = value.detach()
+    return merged

@@ -30,3 +30,32 @@ def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_rl_curves(curves: dict[str, tuple[pd.DataFrame | None, pd.DataFrame]], path: Path, title: str) -> None:
+    """Per proxy, PPO (solid, CI band; √ of the KL measured on samples) and best-of-n (dashed; √ of the KL upper
+    bound) on shared axes: gold relative to the initial policy (left), proxy relative to it (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, (bon, rl)) in enumerate(curves.items()):
+        color = f"C{i}"
+        axes[0].plot(rl.sqrt_kl, rl.gold_rel, "-o", ms=3, color=color, label=f"{name}: PPO")
+        axes[0].fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=color, alpha=0.2)
+        axes[1].plot(rl.sqrt_kl, rl.proxy_rel, "-o", ms=3, color=color, label=f"{name}: PPO")
+        if bon is not None:
+            axes[0].plot(bon.sqrt_kl_bound, bon.gold_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
+            axes[1].plot(bon.sqrt_kl_bound, bon.proxy_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
+    axes[0].set_ylabel("gold score − initial policy's")
+    axes[1].set_ylabel("proxy score − initial policy's")
+    for ax in axes:
+        ax.set_xlabel("√KL to the initial policy (PPO: measured; best-of-n: upper bound)")
+        ax.axhline(0, color="gray", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -20,6 +20,13 @@ CANDIDATE_COLUMNS = ["pair_id", "prompt_id", "prompt", "response_a", "response_b
 SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "response", "n_tokens", "finished"]
 # One row per scored response (bon_score output).
 SCORE_COLUMNS = ["prompt_id", "sample_idx", "score"]
+# Samples of RL-trained policies (ppo_sample output) carry the export they came from and the KL measured on them.
+RL_SAMPLE_COLUMNS = ["step", *SAMPLE_COLUMNS, "kl_k1", "kl_k3", "proxy_score"]
+
+
+def sample_keys(frame: pd.DataFrame) -> list[str]:
+    """The columns that key a sample: (step,) prompt_id, sample_idx."""
+    return (["step"] if "step" in frame.columns else []) + ["prompt_id", "sample_idx"]
 
 
 class RecordError(ValueError):
@@ -59,12 +66,13 @@ def messages(prompt) -> list[dict]:
 
 
 def read_sample_shards(artifact: Path) -> pd.DataFrame:
-    """All shards of a bon_sample artifact as one frame, ordered by (prompt_id, sample_idx)."""
+    """All shards of a bon_sample or ppo_sample artifact as one frame, ordered by its keys ((step,) prompt_id,
+    sample_idx)."""
     shards = sorted((Path(artifact) / "shards").glob("shard_*.parquet"))
     if not shards:
         raise RecordError(f"no sample shards in {Path(artifact) / 'shards'}")
     frame = pd.concat([read_records(f, SAMPLE_COLUMNS) for f in shards], ignore_index=True)
-    return frame.sort_values(["prompt_id", "sample_idx"]).reset_index(drop=True)
+    return frame.sort_values(sample_keys(frame)).reset_index(drop=True)
 
 
 def score_matrix(scores: pd.DataFrame, source: Path | str, prompt_ids: list[str] | None = None):
@@ -83,3 +91,17 @@ def score_matrix(scores: pd.DataFrame, source: Path | str, prompt_ids: list[str]
     if holes.any():
         raise RecordError(f"{source}: missing or NaN scores at (prompt_id, sample_idx) {holes[holes].index[:3].tolist()}")
     return table.to_numpy(dtype=float), list(table.index)
+
+
+def finite_or_none(tree):
+    """A JSON-able tree with every non-finite float replaced by None, for strict JSON (`allow_nan=False`): an
+    infinite fitted peak (β ≤ 0: no over-optimization within the fit) or an undefined standard error becomes null."""
+    import math
+
+    if isinstance(tree, dict):
+        return {k: finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_none(v) for v in tree]
+    if isinstance(tree, float):  # numpy floats are floats
+        return tree if math.isfinite(tree) else None
+    return tree

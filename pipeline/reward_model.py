@@ -340,28 +340,9 @@ class GRMRewardModel(nn.Module):
 
     def _merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The causal LM's state dict with every active LoRA delta folded into its base weight (model untouched)."""
-        from peft.tuners.lora import LoraLayer
+        from pipeline.models import merged_state_dict
 
-        lm = self.causal_lm()
-        lora_modules = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
-        merged: dict[str, torch.Tensor] = {}
-        for key, value in lm.state_dict().items():
-            owner = next((n for n in lora_modules if key.startswith(n + ".")), None)
-            if owner is None:
-                merged[key] = value
-                continue
-            rest = key[len(owner) + 1:]
-            if not rest.startswith("base_layer."):
-                continue  # lora_A / lora_B / ... weights
-            name = rest[len("base_layer."):]
-            module = lora_modules[owner]
-            if name == "weight" and not module.merged:
-                value = value.clone()
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        value += module.get_delta_weight(adapter).to(value.dtype)
-            merged[f"{owner}.{name}"] = value.detach()
-        return merged
+        return merged_state_dict(self.causal_lm())
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -17,7 +17,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.tokenization import Prompt, as_messages, collate, encode_conversation, pad_token_id
+from pipeline.tokenization import (ConversationEncoder, Encoded, Prompt, as_messages, collate, pad_token_id,
+                                   same_tokenizer)
 
 log = logging.getLogger("overopt")
 
@@ -50,10 +51,25 @@ class ModelScorer:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    @property
+    def encoder(self) -> ConversationEncoder:
+        if getattr(self, "_encoder", None) is None:
+            self._encoder = ConversationEncoder(self.tokenizer, self.max_length)
+        return self._encoder
+
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         if len(prompts) != len(responses):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
-        encoded = [encode_conversation(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        return self.score_encoded(self.encoder.encode(prompts, responses))
+
+    def score_token_ids(self, prompt_token_ids: Sequence[Sequence[int]],
+                        response_token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Rewards from token ids of a policy that shares this scorer's tokenizer: prompt ids (chat template with
+        generation prompt) and response ids without the token that ended the turn. No decoding, no re-tokenizing;
+        equal to `score` on the decoded text when the text re-tokenizes to the same ids."""
+        return self.score_encoded(self.encoder.encode_ids(prompt_token_ids, response_token_ids))
+
+    def score_encoded(self, encoded: list[Encoded]) -> np.ndarray:
         out = np.full(len(encoded), np.nan, dtype=np.float64)
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
         if len(keep) < len(encoded) and self.strict_length:
@@ -121,3 +137,18 @@ class EnsembleScorer:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         return combine_members([m.score(prompts, responses) for m in self.members], self.stats, self.combine,
                                self.uwo_lambda)
+
+
+def score_rollouts(scorer: RewardScorer, policy_tokenizer, prompts: Sequence[Prompt],
+                   prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]],
+                   responses: Sequence[str]) -> np.ndarray:
+    """Rewards of a policy's samples, from token ids when the scorer shares the policy's tokenizer (no decode and
+    re-encode: the fast path PPO needs), else from the decoded text through `scorer.score`."""
+    if isinstance(scorer, ModelScorer) and same_tokenizer(scorer.tokenizer, policy_tokenizer) \
+            and scorer.encoder.suffix is not None:
+        return scorer.score_token_ids(prompt_token_ids, response_token_ids)
+    if isinstance(scorer, EnsembleScorer):
+        return combine_members([score_rollouts(m, policy_tokenizer, prompts, prompt_token_ids, response_token_ids,
+                                               responses) for m in scorer.members], scorer.stats, scorer.combine,
+                               scorer.uwo_lambda)
+    return scorer.score(prompts, responses)

@@ -1,8 +1,10 @@
 """From a `StudyConfig` to the DAG of stages of one over-optimization study.
 
     world ─► sft_policy ─► gold_score ─► gold_label ─► train_proxy[p] ─► eval_proxy[p] ────────────┐
-                 │                                          └──────────► bon_score[p] ─► bon_curve[p] ─┤
-                 └─► bon_sample ───────────────────────────────────────► bon_score[gold] ┘             └► report
+                 │                               │          ├──────────► bon_score[p] ─► bon_curve[p] ─┤
+                 ├─► bon_sample ─────────────────┼─────────────────────► bon_score[gold] ┘     │       │
+                 │                               │          └─► ppo[p] ─► ppo_sample[p] ─► ppo_gold[p] │
+                 └───────────────────────────────┴───────────────┘              └─► ppo_curve[p] ◄────┴► report
 
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
@@ -14,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalPromptsStageConfig,
-                             EvalProxyStageConfig, GoldLabelStageConfig, GoldScoreStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig, StudyConfig,
-                             TrainProxyStageConfig)
+                             EvalProxyStageConfig, GoldLabelStageConfig, GoldScoreStageConfig, PPOCurveStageConfig,
+                             PPOSampleStageConfig, PPOStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig,
+                             StudyConfig, TrainProxyStageConfig)
 from pipeline.runner import StageNode
 
 
@@ -58,18 +61,38 @@ def check_local_paths(cfg: StudyConfig) -> None:
 
 
 def build_stages(cfg: StudyConfig) -> list[StageNode]:
+    """The study's DAG: base policy, gold labels, proxies, then each arm (best-of-n, PPO), then the report."""
+    nodes = _base_and_labels(cfg) + _proxy_stages(cfg)
+    if cfg.bon is not None:
+        nodes += _bon_stages(cfg)
+    if cfg.ppo is not None:
+        nodes += _ppo_stages(cfg)
+    if cfg.distributed_smoke.enabled:
+        ds = cfg.distributed_smoke
+        nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
+                               num_processes=ds.num_processes, deepspeed_config=Path(ds.deepspeed_config)))
+    return nodes + [_report(cfg)]
+
+
+def _policy_input(cfg: StudyConfig) -> dict[str, str]:
+    """The base policy as an upstream artifact (tiny world) — at paper scale it is a hub id or directory."""
+    return {"policy": "sft_policy"} if cfg.policy.source == "tiny" else {}
+
+
+def _eval_prompts_input(cfg: StudyConfig) -> str:
+    """The stage holding the held-out evaluation prompts of best-of-n and RL."""
+    return "world" if cfg.policy.source == "tiny" else "eval_prompts"
+
+
+def _base_and_labels(cfg: StudyConfig) -> list[StageNode]:
     nodes: list[StageNode] = []
     tiny = cfg.policy.source == "tiny"
-    base = _base_ref(cfg)
-    policy_input = {"policy": "sft_policy"} if tiny else {}
-
     if tiny:
         nodes.append(StageNode("world", "world", cfg.world))
         nodes.append(StageNode("sft_policy", "sft_policy", cfg.policy, {"world": "world"}))
-
     lab = cfg.gold_label
     if lab.source == "policy_samples":
-        score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, policy=base,
+        score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, policy=_base_ref(cfg),
                                          samples_per_prompt=lab.samples_per_prompt, sampling=lab.sampling,
                                          seed=lab.sampling_seed)
     else:
@@ -77,13 +100,23 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                                          dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
                                          shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs)
     nodes.append(StageNode("gold_score", "gold_score", score_cfg,
-                           {"world": "world", **policy_input} if tiny else {},
+                           {"world": "world", **_policy_input(cfg)} if tiny else {},
                            external=_local(cfg.gold.model_id, lab.dataset_path)))
     nodes.append(StageNode("gold_label", "gold_label", GoldLabelStageConfig(
         n_pairs=lab.n_pairs, test_fraction=lab.test_fraction, noise_rate=lab.noise_rate, noise_seed=lab.noise_seed,
         seed=lab.seed), {"scores": "gold_score"}))
+    if not tiny and (cfg.bon is not None or cfg.ppo is not None):  # paper scale: held-out Unified-Feedback prompts
+        nodes.append(StageNode("eval_prompts", "eval_prompts", EvalPromptsStageConfig(
+            dataset_path=lab.dataset_path, dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
+            shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs, n_prompts=cfg.bon.n_prompts),
+            external=_local(lab.dataset_path)))
+    return nodes
 
-    # proxies: one train_proxy per trained model (ensemble members are trained models of their own)
+
+def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
+    """One train_proxy per trained model (ensemble members are trained models of their own), one eval_proxy per
+    proxy."""
+    nodes: list[StageNode] = []
     for proxy in cfg.proxies:
         for member in proxy.member_specs():
             if member.type in ("checkpoint", "ensemble"):
@@ -91,8 +124,8 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
             nodes.append(StageNode(
                 f"train_proxy[{member.name}]", "train_proxy",
                 TrainProxyStageConfig(proxy=member.canonical(), training=member.resolved_training(cfg.proxy_training),
-                                      base=base),
-                {"pairs": "gold_label", **policy_input}, external=_local(cfg.policy.model_id)))
+                                      base=_base_ref(cfg)),
+                {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id)))
         scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=cfg.eval_proxy.batch_size,
                                    max_length=proxy.resolved_training(cfg.proxy_training).max_length,
                                    dtype=cfg.policy.dtype)
@@ -100,52 +133,87 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
                                {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")},
                                external=_local(proxy.path, cfg.eval_proxy.hhh_path, cfg.eval_proxy.mt_bench_path)))
-
-    if cfg.bon is not None:
-        bon = cfg.bon
-        if not tiny:  # paper scale: held-out Unified-Feedback prompts
-            lab = cfg.gold_label
-            nodes.append(StageNode("eval_prompts", "eval_prompts", EvalPromptsStageConfig(
-                dataset_path=lab.dataset_path, dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
-                shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs, n_prompts=bon.n_prompts),
-                external=_local(lab.dataset_path)))
-        nodes.append(StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
-            n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
-            backend=bon.backend, policy=base), {"prompts": "world" if tiny else "eval_prompts", **policy_input},
-            external=_local(cfg.policy.model_id)))
-        gold = ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=bon.score_batch_size,
-                                 max_length=bon.score_max_length)
-        nodes.append(StageNode("bon_score[gold]", "bon_score", gold, {"samples": "bon_sample"},
-                               external=_local(cfg.gold.model_id)))
-        for proxy in cfg.proxies:
-            scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=bon.score_batch_size,
-                                       max_length=bon.score_max_length, dtype=cfg.policy.dtype)
-            inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
-            if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
-                inputs.update({f"member{i}_scores": f"bon_score[{m.name}]"
-                               for i, m in enumerate(proxy.member_specs())})
-                for m in proxy.member_specs():
-                    m_scorer = ScorerStageConfig(name=m.name, proxy=m.canonical(), batch_size=bon.score_batch_size,
-                                                 max_length=bon.score_max_length, dtype=cfg.policy.dtype)
-                    nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", m_scorer,
-                                           {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
-            nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", scorer, inputs,
-                                   external=_local(proxy.path)))
-            curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
-                                        nested_estimator=bon.nested_estimator, seed=bon.seed)
-            nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,
-                                   {"proxy_scores": f"bon_score[{proxy.name}]", "gold_scores": "bon_score[gold]"}))
-
-    if cfg.distributed_smoke.enabled:
-        ds = cfg.distributed_smoke
-        nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
-                               num_processes=ds.num_processes, deepspeed_config=Path(ds.deepspeed_config)))
-
-    report_inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
-    if cfg.bon is not None:
-        report_inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
-    if tiny:
-        report_inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
-    nodes.append(StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies]),
-                           report_inputs, publish_to=Path(cfg.run.reports_dir)))
     return nodes
+
+
+def _sample_scorer(cfg: StudyConfig, proxy: ProxyConfig) -> ScorerStageConfig:
+    """A proxy as the scorer of policy samples (best-of-n and RL share the token limit and batch size)."""
+    return ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=cfg.bon.score_batch_size,
+                             max_length=cfg.bon.score_max_length, dtype=cfg.policy.dtype)
+
+
+def _gold_scorer(cfg: StudyConfig) -> ScorerStageConfig:
+    return ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.bon.score_batch_size,
+                             max_length=cfg.bon.score_max_length)
+
+
+def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
+    """bon_sample (proxy-independent), bon_score[gold], and per proxy bon_score[p] and bon_curve[p]."""
+    bon = cfg.bon
+    nodes = [StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
+        n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
+        backend=bon.backend, policy=_base_ref(cfg)), {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
+        external=_local(cfg.policy.model_id))]
+    nodes.append(StageNode("bon_score[gold]", "bon_score", _gold_scorer(cfg), {"samples": "bon_sample"},
+                           external=_local(cfg.gold.model_id)))
+    for proxy in cfg.proxies:
+        inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
+        if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
+            inputs.update({f"member{i}_scores": f"bon_score[{m.name}]" for i, m in enumerate(proxy.member_specs())})
+            for m in proxy.member_specs():
+                nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", _sample_scorer(cfg, m),
+                                       {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
+        nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", _sample_scorer(cfg, proxy), inputs,
+                               external=_local(proxy.path)))
+        curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
+                                    nested_estimator=bon.nested_estimator, seed=bon.seed)
+        nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,
+                               {"proxy_scores": f"bon_score[{proxy.name}]", "gold_scores": "bon_score[gold]"}))
+    return nodes
+
+
+def ppo_proxies(cfg: StudyConfig) -> list[ProxyConfig]:
+    """The proxies PPO optimises (ppo.proxies, default every proxy), in the study's order."""
+    wanted = cfg.ppo.proxies
+    return [p for p in cfg.proxies if wanted is None or p.name in wanted]
+
+
+def _ppo_stages(cfg: StudyConfig) -> list[StageNode]:
+    """Per PPO proxy: ppo[p] (multi-process), ppo_sample[p] (KL measured), ppo_gold[p], ppo_curve[p]."""
+    ppo = cfg.ppo
+    nodes: list[StageNode] = []
+    multi = ppo.num_processes > 1 or ppo.deepspeed_config is not None
+    for proxy in ppo_proxies(cfg):
+        scorer_inputs = _scorer_inputs(proxy, "train_proxy")
+        nodes.append(StageNode(
+            f"ppo[{proxy.name}]", "ppo",
+            PPOStageConfig(ppo=ppo.training_view(), scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
+            {"pairs": "gold_label", **_policy_input(cfg), **scorer_inputs},
+            launcher="accelerate" if multi else "inline", num_processes=ppo.num_processes,
+            deepspeed_config=Path(ppo.deepspeed_config) if ppo.deepspeed_config is not None else None,
+            external=_local(cfg.policy.model_id, proxy.path)))
+        nodes.append(StageNode(f"ppo_sample[{proxy.name}]", "ppo_sample", PPOSampleStageConfig(
+            n_samples=ppo.eval.n_samples, max_new_tokens=ppo.eval.max_new_tokens or cfg.bon.sampling.max_new_tokens,
+            batch_size=ppo.eval.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
+            scorer=_sample_scorer(cfg, proxy)),
+            {"ppo": f"ppo[{proxy.name}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
+            external=_local(cfg.policy.model_id, proxy.path)))
+        nodes.append(StageNode(f"ppo_gold[{proxy.name}]", "bon_score", _gold_scorer(cfg),
+                               {"samples": f"ppo_sample[{proxy.name}]"}, external=_local(cfg.gold.model_id)))
+        nodes.append(StageNode(f"ppo_curve[{proxy.name}]", "ppo_curve", PPOCurveStageConfig(
+            proxy=proxy.name, bootstrap=ppo.eval.bootstrap, ci=ppo.eval.ci, seed=ppo.seed),
+            {"samples": f"ppo_sample[{proxy.name}]", "gold_scores": f"ppo_gold[{proxy.name}]",
+             **({"bon_curve": f"bon_curve[{proxy.name}]"} if cfg.bon is not None else {})}))
+    return nodes
+
+
+def _report(cfg: StudyConfig) -> StageNode:
+    inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
+    if cfg.bon is not None:
+        inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
+    if cfg.ppo is not None:
+        inputs |= {f"ppo[{p.name}]": f"ppo_curve[{p.name}]" for p in ppo_proxies(cfg)}
+    if cfg.policy.source == "tiny":
+        inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
+    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies]),
+                     inputs, publish_to=Path(cfg.run.reports_dir))

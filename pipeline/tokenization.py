@@ -120,3 +120,81 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id
     raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token")
+
+
+def _assistant_suffix(tokenizer) -> list[int] | None:
+    """The tokens the chat template puts after an assistant message's content (`</s>`, `<end_of_turn>\\n`, ...), or
+    None when the template does not render as prompt tokens + content tokens + a fixed suffix."""
+    suffixes = []
+    for probe in ("a", "b c"):
+        head = prompt_ids(tokenizer, "x")
+        full = _template_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+                             add_generation_prompt=False)
+        content = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        if full[:len(head)] != head or full[len(head):len(head) + len(content)] != content:
+            return None
+        suffixes.append(full[len(head) + len(content):])
+    return suffixes[0] if suffixes[0] == suffixes[1] else None
+
+
+class ConversationEncoder:
+    """`encode_conversation` for many pairs at once, fast: each distinct prompt's template is rendered once, the
+    responses are tokenized in one batched call, and the template's closing tokens are appended.
+
+    The composition is checked against `encode_conversation` on the first pairs of every call; a template for which
+    it does not hold (it rewrites content, or tokens merge across the boundary) falls back to the exact path. With
+    `encode_ids` a caller that already holds token ids (a policy sharing this tokenizer) skips text entirely.
+    """
+
+    CHECKED_PER_CALL = 8
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.suffix = _assistant_suffix(tokenizer)
+        self._heads: dict[str, list[int]] = {}
+
+    def _head(self, prompt: Prompt) -> list[int]:
+        messages = as_messages(prompt)
+        key = repr([(m["role"], m["content"]) for m in messages])
+        if key not in self._heads:
+            self._heads[key] = _template_ids(self.tokenizer, messages, add_generation_prompt=True)
+        return self._heads[key]
+
+    def _compose(self, head: list[int], content: list[int]) -> Encoded:
+        full = head + list(content) + self.suffix
+        return Encoded(full[:self.max_length], min(len(head), self.max_length), len(full) > self.max_length)
+
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Encoded]:
+        """Same result as `[encode_conversation(tok, p, r, max_length) for p, r in zip(prompts, responses)]`."""
+        exact = [encode_conversation(self.tokenizer, p, r, self.max_length)
+                 for p, r in zip(prompts[:self.CHECKED_PER_CALL], responses[:self.CHECKED_PER_CALL])]
+        if self.suffix is None:
+            return exact + [encode_conversation(self.tokenizer, p, r, self.max_length)
+                            for p, r in zip(prompts[len(exact):], responses[len(exact):])]
+        contents = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
+        fast = [self._compose(self._head(p), c) for p, c in zip(prompts, contents)]
+        if any(e != f for e, f in zip(exact, fast)):
+            _warn_once(self.tokenizer, "chat template does not compose as prompt + response tokens + suffix; "
+                                       "encoding every pair through the full template (slower)")
+            self.suffix = None
+            return self.encode(prompts, responses)
+        return fast
+
+    def encode_ids(self, prompt_token_ids: Sequence[Sequence[int]],
+                   response_token_ids: Sequence[Sequence[int]]) -> list[Encoded]:
+        """Prompt ids (template with generation prompt, as `prompt_ids` gives) + response ids (without the token that
+        ended the turn) + the template's closing tokens: what the text path gives for the decoded response."""
+        if self.suffix is None:
+            raise ValueError(f"the chat template of {getattr(self.tokenizer, 'name_or_path', '')!r} does not close an "
+                             f"assistant turn with fixed tokens; score from text instead")
+        return [self._compose(list(p), list(r)) for p, r in zip(prompt_token_ids, response_token_ids)]
+
+
+def same_tokenizer(a, b) -> bool:
+    """Do two tokenizers give the same ids for every text and chat (vocabulary, special tokens, template)?"""
+    if a is b:
+        return True
+    return (type(a) is type(b) and a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+            and a.all_special_tokens == b.all_special_tokens and a.bos_token == b.bos_token
+            and a.eos_token == b.eos_token and getattr(a, "backend_tokenizer", None) is not None
+            and a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str())

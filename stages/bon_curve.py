@@ -16,22 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bon import bon_curve_table, fit_bon
+from pipeline.bon import bon_curve_table
 from pipeline.config import BonCurveStageConfig
+from pipeline.gao import fit_bon
 from pipeline.plots import plot_bon_curves
-from pipeline.records import SCORE_COLUMNS, read_records, score_matrix
+from pipeline.records import SCORE_COLUMNS, finite_or_none, read_records, score_matrix
 
 VERSION = "2"
 log = logging.getLogger("overopt")
-
-
-def _finite_or_none(tree):
-    """Strict JSON: an infinite peak (β ≤ 0: no over-optimization within the fit) or standard error becomes null."""
-    if isinstance(tree, dict):
-        return {k: _finite_or_none(v) for k, v in tree.items()}
-    if isinstance(tree, (float, np.floating)):
-        return float(tree) if np.isfinite(tree) else None
-    return tree
 
 
 def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -51,7 +43,7 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
                "empirical_peak": {"n": int(peak.n), "kl_bound": float(peak.kl_bound), "gold": float(peak.gold)},
                "gold_at_max_n": float(table.gold.iloc[-1]),
                "gold_at_n1": float((table.gold - table.gold_rel).iloc[0])}  # the baseline, even if 1 is not in ns
-    (out / "fit.json").write_text(json.dumps(_finite_or_none(summary), indent=2, allow_nan=False))
+    (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     plot_bon_curves({cfg.proxy: table}, out / "curve.png", f"best-of-n against proxy {cfg.proxy}")
     log.info("  gold peaks at n=%d (%.3f); gold at n=%d: %.3f; proxy rises %.3f → %.3f", int(peak.n),
              float(peak.gold), int(table.n.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),

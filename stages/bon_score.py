@@ -1,9 +1,10 @@
-"""bon_score[scorer]: score every best-of-n sample with one scorer (the gold, or one proxy).
+"""bon_score[scorer] (and ppo_gold[p]): score every sample of a sampling stage with one scorer (the gold, or one
+proxy). Best-of-n samples are keyed (prompt_id, sample_idx); samples of RL exports also by their `step`.
 
 Cached per (samples, scorer), so adding a proxy scores only with that proxy. An ensemble does not re-score: it
 combines its members' bon_score artifacts, each standardised with the member's reference-set statistics.
 
-Writes scores.parquet (prompt_id, sample_idx, score).
+Writes scores.parquet ((step,) prompt_id, sample_idx, score).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 
 from pipeline.config import ScorerStageConfig
 from pipeline.models import build_scorer
-from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, write_records
+from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, sample_keys, write_records
 from pipeline.scoring import SequenceTooLongError, combine_members, load_member_stats
 
 VERSION = "1"
@@ -47,6 +48,6 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
             values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
         except SequenceTooLongError as e:
             raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
-        scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
+        scores = samples[sample_keys(samples)].assign(score=values)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

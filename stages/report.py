@@ -1,6 +1,8 @@
-"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n curves.
+"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
 
-Writes README.md, accuracy.csv, bon_curves.csv and bon_gold_vs_kl.png; the runner copies them to `run.reports_dir`.
+Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
+gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes); the runner copies them to `run.reports_dir`.
+Curve tables name their proxy in a `proxy_name` column (`proxy` is the proxy's mean score).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import ReportStageConfig
-from pipeline.plots import plot_bon_curves
+from pipeline.plots import plot_bon_curves, plot_rl_curves
 
 VERSION = "2"
 
@@ -51,7 +53,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
     if curves:
-        all_curves = pd.concat([c.assign(proxy=p) for p, c in curves.items()], ignore_index=True)
+        all_curves = pd.concat([c.assign(proxy_name=p) for p, c in curves.items()], ignore_index=True)
         all_curves.to_csv(out / "bon_curves.csv", index=False)
         plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization")
         parts += ["## Best-of-n", "", "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts.",
@@ -67,4 +69,38 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
                       f"Gao fit of relative gold R(d) = d(α − βd): α = {gao['alpha']:.3f}, β = {gao['beta']:.3f}, "
                       f"peak d* = {d_star}.", ""]
+    parts += _ppo_section(cfg, inputs, curves, out)
     (out / "README.md").write_text("\n".join(parts))
+
+
+def _ppo_section(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame], out: Path) -> list[str]:
+    rl = {p: pd.read_parquet(inputs[f"ppo[{p}]"] / "curve.parquet") for p in cfg.proxies if f"ppo[{p}]" in inputs}
+    if not rl:
+        return []
+    table = pd.concat([c.assign(proxy_name=p) for p, c in rl.items()], ignore_index=True)
+    table[["proxy_name"] + [c for c in table.columns if c != "proxy_name"]].to_csv(out / "ppo_curves.csv",
+                                                                                 index=False)
+    plot_rl_curves({p: (bon.get(p), c) for p, c in rl.items()}, out / "gold_vs_kl.png",
+                   f"{cfg.study}: PPO and best-of-n over-optimization")
+    parts = ["## PPO", "", "PPO of the base policy against each proxy; at every exported step the policy is sampled on "
+             "the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured on those "
+             "samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI over "
+             "prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound).", "",
+             "![PPO and best-of-n](gold_vs_kl.png)", ""]
+    for p, c in rl.items():
+        fit = json.loads((inputs[f"ppo[{p}]"] / "fit.json").read_text())
+        t = pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
+                          "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
+                          "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
+        peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
+        if gao is None:
+            fit_text = "No Gao fit (fewer than two exports with KL > 0)."
+        else:
+            d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f} (KL {gao['d_star'] ** 2:.2f})"
+            fit_text = (f"Gao RL fit of relative gold R(d) = d(α − β log d): α = {gao['alpha']:.3f}, "
+                        f"β = {gao['beta']:.3f}, peak d* = {d_star}.")
+        parts += [f"### {p}", "", _md(t), "",
+                  f"Gold peaks at step {peak['step']} (KL {peak['kl']:.2f}) at {peak['gold']:.3f}; at the last step "
+                  f"({int(c.step.iloc[-1])}, KL {fit['kl_at_last_step']:.2f}) it is {fit['gold_at_last_step']:.3f} "
+                  f"(initial policy: {fit['gold_at_step0']:.3f}). {fit_text}", ""]
+    return parts

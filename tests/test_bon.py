@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from pipeline.bon import (BON_CURVE_COLUMNS, bon_curve_table, bon_subset_weights, bon_weight_matrix, bootstrap_ci,
-                          fit_bon, fit_rl, gao_bon, gao_rl, kl_bon_bound, nested_bon, unbiased_bon)
+                          kl_bon_bound, nested_bon, unbiased_bon)
+from pipeline.gao import fit_bon, fit_rl, gao_bon, gao_rl
 
 
 # --- brute-force references ------------------------------------------------------------------------------------------

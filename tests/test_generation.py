@@ -34,7 +34,8 @@ def test_finish_response_cuts_at_the_first_stop_token():
     tok = gemma_like_tokenizer()
     ids = tok.convert_tokens_to_ids(["hello", "world", "<end_of_turn>", "<start_of_turn>", "user", "hello"])
     rec = finish_response(ids, stop_token_ids(tok), tok)
-    assert rec == {"response": "hello world", "n_tokens": 2, "finished": True}
+    assert rec == {"response": "hello world", "n_tokens": 2, "finished": True, "token_ids": ids[:2],
+                   "stop_id": ids[2]}
     assert finish_response(ids[:2], stop_token_ids(tok), tok)["finished"] is False
     assert finish_response(ids[:2], stop_token_ids(tok), tok, stopped=True)["finished"] is True
 

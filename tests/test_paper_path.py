@@ -373,9 +373,13 @@ def test_report_has_id_hhh_and_mt_bench_accuracy_and_bon_curves(paper_study):
         assert mine.loc["hhh_all", "pairs"] == HHH_PAIRS_PER_SUBSET * len(HHH_SUBSETS)
         assert mine.loc["mt_bench", "pairs"] == MT_PAIRS
     curves = pd.read_csv(report / "bon_curves.csv")
-    assert set(curves.proxy) == set(TINY_PROXIES)
+    assert set(curves.proxy_name) == set(TINY_PROXIES)
     for name in TINY_PROXIES:
-        assert sorted(curves[curves.proxy == name].n) == [1, 2, 4, 8]
+        assert sorted(curves[curves.proxy_name == name].n) == [1, 2, 4, 8]
+        # every plotted value, the mean proxy score included, is the bon_curve stage's
+        stage = pd.read_parquet(paper_study["artifacts"][f"bon_curve[{name}]"] / "curve.parquet")
+        mine = curves[curves.proxy_name == name].drop(columns="proxy_name").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine[stage.columns], stage, check_dtype=False)
         fit = json.loads((paper_study["artifacts"][f"bon_curve[{name}]"] / "fit.json").read_text())
         assert fit["prompts"] == N_PROMPTS and fit["samples_per_prompt"] == N_SAMPLES
     assert (report / "README.md").exists() and (report / "bon_gold_vs_kl.png").stat().st_size > 1000

@@ -1,0 +1,139 @@
+"""What every multi-process stage shares: the Accelerator set-up (DeepSpeed ZeRO on CPU or GPU), sums over ranks,
+loading frozen models outside ZeRO-3's partitioning, and gathering ZeRO-3 parameters for generation.
+
+Stages launched by `pipeline.runner.launch_stage` (`accelerate launch --use_deepspeed --deepspeed_config_file ...`)
+call `make_accelerator()` first; launched without DeepSpeed (or run inline in one process) they get a plain
+Accelerator and the same code runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+def _process_group_kwargs() -> list:
+    """Without CUDA, name the process-group backend (DeepSpeed's CPU accelerator: gloo, or ccl with oneCCL).
+
+    accelerate 1.15 only picks a backend for CPU when `cpu=True`, and `cpu=True` turns DeepSpeed off; with no backend
+    it sets `num_processes = 1` on every rank (each believes it is the main process, the dataloader is not sharded)
+    while DeepSpeed itself sees the real world size and rejects the batch sizes accelerate filled in.
+    """
+    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
+
+
+def make_accelerator(require_deepspeed: bool = False, gradient_clipping: float | None = None,
+                     micro_batch_size: int | None = None, log_with: list[str] | None = None,
+                     project_dir: str | None = None):
+    """The Accelerator of a stage's rank, with a consistency check of the world size.
+
+    `gradient_clipping` and `micro_batch_size` fill the DeepSpeed config's "auto" values for loops that do not hand
+    accelerate a dataloader (PPO builds its minibatches itself). `log_with` (tensorboard, wandb) turns on
+    accelerate's experiment trackers, writing under `project_dir`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # DeepSpeed 0.19 calls torch.distributed.{all_gather_into_tensor,reduce_scatter_tensor}, deprecated in torch 2.13:
+    # one FutureWarning per call per rank drowns the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    accelerator = Accelerator(kwargs_handlers=_process_group_kwargs(), log_with=log_with or None,
+                              project_dir=project_dir)
+    is_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if require_deepspeed and not is_ds:
+        raise RuntimeError(f"this stage must run under DeepSpeed (launch with a deepspeed_config); "
+                           f"got {accelerator.distributed_type}")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if accelerator.num_processes != world or world != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"accelerate sees {accelerator.num_processes} process(es), torch.distributed {world}, "
+                           f"the launcher {os.environ.get('WORLD_SIZE')}")
+    if is_ds:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if micro_batch_size is not None and ds.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            if ds.get("gradient_accumulation_steps") in (None, "auto"):
+                ds["gradient_accumulation_steps"] = 1
+            ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+            ds["train_batch_size"] = micro_batch_size * world * int(ds["gradient_accumulation_steps"])
+        if gradient_clipping is not None and ds.get("gradient_clipping") in (None, "auto"):
+            ds["gradient_clipping"] = gradient_clipping
+    return accelerator
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage in use (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def all_reduce_sum(accelerator):
+    """A function summing a tensor over ranks (the identity in one process), for `pipeline.ppo.core`."""
+    if accelerator.num_processes == 1:
+        return lambda x: x
+    return lambda x: accelerator.reduce(x.clone(), reduction="sum")
+
+
+@contextmanager
+def frozen_model_loading(accelerator) -> Iterator[None]:
+    """Load models that do not train (reference policy, reward model) whole on every rank: under ZeRO-3,
+    transformers would otherwise partition them at construction (it checks a global DeepSpeed config that accelerate
+    registers), and only a DeepSpeed engine can run partitioned weights."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    # accelerate 1.15's `zero3_init_context_manager(enable=False)` re-registers the same config, so do it by hand
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+@contextmanager
+def gathered_for_generation(engine, accelerator) -> Iterator[torch.nn.Module]:
+    """The trained module, whole, for `generate`.
+
+    Under ZeRO-3 each rank holds a shard of every parameter and per-module hooks gather and release them on every
+    forward — for token-by-token generation, once per token. Instead, gather every parameter once for the whole
+    rollout and lift the hooks meanwhile (they would release the gathered weights after the first forward).
+    """
+    module = accelerator.unwrap_model(engine)
+    if zero_stage(accelerator) != 3:
+        yield module
+        return
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield module
+        finally:
+            offload.setup_zero_stage3_hooks()
+
+
+@contextmanager
+def gathered_parameters(engine, accelerator) -> Iterator[torch.nn.Module]:
+    """The trained module with every parameter whole on every rank (for saving); a plain unwrap without ZeRO-3."""
+    module = accelerator.unwrap_model(engine)
+    if zero_stage(accelerator) != 3:
+        yield module
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        yield module

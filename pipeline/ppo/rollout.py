@@ -1,0 +1,92 @@
+"""Rollouts: sampling responses from the policy and teacher-forced log-probs of sampled tokens.
+
+A batch is kept as token ids: queries left-padded (width Q), responses right-padded (width T). The response mask is 1
+up to and including the first token that ends the turn, found by position — never by comparing with the pad id, which
+equals the end-of-turn id for many tokenizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pipeline.config import SamplingConfig
+from pipeline.generation import generate_ids, left_pad
+from pipeline.ppo.models import position_ids, response_logprobs
+
+
+@dataclass
+class Rollout:
+    query_ids: torch.Tensor  # (B, Q) left-padded
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # (B, T); after the stop token: padding
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the stop token
+    finished: torch.Tensor  # (B,) bool: the response ended its turn within max_new_tokens
+
+    @property
+    def context_length(self) -> int:
+        return self.query_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    def content_ids(self) -> list[list[int]]:
+        """Each response's tokens before the one that ended its turn (what a reward model's template wraps)."""
+        lengths = self.response_mask.sum(1) - self.finished.long()
+        return [row[:n].tolist() for row, n in zip(self.response_ids, lengths)]
+
+    def prompt_rows(self) -> list[list[int]]:
+        return [row[m.bool()].tolist() for row, m in zip(self.query_ids, self.query_mask)]
+
+
+def response_mask(responses: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, finished): mask is 1 up to and including each row's first stop token, or on every position of a row
+    that never stopped."""
+    is_stop = torch.isin(responses, torch.tensor(list(stop_ids), device=responses.device))
+    finished = is_stop.any(dim=1)
+    T = responses.shape[1]
+    end = torch.where(finished, is_stop.float().argmax(dim=1), torch.full_like(finished, T - 1, dtype=torch.long))
+    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
+    return mask.long(), finished
+
+
+def sample_rollout(policy, query_rows: Sequence[Sequence[int]], sampling: SamplingConfig, pad_id: int,
+                   stop_ids: Sequence[int]) -> Rollout:
+    """One response per query from `policy` (a plain module: under ZeRO-3, gathered first)."""
+    query_ids, query_mask, responses = generate_ids(policy, query_rows, sampling, pad_id, stop_ids)
+    if responses.shape[1] == 0:  # generate may return nothing when max_new_tokens is 0; the config forbids it
+        raise RuntimeError("the policy generated no token")
+    mask, finished = response_mask(responses, stop_ids)
+    responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad_id))
+    return Rollout(query_ids, query_mask, responses, mask, finished)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, query_rows: Sequence[Sequence[int]], response_rows: Sequence[Sequence[int]],
+                      pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """Teacher-forced log π(y_t | x, y_<t) at temperature 1 of each response token (the stop token included, when
+    the row has one), for a plain causal LM; one 1-D tensor per row."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for s in range(0, len(query_rows), batch_size):
+        queries, responses = query_rows[s:s + batch_size], response_rows[s:s + batch_size]
+        q_ids, q_mask = left_pad(queries, pad_id)
+        T = max(1, max(len(r) for r in responses))
+        r_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
+        r_mask = torch.zeros_like(r_ids)
+        for i, r in enumerate(responses):
+            r_ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+            r_mask[i, :len(r)] = 1
+        ids = torch.cat([q_ids, r_ids], 1).to(device)
+        attn = torch.cat([q_mask, r_mask], 1).to(device)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
+        logp = response_logprobs(logits, r_ids.to(device), q_ids.shape[1]).cpu()
+        out += [logp[i, :len(r)] for i, r in enumerate(responses)]
+    return out

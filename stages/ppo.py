@@ -1,0 +1,370 @@
+"""ppo[p]: PPO of the base policy against the frozen proxy p, under accelerate + DeepSpeed ZeRO.
+
+One update, as in Ziegler et al. 2019 / Stiennon et al. 2020 (details after Huang et al. 2024):
+
+  1. rollout   each rank samples one response for each of its share of `rollout_batch_size` training prompts
+  2. score     the proxy scores the responses (from token ids when it shares the policy's tokenizer)
+  3. forward   log-probs of the sampled tokens under the policy and the reference (= initial) policy, values
+  4. rewards   −β_KL · KL per token, the proxy's score on the token that ends the turn; GAE(γ, λ) advantages,
+               whitened over the whole batch across ranks
+  5. update    `ppo_epochs` passes over `num_minibatches` minibatches: clipped ratio + clipped value loss
+
+Runs on every rank (launched by the runner with `accelerate launch`, or inline in one process without DeepSpeed).
+Training prompts are the prompts of the training split of the gold-labeled pairs; evaluation prompts are never seen.
+
+Rank 0 writes:
+  exports/step_XXXXX/   the policy after that many updates (log-spaced: 0, 1, 2, 4, ..., last), HF save_pretrained
+                        (LoRA merged), loadable with AutoModelForCausalLM
+  metrics.jsonl         one line per update: proxy score, KL penalty, losses, clip fractions, approx-KL, entropy,
+                        response length, seconds per phase
+  summary.json          settings actually used (world size, ZeRO stage), prompts, exports
+A `checkpoint/` (policy, value, optimizer, RNG of every rank, KL controller, reward statistics) is kept while the
+stage runs, so a killed run resumes where it stopped; it is removed once the stage completes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.config import PPOConfig, PPOStageConfig
+from pipeline.distributed import (all_reduce_sum, frozen_model_loading, gathered_for_generation, gathered_parameters,
+                                  make_accelerator, zero_stage)
+from pipeline.generation import stop_token_ids
+from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer, merged_state_dict
+from pipeline.ppo import core
+from pipeline.ppo.models import PolicyAndValue, ValueModel
+from pipeline.ppo.rollout import sample_rollout
+from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
+from pipeline.records import PAIR_COLUMNS, messages, read_records
+from pipeline.scoring import score_rollouts
+from pipeline.tokenization import pad_token_id, prompt_ids
+
+VERSION = "1"
+RESUMABLE = True  # checkpoint/ survives a killed run (see pipeline.cache.ArtifactCache.staging)
+log = logging.getLogger("overopt")
+
+
+def training_prompts(pairs_dir: Path) -> pd.DataFrame:
+    """The distinct prompts of the training split of the gold-labeled pairs, ordered by prompt_id."""
+    pairs = read_records(pairs_dir / "pairs.parquet", PAIR_COLUMNS)
+    train = pairs[pairs.split == "train"].drop_duplicates("prompt_id").sort_values("prompt_id")
+    if train.empty:
+        raise ValueError(f"{pairs_dir / 'pairs.parquet'} has no training pairs to take PPO prompts from")
+    return train[["prompt_id", "prompt"]].reset_index(drop=True)
+
+
+def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the global batch of update `step`: passes over a seeded shuffle of the prompts, a new shuffle each
+    pass. A pure function of its arguments, so every rank agrees and a resumed run continues the same sequence."""
+    start = step * batch_size
+    idx = []
+    while len(idx) < batch_size:
+        epoch, offset = divmod(start + len(idx), n_prompts)
+        order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        idx.extend(order[offset:offset + batch_size - len(idx)])
+    return np.asarray(idx)
+
+
+def build_policy(cfg: PPOStageConfig, path: str):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.policy.dtype], use_safetensors=True,
+                                                  trust_remote_code=cfg.policy.trust_remote_code)
+    if cfg.ppo.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.ppo.lora
+        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=list(lora.target_modules), bias="none",
+                                                   task_type="CAUSAL_LM"))
+    return policy
+
+
+def value_source(cfg: PPOStageConfig, inputs: dict[str, Path], policy_path: str) -> str:
+    """The directory the value model's decoder comes from: the initial policy, or the proxy's backbone."""
+    if cfg.ppo.value_init == "policy":
+        return policy_path
+    proxy = cfg.scorer.proxy
+    if proxy.type == "checkpoint":
+        return proxy.path
+    return str((inputs["member0"] if proxy.type == "ensemble" else inputs["model"]) / "model")
+
+
+class RewardNormaliser:
+    """Standardises proxy scores: not at all, with the first rollout batch's statistics (the GRM paper), or with each
+    batch's. Statistics are over every rank."""
+
+    def __init__(self, mode: str):
+        self.mode, self.mean, self.std = mode, None, None
+
+    def __call__(self, scores: torch.Tensor, all_reduce) -> torch.Tensor:
+        if self.mode == "none":
+            return scores
+        if self.mode == "batch" or self.mean is None:
+            total = all_reduce(torch.stack([scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)))]))
+            mean = total[0] / total[2]
+            std = ((total[1] / total[2] - mean ** 2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)).sqrt()
+            self.mean, self.std = float(mean), float(std)
+        return (scores - self.mean) / max(self.std, 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+
+
+def kl_controller(ppo: PPOConfig) -> core.FixedKLController:
+    if ppo.adaptive_kl is not None:
+        return core.AdaptiveKLController(ppo.kl_coef, ppo.adaptive_kl.target, ppo.adaptive_kl.horizon)
+    return core.FixedKLController(ppo.kl_coef)
+
+
+def sampling_seed(seed: int, rank: int) -> int:
+    """Each rank's sampling stream, derived so that (seed, rank 1) never replays (seed + 1, rank 0)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class Checkpointer:
+    """Atomic checkpoints under `out/checkpoint/`: every rank writes its part into `checkpoint.tmp/`, then rank 0
+    swaps it in. Under DeepSpeed the engine writes its own (partitioned) model and optimizer states; without it, the
+    module goes to safetensors and the optimizer state to a `torch.save` file read back with `weights_only=True`."""
+
+    def __init__(self, out: Path, accelerator, model, optimizer):
+        self.dir, self.tmp = out / "checkpoint", out / "checkpoint.tmp"
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.deepspeed = hasattr(model, "save_checkpoint")
+        self.rank = accelerator.process_index
+
+    def save(self, state: dict) -> None:
+        from safetensors.torch import save_file, save_model
+
+        acc = self.accelerator
+        if acc.is_main_process:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if self.deepspeed:
+            self.model.save_checkpoint(str(self.tmp / "engine"), tag="ckpt")  # a collective: every rank
+        elif acc.is_main_process:
+            save_model(acc.unwrap_model(self.model), str(self.tmp / "model.safetensors"))
+            torch.save(self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
+                       else self.optimizer.state_dict(), self.tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(self.tmp / f"rng_rank{self.rank}.safetensors"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (self.tmp / "state.json").write_text(json.dumps(state))
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.replace(self.tmp, self.dir)
+        acc.wait_for_everyone()
+
+    def load(self) -> dict | None:
+        from safetensors.torch import load_file, load_model
+
+        if not (self.dir / "state.json").is_file():
+            return None
+        if self.deepspeed:
+            # DeepSpeed's own checkpoint format (its loader unpickles its optimizer states: files this stage wrote)
+            self.model.load_checkpoint(str(self.dir / "engine"), tag="ckpt")
+        else:
+            load_model(self.accelerator.unwrap_model(self.model), str(self.dir / "model.safetensors"))
+            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        rng = load_file(str(self.dir / f"rng_rank{self.rank}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return json.loads((self.dir / "state.json").read_text())
+
+    def remove(self) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def export_policy(model, accelerator, tokenizer, directory: Path) -> None:
+    """The policy as a plain HF causal LM (LoRA merged). Under ZeRO-3 its shards are gathered first — a collective
+    that every rank joins; rank 0 writes."""
+    with gathered_parameters(model, accelerator) as unwrapped:
+        if accelerator.is_main_process:
+            policy = unwrapped.policy
+            lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+            state = {k: v.detach().cpu().clone() for k, v in merged_state_dict(lm).items()}
+            lm.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+
+
+def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    from accelerate.utils import set_seed
+
+    ppo = cfg.ppo
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ppo.rollout_batch_size % world:
+        raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by the number of "
+                         f"processes ({world})")
+    local_batch = ppo.rollout_batch_size // world
+    minibatch = local_batch // ppo.num_minibatches
+    accelerator = make_accelerator(gradient_clipping=ppo.max_grad_norm, micro_batch_size=minibatch,
+                                   log_with=list(ppo.report_to), project_dir=str(out / "tracking"))
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    all_reduce = all_reduce_sum(accelerator)
+    use_deepspeed = hasattr(accelerator.state, "deepspeed_plugin") and accelerator.state.deepspeed_plugin is not None
+
+    # ---- models: the trained policy + value (one engine), and the frozen reference policy and proxy
+    policy_path = checked_local(cfg.policy.model_id or inputs["policy"] / "model")
+    tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
+    set_seed(ppo.seed)  # the value head's initialisation: identical on every rank
+    policy = build_policy(cfg, policy_path)
+    stop_ids = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
+    value = ValueModel.from_pretrained(value_source(cfg, inputs, policy_path), cfg.policy.dtype,
+                                       cfg.policy.trust_remote_code)
+    model = PolicyAndValue(policy, value)
+    model.eval()  # dropout off throughout: the update's log-probs must be those of the policy that sampled
+    with frozen_model_loading(accelerator):
+        scorer = build_scorer(cfg.scorer, inputs)
+        # with LoRA the reference is the policy with its adapters switched off: no second copy of the weights
+        ref_policy = None if ppo.lora is not None else load_causal_lm(policy_path, cfg.policy.dtype,
+                                                                      cfg.policy.trust_remote_code)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ppo.lr, eps=1e-5,
+                                  weight_decay=ppo.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    prompts = training_prompts(inputs["pairs"])
+    query_rows = [prompt_ids(tokenizer, messages(p)) for p in prompts.prompt]
+    controller, normaliser = kl_controller(ppo), RewardNormaliser(ppo.reward_norm)
+    exports = ppo.export_steps()
+    (out / "exports").mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+
+    # ---- resume from the last checkpoint of a killed run, or start
+    checkpointer = Checkpointer(out, accelerator, model, optimizer)
+    state = checkpointer.load()
+    if state is not None:
+        start = state["step"]
+        controller.load_state_dict(state["kl_controller"])
+        normaliser.load_state_dict(state["reward_norm"])
+        if main:
+            log.info("  resuming PPO from its checkpoint at update %d", start)
+            kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= start]
+            metrics_file.write_text("".join(ln + "\n" for ln in kept))
+            for d in (out / "exports").iterdir():
+                if int(d.name.split("_")[1]) > start:
+                    shutil.rmtree(d)
+    else:
+        start = 0
+        torch.manual_seed(sampling_seed(ppo.seed, rank))  # each rank draws its own rollouts
+        if main:
+            metrics_file.write_text("")
+        export_policy(model, accelerator, tokenizer, out / "exports" / "step_00000")
+    accelerator.wait_for_everyone()
+    if ppo.report_to:
+        accelerator.init_trackers("overopt-ppo")  # needs Accelerator(log_with=...); see make_accelerator
+
+    for step in range(start, ppo.steps):
+        t0 = time.perf_counter()
+        timing = {}
+        # 1. rollout: this rank's share of the global batch
+        batch = prompt_batch(step, len(prompts), ppo.rollout_batch_size, ppo.seed)[rank * local_batch:
+                                                                                      (rank + 1) * local_batch]
+        with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
+            rollout = sample_rollout(unwrapped.policy, [query_rows[i] for i in batch], ppo.sampling, pad_id, stop_ids)
+        timing["rollout"] = time.perf_counter() - t0
+
+        # 2. score with the frozen proxy
+        t = time.perf_counter()
+        contents = rollout.content_ids()
+        texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
+        raw_scores = score_rollouts(scorer, tokenizer, [messages(prompts.prompt[i]) for i in batch],
+                                    rollout.prompt_rows(), contents, [s.strip() for s in texts])
+        if not np.isfinite(raw_scores).all():
+            bad = int(np.flatnonzero(~np.isfinite(raw_scores))[0])
+            raise ValueError(f"proxy {cfg.scorer.name!r} gave a non-finite score ({raw_scores[bad]}) at update {step} "
+                             f"to prompt_id {prompts.prompt_id[batch[bad]]!r}")
+        scores = torch.tensor(raw_scores, dtype=torch.float32)
+        if ppo.missing_eos_penalty is not None:
+            scores = scores - ppo.missing_eos_penalty * (~rollout.finished).float()
+        normalised = normaliser(scores, all_reduce)
+        timing["score"] = time.perf_counter() - t
+
+        # 3. log-probs (policy, reference) and values of the sampled tokens
+        t = time.perf_counter()
+        ids, attn = rollout.input_ids.to(device), rollout.attention_mask.to(device)
+        responses, mask = rollout.response_ids.to(device), rollout.response_mask.to(device).float()
+        Q = rollout.context_length
+        logprobs, ref_logprobs, values = rollout_logprobs_values(
+            model, ref_policy, ids, attn, responses, Q, ppo.sampling.temperature, minibatch,
+            disable_adapter=accelerator.unwrap_model(model).policy.disable_adapter if ref_policy is None else None)
+        timing["forward"] = time.perf_counter() - t
+
+        # 4. per-token rewards, advantages, returns
+        kl = core.kl_per_token(logprobs, ref_logprobs, ppo.kl_estimator) * mask
+        rewards = core.token_rewards(normalised.to(device), kl, mask, controller.value)
+        advantages, returns = core.gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        advantages = core.masked_whiten(advantages, mask, all_reduce)
+
+        # 5. PPO epochs over minibatches
+        t = time.perf_counter()
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([ppo.seed, step]).generate_state(1)[0]))
+        stats = ppo_epochs(model, optimizer, accelerator, ids, attn, responses, mask, logprobs, values, advantages,
+                           returns, Q, ppo, generator, all_reduce, clip_grad=not use_deepspeed)
+        timing["update"] = time.perf_counter() - t
+
+        # 6. metrics over every rank, the KL controller, exports and checkpoints
+        seq_kl = (core.kl_per_token(logprobs, ref_logprobs, "k1") * mask).sum(1)
+        per_rank = torch.tensor([scores.mean(), normalised.mean(), seq_kl.mean(), (kl.sum(1)).mean(),
+                                 mask.sum(1).mean(), rollout.finished.float().mean(),
+                                 *stats.values()], dtype=torch.float64, device=device)
+        means = (all_reduce(per_rank) / accelerator.num_processes).tolist()
+        record = {"step": step + 1, "episodes": (step + 1) * ppo.rollout_batch_size, "score": means[0],
+                  "score_normalised": means[1], "kl_seq_k1": means[2], "kl_penalty": -controller.value * means[3],
+                  "kl_coef": controller.value, "response_length": means[4], "finished_rate": means[5],
+                  **dict(zip(stats, means[6:])), **{f"time_{k}_s": round(v, 4) for k, v in timing.items()}}
+        controller.update(means[2], ppo.rollout_batch_size)
+        t = time.perf_counter()
+        if step + 1 in exports:
+            export_policy(model, accelerator, tokenizer, out / "exports" / f"step_{step + 1:05d}")
+        if (step + 1) % ppo.checkpoint_every == 0 or step + 1 in exports:
+            if step + 1 < ppo.steps:
+                checkpointer.save({"step": step + 1, "kl_controller": controller.state_dict(),
+                                   "reward_norm": normaliser.state_dict()})
+        record["time_export_s"] = round(time.perf_counter() - t, 4)
+        record["time_total_s"] = round(time.perf_counter() - t0, 4)
+        if main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("  ppo %d/%d  proxy %.3f  KL %.3f  entropy %.3f  length %.1f  (%.2fs)", step + 1, ppo.steps,
+                     record["score"], record["kl_seq_k1"], record["entropy"], record["response_length"],
+                     record["time_total_s"])
+        if ppo.report_to:
+            accelerator.log(record, step=step + 1)
+
+    checkpointer.remove()
+    if main:
+        summary = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+                   "deepspeed": use_deepspeed, "device": str(device), "train_prompts": len(prompts),
+                   "exports": exports, "steps": ppo.steps, "episodes": ppo.steps * ppo.rollout_batch_size}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    if ppo.report_to:
+        accelerator.end_training()

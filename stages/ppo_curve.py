@@ -1,0 +1,87 @@
+"""ppo_curve[p]: the RL over-optimization curve of proxy p — gold and proxy against the measured √KL, beside p's
+best-of-n curve.
+
+For each export: the mean over evaluation prompts of the per-prompt mean KL (k1 and k3), proxy and gold scores;
+proxy and gold also relative to step 0 (the initial policy), with percentile-bootstrap CIs over prompts (the relative
+CIs resample per-prompt differences, so prompt difficulty cancels). Gao et al.'s RL form R(d) = d(α − β log d) is
+fitted to the relative gold against d = √KL (k1; a negative estimate near 0 counts as 0).
+
+Writes curve.parquet, fit.json and curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.bon import bootstrap_ci
+from pipeline.config import PPOCurveStageConfig
+from pipeline.gao import fit_rl
+from pipeline.plots import plot_rl_curves
+from pipeline.records import SCORE_COLUMNS, RecordError, finite_or_none, read_records, read_sample_shards
+
+VERSION = "1"
+log = logging.getLogger("overopt")
+
+QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
+
+
+def per_prompt_means(samples: pd.DataFrame) -> dict[str, np.ndarray]:
+    """(steps, prompts) matrices of each quantity's mean over a prompt's samples; steps and prompts sorted."""
+    means = samples.groupby(["step", "prompt_id"])[QUANTITIES].mean()
+    return {q: means[q].unstack("prompt_id").sort_index().to_numpy() for q in QUANTITIES}
+
+
+def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int) -> pd.DataFrame:
+    """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs."""
+    m = per_prompt_means(samples)
+    steps = np.sort(samples.step.unique())
+    if steps[0] != 0:
+        raise RecordError("RL samples have no step-0 export (the initial policy) to measure gains against")
+    blocks = {**m, "proxy_rel": m["proxy"] - m["proxy"][0], "gold_rel": m["gold"] - m["gold"][0]}
+    S = len(steps)
+    # one bootstrap over prompts for every quantity and step: columns are (quantity, step) pairs
+    mean, lo, hi = bootstrap_ci(np.concatenate([b.T for b in blocks.values()], axis=1), n_boot, ci, seed)
+    table = {"step": steps}
+    for j, name in enumerate(blocks):
+        sl = slice(j * S, (j + 1) * S)
+        table[name], table[f"{name}_lo"], table[f"{name}_hi"] = mean[sl], lo[sl], hi[sl]
+    table = pd.DataFrame(table)
+    table.insert(1, "sqrt_kl", np.sqrt(table.kl_k1.clip(lower=0.0)))
+    return table
+
+
+def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    samples = read_sample_shards(inputs["samples"])
+    gold_file = inputs["gold_scores"] / "scores.parquet"
+    gold = read_records(gold_file, ["step", *SCORE_COLUMNS])
+    merged = samples.merge(gold, on=["step", "prompt_id", "sample_idx"], how="left", validate="one_to_one")
+    if merged.score.isna().any():
+        raise RecordError(f"{gold_file}: no gold score for {int(merged.score.isna().sum())} RL samples")
+    merged = merged.rename(columns={"proxy_score": "proxy", "score": "gold"})
+    table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed)
+    table.to_parquet(out / "curve.parquet", index=False)
+
+    peak = table.loc[table.gold.idxmax()]
+    summary = {"prompts": int(merged.prompt_id.nunique()), "samples_per_prompt": int(merged.groupby(
+        ["step", "prompt_id"]).size().iloc[0]), "steps": table.step.tolist(),
+        "empirical_peak": {"step": int(peak.step), "kl": float(peak.kl_k1), "gold": float(peak.gold)},
+        "gold_at_last_step": float(table.gold.iloc[-1]), "kl_at_last_step": float(table.kl_k1.iloc[-1]),
+        "gold_at_step0": float(table.gold.iloc[0])}
+    try:
+        summary["gao_fit_gold_rel"] = fit_rl(table.sqrt_kl.to_numpy(), table.gold_rel.to_numpy())
+    except ValueError as e:  # fewer than two exports with KL > 0: no curve to fit
+        summary["gao_fit_gold_rel"] = None
+        log.warning("  %s: no Gao fit (%s)", cfg.proxy, e)
+    (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
+    bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
+    plot_rl_curves({cfg.proxy: (bon, table)}, out / "curve.png", f"PPO and best-of-n against proxy {cfg.proxy}")
+    log.info("  gold peaks at step %d (KL %.2f, gold %.3f); last step %d: KL %.2f, gold %.3f, proxy %.3f → %.3f",
+             int(peak.step), float(peak.kl_k1), float(peak.gold), int(table.step.iloc[-1]),
+             float(table.kl_k1.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),
+             float(table.proxy.iloc[-1]))
+

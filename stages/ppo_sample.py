@@ -1,0 +1,96 @@
+"""ppo_sample[p]: samples of every policy that ppo[p] exported, on the best-of-n evaluation prompts, with the KL to
+the initial policy measured on them and the proxy's scores.
+
+The x-axis of an RL over-optimization curve is measured here, never taken from a trainer's log: each export samples
+`n_samples` responses per evaluation prompt at temperature 1 (top-p 1), and for every sample the pipeline computes the
+teacher-forced log-probs of its tokens (the token that ended the turn included) under the exported policy and under
+the initial policy. Per sequence:
+
+    k1 = Σ_t (log π − log π_init)            its mean over samples estimates KL(π ‖ π_init), in nats
+    k3 = Σ_t ((r − 1) − log r), r = π_init/π  also unbiased, and ≥ 0 for every sample
+
+Every export samples with the same seed (common random numbers: differences between exports are less noisy).
+Each export's samples are a shard written atomically, so a killed run resumes at the first missing one. The gold
+scores these samples in its own stage (ppo_gold[p]), so the gold model never sits in RL memory.
+
+Writes shards/shard_<step>.parquet (`RL_SAMPLE_COLUMNS`) and samples.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import PPOSampleStageConfig, SamplingConfig
+from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
+from pipeline.generation import sample_responses
+from pipeline.ppo.core import kl_per_token
+from pipeline.ppo.rollout import sequence_logprobs
+from pipeline.records import RL_SAMPLE_COLUMNS, messages, write_records
+from pipeline.scoring import score_rollouts
+from pipeline.tokenization import pad_token_id, prompt_ids
+
+VERSION = "1"
+RESUMABLE = True
+log = logging.getLogger("overopt")
+
+
+def measured_kl(policy, init_policy, query_rows: list[list[int]], rows: list[dict], pad_id: int,
+                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sequence k1 and k3 estimates of KL(π ‖ π_init) on samples of π (records of `sample_responses`)."""
+    responses = [r["token_ids"] + ([r["stop_id"]] if r["stop_id"] is not None else []) for r in rows]
+    logp = sequence_logprobs(policy, query_rows, responses, pad_id, batch_size)
+    logp_init = sequence_logprobs(init_policy, query_rows, responses, pad_id, batch_size)
+    k1 = np.array([float(kl_per_token(a, b, "k1").sum()) for a, b in zip(logp, logp_init)])
+    k3 = np.array([float(kl_per_token(a, b, "k3").sum()) for a, b in zip(logp, logp_init)])
+    return k1, k3
+
+
+def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    init_path = cfg.policy.model_id or str(inputs["policy"] / "model")
+    tokenizer = load_tokenizer(init_path, cfg.policy.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
+    prompts = pd.read_parquet(inputs["prompts"] / "eval_prompts.parquet")  # the best-of-n evaluation prompts
+    chat = [messages(p) for p in prompts.prompt]
+    heads = [prompt_ids(tokenizer, m) for m in chat]
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=cfg.batch_size)
+    exports = sorted((inputs["ppo"] / "exports").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
+        f.unlink()
+    todo = [d for d in exports if not (shard_dir / f"shard_{int(d.name.split('_')[1]):05d}.parquet").exists()]
+    if todo:
+        init_policy = load_causal_lm(init_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
+        scorer = build_scorer(cfg.scorer, inputs)
+    for export in todo:
+        step = int(export.name.split("_")[1])
+        policy = load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code)
+        rows = sample_responses(policy, tokenizer, chat, cfg.n_samples, sampling, cfg.seed)
+        query_rows = [heads[r["prompt_index"]] for r in rows]
+        k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
+        proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
+                               [r["token_ids"] for r in rows], [r["response"] for r in rows])
+        if not np.isfinite(proxy).all():
+            bad = rows[int(np.flatnonzero(~np.isfinite(proxy))[0])]
+            raise ValueError(f"proxy {cfg.scorer.name!r} gave a non-finite score to the export of step {step}, "
+                             f"prompt_id {prompts.prompt_id[bad['prompt_index']]!r}, sample {bad['sample_idx']}")
+        frame = pd.DataFrame(rows).drop(columns=["token_ids", "stop_id"])
+        frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
+        frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
+        frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
+        tmp = shard_dir / f"shard_{step:05d}.parquet.tmp"
+        write_records(frame[RL_SAMPLE_COLUMNS], tmp, RL_SAMPLE_COLUMNS)
+        with open(tmp, "rb") as f:  # on disk before it counts as done: a resumed run trusts every shard it finds
+            os.fsync(f.fileno())
+        os.replace(tmp, shard_dir / f"shard_{step:05d}.parquet")
+        log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, k1.mean(), k3.mean(),
+                 proxy.mean(), frame.n_tokens.mean())
+    (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
+                                                  "exports": [int(d.name.split("_")[1]) for d in exports]}))
