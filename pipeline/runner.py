@@ -284,6 +284,22 @@ def _visible_cuda_devices() -> int:
         return 0
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; a no-op elsewhere).
+
+    Set in the launcher (`accelerate launch`) and again in every rank: torch's elastic agent starts ranks in sessions
+    of their own, so killing `overopt run` would otherwise leave them training on — and writing into the resumable
+    output that the next run resumes from.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
     """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails.
 
@@ -323,6 +339,6 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
         # `pipeline` and `stages` importable on every rank whatever the working directory.
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         log.info("  launching: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.run(cmd, env=env, preexec_fn=die_with_parent)
     if proc.returncode != 0:
         raise RuntimeError(f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pipeline.runner import die_with_parent
+
 log = logging.getLogger("overopt")
 
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m pipeline.stage_main JOBFILE", file=sys.stderr)
         return 2
+    die_with_parent()
+    if os.getppid() == 1:  # the launcher died before the line above took effect
+        return 1
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[rank {rank}] %(message)s")

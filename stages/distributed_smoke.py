@@ -18,12 +18,12 @@ import json
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
 
 from pipeline.config import DistributedSmokeConfig
+from pipeline.distributed import make_accelerator
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -68,39 +68,12 @@ def _ds_summary(ds_config: dict) -> dict:
     }
 
 
-def _process_group_kwargs() -> list:
-    """Without CUDA, name the process-group backend (DeepSpeed's CPU accelerator: gloo, or ccl with oneCCL).
-
-    accelerate 1.15 only picks a backend for CPU when `cpu=True`, and `cpu=True` turns DeepSpeed off; with no backend
-    it sets `num_processes = 1` on every rank (each believes it is the main process, the dataloader is not sharded)
-    while DeepSpeed itself sees the real world size and rejects the batch sizes accelerate filled in.
-    """
-    if torch.cuda.is_available():
-        return []
-    from accelerate.utils import InitProcessGroupKwargs
-    from deepspeed.accelerator import get_accelerator
-
-    return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
-
-
 def run(cfg: DistributedSmokeConfig, inputs: dict[str, Path], out: Path) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
-    # DeepSpeed 0.19 calls torch.distributed.{all_gather_into_tensor,reduce_scatter_tensor}, deprecated in torch 2.13:
-    # one FutureWarning per call per rank drowns the log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     # The DeepSpeed plugin comes from `accelerate launch --use_deepspeed --deepspeed_config_file` (env vars).
-    accelerator = Accelerator(kwargs_handlers=_process_group_kwargs())
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise RuntimeError(f"distributed_smoke must run under DeepSpeed (launch with a deepspeed_config); "
-                           f"got {accelerator.distributed_type}")
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if accelerator.num_processes != world or world != int(os.environ.get("WORLD_SIZE", "1")):
-        raise RuntimeError(f"accelerate sees {accelerator.num_processes} process(es), torch.distributed {world}, "
-                           f"the launcher {os.environ.get('WORLD_SIZE')}")
+    accelerator = make_accelerator(require_deepspeed=True)
     set_seed(cfg.seed)
 
     # Under ZeRO-3 transformers builds the model inside deepspeed.zero.Init (parameters partitioned at creation).

@@ -1,0 +1,180 @@
+"""The PPO arm on the smoke study: stage outputs, KL measured by the pipeline, the report's PPO tables, the fast
+scoring path, and a killed multi-process PPO run resuming to the same result as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.cache import ArtifactCache
+from pipeline.config import load_config
+from pipeline.models import build_scorer, load_tokenizer
+from pipeline.records import RL_SAMPLE_COLUMNS, messages, read_sample_shards
+from pipeline.runner import Runner
+from pipeline.scoring import score_rollouts
+from pipeline.study import build_stages
+from pipeline.tokenization import ConversationEncoder, encode_conversation, prompt_ids
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The smoke study run to completion (PPO inline, one process, against `bt`)."""
+    root = tmp_path_factory.mktemp("ppo_study")
+    overrides = [f"run.cache_root={root / 'cache'}", f"run.reports_dir={root / 'report'}"]
+    cfg = load_config(SMOKE, overrides)
+    cache = ArtifactCache(cfg.run.cache_root)
+    plan = Runner(build_stages(cfg), cache).run()
+    art = {p.node.key: cache.path(p.node.key, p.fingerprint) for p in plan}
+    return {"cfg": cfg, "art": art, "root": root, "overrides": overrides, "plan": plan}
+
+
+def test_ppo_exports_log_spaced_policies_and_metrics(study):
+    from transformers import AutoModelForCausalLM
+
+    art, ppo = study["art"]["ppo[bt]"], study["cfg"].ppo
+    steps = sorted(int(d.name.split("_")[1]) for d in (art / "exports").iterdir())
+    assert steps == ppo.export_steps() == [0, 1, 2, 3]
+    assert not (art / "checkpoint").exists()  # the resume checkpoint is not part of the artifact
+    records = [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("score", "kl_penalty", "value_loss", "policy_loss", "clip_fraction", "approx_kl", "entropy",
+                "response_length", "time_rollout_s", "time_score_s", "time_forward_s", "time_update_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    # step 0 is the initial policy, byte for byte; the last export has moved
+    base = AutoModelForCausalLM.from_pretrained(study["art"]["sft_policy"] / "model").state_dict()
+    first = AutoModelForCausalLM.from_pretrained(art / "exports" / "step_00000").state_dict()
+    last = AutoModelForCausalLM.from_pretrained(art / "exports" / "step_00003").state_dict()
+    assert all(torch.equal(base[k], first[k]) for k in base)
+    assert any(not torch.equal(base[k], last[k]) for k in base)
+
+
+def test_ppo_sample_measures_kl_on_samples_and_is_zero_for_the_initial_policy(study):
+    samples = read_sample_shards(study["art"]["ppo_sample[bt]"])
+    assert list(samples.columns) == RL_SAMPLE_COLUMNS
+    ev = pd.read_parquet(study["art"]["world"] / "eval_prompts.parquet")
+    assert set(samples.prompt_id) == set(ev.prompt_id)  # the best-of-n evaluation prompts
+    n = study["cfg"].ppo.eval.n_samples
+    assert (samples.groupby(["step", "prompt_id"]).size() == n).all()
+    step0 = samples[samples.step == 0]
+    assert (step0.kl_k1 == 0).all() and (step0.kl_k3 == 0).all()  # the same model: log-ratios are exactly 0
+    assert (samples.kl_k3 >= 0).all()
+    later = samples[samples.step == 3]
+    assert later.kl_k1.abs().sum() > 0
+    # gold scores of the RL samples come from their own stage, keyed by (step, prompt_id, sample_idx)
+    gold = pd.read_parquet(study["art"]["ppo_gold[bt]"] / "scores.parquet")
+    assert list(gold.columns) == ["step", "prompt_id", "sample_idx", "score"] and len(gold) == len(samples)
+    from pipeline.world import gold_reward
+
+    row = samples.iloc[5]
+    mine = gold[(gold.step == row.step) & (gold.prompt_id == row.prompt_id) & (gold.sample_idx == row.sample_idx)]
+    assert float(mine.score.iloc[0]) == gold_reward(messages(row.prompt)[-1]["content"], row.response)
+
+
+def test_ppo_curve_and_report_tables(study):
+    curve = pd.read_parquet(study["art"]["ppo_curve[bt]"] / "curve.parquet")
+    samples = read_sample_shards(study["art"]["ppo_sample[bt]"])
+    gold = pd.read_parquet(study["art"]["ppo_gold[bt]"] / "scores.parquet")
+    merged = samples.merge(gold, on=["step", "prompt_id", "sample_idx"])
+    assert curve.step.tolist() == [0, 1, 2, 3]
+    # the curve's points are means over prompts of per-prompt means
+    by_step = merged.groupby(["step", "prompt_id"])[["kl_k1", "proxy_score", "score"]].mean().groupby("step").mean()
+    assert curve.kl_k1.to_numpy() == pytest.approx(by_step.kl_k1.to_numpy())
+    assert curve.proxy.to_numpy() == pytest.approx(by_step.proxy_score.to_numpy())
+    assert curve.gold.to_numpy() == pytest.approx(by_step.score.to_numpy())
+    assert curve.gold_rel.iloc[0] == 0 and (curve.gold_lo <= curve.gold).all() and (curve.gold <= curve.gold_hi).all()
+    report = study["root"] / "report"
+    table = pd.read_csv(report / "ppo_curves.csv")
+    assert set(table.proxy_name) == {"bt"}
+    pd.testing.assert_frame_equal(table.drop(columns="proxy_name"), curve, check_dtype=False)
+    assert (report / "gold_vs_kl.png").stat().st_size > 1000
+    assert "## PPO" in (report / "README.md").read_text()
+
+
+def test_fast_scoring_paths_equal_the_text_path(study):
+    """ConversationEncoder (template once per prompt, batched responses) and token ids (no decode) give the same
+    rewards as encoding every pair through the full chat template."""
+    cfg = study["cfg"]
+    tokenizer = load_tokenizer(study["art"]["sft_policy"] / "model")
+    samples = read_sample_shards(study["art"]["bon_sample"])
+    prompts, responses = [messages(p) for p in samples.prompt], list(samples.response)
+    exact = [encode_conversation(tokenizer, p, r, 64) for p, r in zip(prompts, responses)]
+    assert ConversationEncoder(tokenizer, 64).encode(prompts, responses) == exact
+
+    from pipeline.study import _sample_scorer
+
+    scorer = build_scorer(_sample_scorer(cfg, cfg.proxies[0]), {"model": study["art"]["train_proxy[bt]"]})
+    text = scorer.score(prompts, responses)
+    assert text == pytest.approx(scorer.score_encoded(exact), abs=1e-6)
+    heads = [prompt_ids(tokenizer, p) for p in prompts]
+    contents = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    ids = score_rollouts(scorer, tokenizer, prompts, heads, contents, responses)
+    assert ids == pytest.approx(text, abs=1e-6)
+    assert np.isfinite(text).all() and np.unique(text.round(6)).size > 1
+
+
+def test_conversation_encoder_matches_the_template_of_a_gemma_like_tokenizer():
+    from tests.test_generation import gemma_like_tokenizer
+
+    tok = gemma_like_tokenizer()
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "world hello"}]] * 3
+    responses = ["hello world", "", "world", "hello hello", "world world world", "hello"]
+    exact = [encode_conversation(tok, p, r, 64) for p, r in zip(prompts, responses)]
+    encoder = ConversationEncoder(tok, 64)
+    assert encoder.suffix is not None  # <end_of_turn> and its newline
+    assert encoder.encode(prompts, responses) == exact
+
+
+@pytest.mark.slow
+def test_killed_ppo_under_zero2_resumes_to_the_uninterrupted_result(study, tmp_path):
+    """SIGKILL a two-rank ZeRO-2 PPO run once it has checkpointed, re-run it: it resumes from the checkpoint (not
+    from scratch) and its metrics equal those of an uninterrupted run on the same machine."""
+    overrides = study["overrides"] + ["ppo.num_processes=2", "ppo.deepspeed_config=configs/deepspeed/zero2.json",
+                                      "ppo.steps=10", "ppo.checkpoint_every=1"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(SMOKE), *overrides, "--only", "ppo[bt]"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    partial = study["root"] / "cache" / ".partial"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        states = list(partial.glob("ppo[[]bt[]].*/checkpoint/state.json"))
+        if states and json.loads(states[0].read_text())["step"] >= 4:
+            killed_at = json.loads(states[0].read_text())["step"]
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run finished (or failed) before it could be killed"
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming PPO from its checkpoint at update" in resumed.stdout + resumed.stderr
+    cfg = load_config(SMOKE, overrides)
+    plan = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root)).plan()
+    art = next(p for p in plan if p.node.key == "ppo[bt]")
+    metrics_path = ArtifactCache(cfg.run.cache_root).path("ppo[bt]", art.fingerprint) / "metrics.jsonl"
+
+    def metrics(path: Path) -> list[dict]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+    after_resume = metrics(metrics_path)
+    assert [r["step"] for r in after_resume] == list(range(1, 11))
+    fresh = subprocess.run(cmd + ["--force", "ppo[bt]"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming" not in fresh.stdout + fresh.stderr
+    assert metrics(metrics_path) == after_resume
