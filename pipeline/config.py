@@ -14,6 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.proxy_types import ALL_TYPES as ALL_PROXY_TYPES
+from pipeline.proxy_types import TRAINED_TYPES as TRAINED_PROXY_TYPES
+from pipeline.proxy_types import used_fields
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what was expected."""
@@ -210,8 +214,9 @@ class RMTrainingOverrides(Section):
     labels: Literal["noisy", "clean"] | None = None
 
 
-ProxyType = Literal["bt", "margin", "label_smoothing", "grm", "frozen", "ensemble", "checkpoint"]
-TrainedType = Literal["bt", "margin", "label_smoothing", "grm", "frozen"]
+# Both built from the one table of proxy types (`pipeline.proxy_types`).
+ProxyType = Literal[ALL_PROXY_TYPES]  # type: ignore[valid-type]
+TrainedType = Literal[TRAINED_PROXY_TYPES]  # type: ignore[valid-type]
 
 
 class ProxyConfig(Section):
@@ -261,14 +266,7 @@ class ProxyConfig(Section):
     def canonical(self) -> "ProxyConfig":
         """This proxy with the fields its type does not use reset to their defaults, so that changing, say, `alpha`
         of a BT proxy does not look like a new proxy to the cache."""
-        by_type = {"grm": {"reg", "alpha", "beta"}, "label_smoothing": {"epsilon"}, "margin": {"margin_scale"},
-                   "checkpoint": {"path", "trust_remote_code", "dtype"}}
-        used = {"name", "type", "seed", "head", "head_width", "head_dropout", "training"}
-        used |= by_type.get(self.type, set())
-        if self.type == "ensemble":  # its members inherit the fields their member_type uses
-            used |= {"members", "member_type", "combine"} | by_type.get(self.member_type, set())
-            used |= {"uwo_lambda"} if self.combine == "uwo" else set()
-        return ProxyConfig(**self.model_dump(include=used))
+        return ProxyConfig(**self.model_dump(include=used_fields(self)))
 
     def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
         """The shared training settings with this proxy's explicit overrides applied."""
@@ -356,6 +354,8 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
+        if not self.proxies:
+            raise ValueError("proxies: a study needs at least one proxy (e.g. proxies: [{name: bt, type: bt}])")
         names = [p.name for p in self.proxies]
         names += [m.name for p in self.proxies if p.type == "ensemble" for m in p.member_specs()]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -443,8 +443,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
         else:
             got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
+            got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            if not loc and e["type"] == "value_error":  # a cross-field check: its message names the keys
+                lines.append(f"  {msg}")
+            else:
+                lines.append(f"  {key}: {msg}{got_s}")
     return "\n".join(lines)
 
 
