@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.config import ScorerStageConfig
 from pipeline.models import build_scorer
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, write_records
-from pipeline.scoring import SequenceTooLongError, combine_members, load_member_stats
+from pipeline.scoring import SequenceTooLongError, check_finite, combine_members, load_member_stats
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -48,5 +48,6 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         except SequenceTooLongError as e:
             raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
         scores = samples[["prompt_id", "sample_idx"]].assign(score=values)
+    check_finite(scores.score, cfg.name, list(zip(scores.prompt_id, scores.sample_idx)), ("prompt_id", "sample_idx"))
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))
