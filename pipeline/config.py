@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 
 # Marks a field that cannot change a stage's result (inference batch sizes): the runner leaves it out of fingerprints.
 NOT_FINGERPRINTED = {"fingerprint": False}
+# Marks an option added after artifacts existed: it enters fingerprints only when set to something else than its default.
+FINGERPRINTED_UNLESS_DEFAULT = {"fingerprint": "unless_default"}
 
 
 class Section(BaseModel):
@@ -129,6 +131,9 @@ class GoldConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(16, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     max_length: int = Field(1024, ge=8)
+    # Tokenize like the GRM authors' released checkpoints (template rendered to text, then tokenized with special
+    # tokens: two BOS). Only for reward models trained that way; see README, `type: checkpoint`.
+    double_bos: bool = Field(False, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 
     _home = field_validator("model_id")(classmethod(lambda cls, v: _expand_home(v)))
 
@@ -136,6 +141,8 @@ class GoldConfig(Section):
     def _hf_needs_id(self) -> "GoldConfig":
         if self.type == "hf" and not self.model_id:
             raise ValueError("gold.type is 'hf' but gold.model_id is not set")
+        if self.double_bos and self.type != "hf":
+            raise ValueError("gold.double_bos is only for a reward model (gold.type: hf)")
         return self
 
 
@@ -246,6 +253,8 @@ class ProxyConfig(Section):
     path: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # checkpoint: tokenize as the GRM authors did (two BOS); see README
+    double_bos: bool = Field(False, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     training: RMTrainingOverrides = RMTrainingOverrides()
 
     _home = field_validator("path")(classmethod(lambda cls, v: _expand_home(v)))
@@ -261,6 +270,8 @@ class ProxyConfig(Section):
     def _checkpoint_needs_path(self) -> "ProxyConfig":
         if self.type == "checkpoint" and not self.path:
             raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
+        if self.double_bos and self.type != "checkpoint":
+            raise ValueError(f"proxy {self.name!r}: double_bos is only for type 'checkpoint' (a released reward model)")
         return self
 
     def canonical(self) -> "ProxyConfig":

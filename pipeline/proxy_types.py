@@ -77,7 +77,7 @@ PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
     # `members` copies of `member_type`; the fields that member type uses count too (see `used_fields`)
     ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False),
     # an existing reward model (local dir or hub id): no training stage
-    ProxyTypeSpec("checkpoint", frozenset({"path", "trust_remote_code", "dtype"}), False),
+    ProxyTypeSpec("checkpoint", frozenset({"path", "trust_remote_code", "dtype", "double_bos"}), False),
 )}
 
 ALL_TYPES: tuple[str, ...] = tuple(PROXY_TYPES)

@@ -65,10 +65,17 @@ class PlannedStage:
 
 def fingerprint_view(value):
     """A config as it counts for fingerprints: fields marked `json_schema_extra={"fingerprint": False}` (batch sizes
-    of inference, which do not change a result) are left out."""
+    of inference, which do not change a result) are left out, and so are fields marked `{"fingerprint":
+    "unless_default"}` while they hold their default (an option added later leaves existing fingerprints as they
+    were until it is used)."""
     if isinstance(value, BaseModel):
-        return {name: fingerprint_view(getattr(value, name)) for name, field in type(value).model_fields.items()
-                if (field.json_schema_extra or {}).get("fingerprint", True)}
+        out = {}
+        for name, field in type(value).model_fields.items():
+            mode = (field.json_schema_extra or {}).get("fingerprint", True)
+            if mode is False or (mode == "unless_default" and getattr(value, name) == field.default):
+                continue
+            out[name] = fingerprint_view(getattr(value, name))
+        return out
     if isinstance(value, (list, tuple)):
         return [fingerprint_view(v) for v in value]
     if isinstance(value, dict):

@@ -40,11 +40,13 @@ class ModelScorer:
     """Batched scoring of a neural reward model through `pipeline.tokenization`."""
 
     def __init__(self, rewards_fn: RewardsFn, module: torch.nn.Module, tokenizer, batch_size: int = 32,
-                 max_length: int = 1024, padding_side: str = "right", strict_length: bool = False):
+                 max_length: int = 1024, padding_side: str = "right", strict_length: bool = False,
+                 double_bos: bool = False):
         self.rewards_fn, self.module, self.tokenizer = rewards_fn, module, tokenizer
         self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
         self.strict_length = strict_length  # raise before any forward pass instead of returning NaN
         self.pad_id = pad_token_id(tokenizer)
+        self.double_bos = double_bos  # tokenize as the GRM authors' released checkpoints (see encode_conversation)
 
     @property
     def device(self) -> torch.device:
@@ -53,7 +55,8 @@ class ModelScorer:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         if len(prompts) != len(responses):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
-        encoded = [encode_conversation(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        encoded = [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
+                   for p, r in zip(prompts, responses)]
         out = np.full(len(encoded), np.nan, dtype=np.float64)
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
         if len(keep) < len(encoded) and self.strict_length:
@@ -171,7 +174,7 @@ def over_length_check(scorer, prompts: Sequence[Prompt], responses: Sequence[str
         return lambda i: False  # programmatic scorers have no length limit
 
     def over(i: int) -> bool:
-        kwargs = {"double_bos": True} if getattr(scorer, "double_bos", False) else {}
-        return encode_conversation(scorer.tokenizer, prompts[i], responses[i], scorer.max_length, **kwargs).truncated
+        return encode_conversation(scorer.tokenizer, prompts[i], responses[i], scorer.max_length,
+                                   double_bos=scorer.double_bos).truncated
 
     return over

@@ -96,3 +96,29 @@ def test_world_tokenizer_span_unchanged():
     head = _ids(tok, [{"role": "user", "content": "list 3 fruits"}], add_generation_prompt=True)
     enc = encode_conversation(tok, "list 3 fruits", "apple pear", 1024)
     assert enc.input_ids[: len(head)] == head and enc.response_start == len(head)
+
+
+def test_double_bos_passes_from_config_to_the_scorer(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline.config import GoldConfig, ProxyConfig, ScorerStageConfig
+    from pipeline.models import build_scorer
+    from pipeline.world import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                               pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for double in (False, True):
+        gold = build_scorer(ScorerStageConfig(name="gold", gold=GoldConfig(type="hf", model_id=str(tmp_path),
+                                                                           double_bos=double)), {})
+        proxy = build_scorer(ScorerStageConfig(name="r", proxy=ProxyConfig(name="r", type="checkpoint",
+                                                                           path=str(tmp_path), double_bos=double)), {})
+        assert gold.double_bos is double and proxy.double_bos is double
+    with pytest.raises(ValueError, match="double_bos is only for type 'checkpoint'"):
+        ProxyConfig(name="b", type="bt", double_bos=True)
+    with pytest.raises(ValueError, match="gold.double_bos is only for a reward model"):
+        GoldConfig(double_bos=True)
