@@ -44,9 +44,9 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
-    from pipeline.study import check_local_paths
+    from pipeline.preflight import preflight
 
-    check_local_paths(cfg)  # before any work
+    preflight(cfg)  # before any work: local paths exist, model directories serve their roles
     runner = _runner(cfg)
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
     with runner.cache.lock(cfg.run.lock_timeout_s):
