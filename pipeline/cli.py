@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -14,13 +15,19 @@ from pipeline.config import ConfigError, StudyConfig, dump_config, load_config
 log = logging.getLogger("overopt")
 
 
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def _setup_logging(log_file: Path | None = None) -> None:
     from rich.logging import RichHandler
 
     root = logging.getLogger("overopt")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    root.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    console.addFilter(_not_file_only)  # records logged with extra={"file_only": True} go to run.log only
+    root.addHandler(console)
     if log_file is not None:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -59,11 +66,41 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         t0 = time.time()
         try:
             runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
-        except Exception:
-            log.exception("run failed after %.1fs (finished stages stay cached)", time.time() - t0)
-            raise
+        except Exception as e:
+            where = f"stage {runner.failed_stage}" if runner.failed_stage else "run"
+            log.error("%s failed after %.1fs (finished stages stay cached)", where, time.time() - t0, exc_info=True,
+                      extra={"file_only": True})
+            if isinstance(e, ConfigError):
+                raise
+            if args.debug:
+                traceback.print_exc()
+            print(failure_line(e, runner.failed_stage), file=sys.stderr)
+            print(f"  full traceback in {run_dir / 'run.log'}" + ("" if args.debug else " (or run again with --debug)"),
+                  file=sys.stderr)
+            return 1
         log.info("finished in %.1fs", time.time() - t0)
     return 0
+
+
+def _hint(e: BaseException) -> str:
+    """What to change, where the exception's type says it (the stages' own messages say it where they know)."""
+    name = type(e).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return "lower the stage's batch size (gold.batch_size, eval_proxy.batch_size, bon.score_batch_size, " \
+               "proxy_training.batch_size) or use dtype: bfloat16"
+    if name == "RecordError":
+        return "an upstream artifact does not have the expected records; re-run it with --force <stage>"
+    if isinstance(e, FileNotFoundError):
+        return "check the path in the config"
+    return ""
+
+
+def failure_line(e: BaseException, stage: str | None) -> str:
+    """One line: which stage failed, the exception's message (on one line), and what to change when known."""
+    message = " ".join(str(e).split()) or "(no message)"
+    hint = _hint(e)
+    where = f"stage {stage} failed" if stage else "run failed"
+    return f"error: {where}: {type(e).__name__}: {message}" + (f" -> {hint}" if hint and hint not in message else "")
 
 
 def cmd_status(cfg: StudyConfig, args) -> int:
@@ -119,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--only", action="append", help="run only these stages (keys or stage names)")
             p.add_argument("--until", action="append", help="run these stages and what they depend on")
             p.add_argument("--force", action="append", help="re-run these stages even if cached")
+            p.add_argument("--debug", action="store_true", help="on failure, print the traceback here too")
         if name == "show":
             p.add_argument("-n", type=int, default=5)
     # overrides may come after options (`run CONFIG --only x a.b=1`): collect the leftovers that look like overrides

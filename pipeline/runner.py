@@ -150,6 +150,7 @@ class Runner:
         self.nodes = toposort(nodes)
         self.by_key = {n.key: n for n in self.nodes}
         self.cache = cache
+        self.failed_stage: str | None = None  # key of the stage whose run raised (for the CLI's one-line error)
 
     def check_names(self, names: set[str]) -> None:
         known = {n.key for n in self.nodes} | {n.stage for n in self.nodes}
@@ -213,7 +214,11 @@ class Runner:
                                        f"run without --only to build it")
             inputs = {role: self.cache.path(up, fps[up]) for role, up in n.inputs.items()}
             log.info("▶ %-28s running (%s)", n.key, p.fingerprint)
-            manifest = self._execute(n, p.fingerprint, inputs)
+            try:
+                manifest = self._execute(n, p.fingerprint, inputs)
+            except BaseException:
+                self.failed_stage = n.key
+                raise
             log.info("✓ %-28s done in %.1fs", n.key, manifest["wall_time_s"])
             p.status, p.manifest = "cached", manifest
             state[n.key] = "cached"
