@@ -1,4 +1,4 @@
-"""`overopt run|status|show CONFIG [section.key=value ...]`."""
+"""`overopt run|status|show CONFIG [section.key=value ...]`, `overopt gc CONFIG... [--yes]`."""
 
 from __future__ import annotations
 
@@ -143,6 +143,24 @@ def cmd_show(cfg: StudyConfig, args) -> int:
     return 0
 
 
+def cmd_gc(args, extra: list[str]) -> int:
+    from pipeline.gc import collect
+
+    overrides = [a for a in args.configs if "=" in a] + extra
+    paths = [a for a in args.configs if "=" not in a]
+    if not paths:
+        raise ConfigError("gc needs at least one study config: the studies whose artifacts are kept")
+    configs = [load_config(path, overrides) for path in paths]
+    from pipeline.cache import CacheLockedError
+
+    try:
+        collect(configs, yes=args.yes, lock_timeout_s=0.0)
+    except CacheLockedError as e:
+        raise CacheLockedError(f"{e}. gc lists and removes nothing while a run holds the lock: run it again once "
+                               f"that run has finished") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="overopt", description="Reward-model over-optimization studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,14 +177,20 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--debug", action="store_true", help="on failure, print the traceback here too")
         if name == "show":
             p.add_argument("-n", type=int, default=5)
+    p = sub.add_parser("gc", help="list (with --yes remove) cached artifacts and run folders that none of the named "
+                                  "studies reference")
+    p.add_argument("configs", nargs="+", help="study configs to keep; section.key=value overrides apply to all")
+    p.add_argument("--yes", action="store_true", help="remove what is listed")
     # overrides may come after options (`run CONFIG --only x a.b=1`): collect the leftovers that look like overrides
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + extra
     _setup_logging()
     try:
+        if args.command == "gc":
+            return cmd_gc(args, extra)
+        args.overrides = list(args.overrides) + extra
         cfg = load_config(args.config, args.overrides)
         return {"run": cmd_run, "status": cmd_status, "show": cmd_show}[args.command](cfg, args)
     except ConfigError as e:
