@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import filelock
@@ -50,6 +52,40 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _manifest_problem(manifest, fingerprint: str) -> str | None:
+    """What is wrong with a parsed manifest's shape (None when it is the shape `commit` writes)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "no 'files' object"
+    if manifest.get("fingerprint", fingerprint) != fingerprint:
+        return f"fingerprint {manifest.get('fingerprint')!r} is not the directory's {fingerprint!r}"
+    for field in ("wall_time_s", "size_bytes", "committed_at"):  # read by `overopt status` and `gc`
+        if field in manifest and not _is_number(manifest[field]):
+            return f"{field!r} is not a number"
+    for rel, meta in files.items():
+        parts = PurePosixPath(rel).parts
+        if (not rel or "\x00" in rel or rel.startswith("/") or ".." in parts or rel != PurePosixPath(rel).as_posix()
+                or rel == MANIFEST):
+            return f"file entry {rel!r} is not a relative path inside the artifact"
+        if not isinstance(meta, dict):
+            return f"file entry {rel!r} is a {type(meta).__name__}, not an object"
+        size, digest = meta.get("size"), meta.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"file entry {rel!r} has no integer 'size' (got {size!r})"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"file entry {rel!r} has no hex 'sha256' (got {str(digest)[:80]!r})"
+    return None
+
+
 @dataclass(frozen=True)
 class ArtifactState:
     status: str  # "cached" | "missing" | "corrupt"
@@ -68,27 +104,35 @@ class ArtifactCache:
         return self.root / key / fingerprint
 
     def check(self, key: str, fingerprint: str) -> ArtifactState:
-        """Is a committed, intact artifact there? Checks every file listed in the manifest."""
+        """Is a committed, intact artifact there? Checks every file listed in the manifest.
+
+        Never raises on a damaged artifact: a manifest that is not valid JSON, not the expected shape (not an object,
+        no `files`, an entry without an integer `size` or a hex `sha256`, a path outside the artifact) or that
+        disagrees with the files is "corrupt", and the runner recomputes the artifact.
+        """
         d = self.path(key, fingerprint)
-        mf = d / MANIFEST
         if not d.exists():
             return ArtifactState("missing")
         try:
-            manifest = json.loads(mf.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            return ArtifactState("corrupt", f"manifest unreadable: {e}")
-        if not isinstance(manifest.get("files"), dict):
-            return ArtifactState("corrupt", "manifest lists no files")
-        for rel, meta in manifest["files"].items():
-            f = d / rel
-            if not f.is_file():
-                return ArtifactState("corrupt", f"file missing: {rel}", manifest)
-            if f.stat().st_size != meta["size"]:
-                return ArtifactState("corrupt", f"size mismatch: {rel}", manifest)
-            if self.verify == "checksum" and sha256_file(f) != meta["sha256"]:
-                return ArtifactState("corrupt", f"checksum mismatch: {rel}", manifest)
-        listed = set(manifest["files"]) | {MANIFEST}
-        extra = [p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()]
+            manifest = json.loads((d / MANIFEST).read_bytes().decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 decoding errors
+            return ArtifactState("corrupt", f"manifest unreadable: {type(e).__name__}: {e}")
+        problem = _manifest_problem(manifest, fingerprint)
+        if problem:
+            return ArtifactState("corrupt", f"manifest malformed: {problem}")
+        try:
+            for rel, meta in manifest["files"].items():
+                f = d / rel
+                if not f.is_file():
+                    return ArtifactState("corrupt", f"file missing: {rel}", manifest)
+                if f.stat().st_size != meta["size"]:
+                    return ArtifactState("corrupt", f"size mismatch: {rel}", manifest)
+                if self.verify == "checksum" and sha256_file(f) != meta["sha256"]:
+                    return ArtifactState("corrupt", f"checksum mismatch: {rel}", manifest)
+            listed = set(manifest["files"]) | {MANIFEST}
+            extra = [p.relative_to(d).as_posix() for p in d.rglob("*") if not p.is_dir()]
+        except (OSError, ValueError) as e:
+            return ArtifactState("corrupt", f"unreadable: {type(e).__name__}: {e}", manifest)
         extra = sorted(set(extra) - listed)
         if extra:
             return ArtifactState("corrupt", f"unexpected files: {extra[:3]}", manifest)

@@ -1,4 +1,4 @@
-"""`overopt run|status|show CONFIG [section.key=value ...]`."""
+"""`overopt run|status|show CONFIG [section.key=value ...]`, `overopt gc CONFIG... [--yes]`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -14,13 +15,19 @@ from pipeline.config import ConfigError, StudyConfig, dump_config, load_config
 log = logging.getLogger("overopt")
 
 
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def _setup_logging(log_file: Path | None = None) -> None:
     from rich.logging import RichHandler
 
     root = logging.getLogger("overopt")
     root.setLevel(logging.INFO)
     root.handlers.clear()
-    root.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
+    console = RichHandler(show_path=False, show_time=False, markup=False)
+    console.addFilter(_not_file_only)  # records logged with extra={"file_only": True} go to run.log only
+    root.addHandler(console)
     if log_file is not None:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -44,9 +51,9 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
-    from pipeline.study import check_local_paths
+    from pipeline.preflight import preflight
 
-    check_local_paths(cfg)  # before any work
+    preflight(cfg)  # before any work: local paths exist, model directories serve their roles
     runner = _runner(cfg)
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
     with runner.cache.lock(cfg.run.lock_timeout_s):
@@ -59,11 +66,41 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         t0 = time.time()
         try:
             runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
-        except Exception:
-            log.exception("run failed after %.1fs (finished stages stay cached)", time.time() - t0)
-            raise
+        except Exception as e:
+            where = f"stage {runner.failed_stage}" if runner.failed_stage else "run"
+            log.error("%s failed after %.1fs (finished stages stay cached)", where, time.time() - t0, exc_info=True,
+                      extra={"file_only": True})
+            if isinstance(e, ConfigError):
+                raise
+            if args.debug:
+                traceback.print_exc()
+            print(failure_line(e, runner.failed_stage), file=sys.stderr)
+            print(f"  full traceback in {run_dir / 'run.log'}" + ("" if args.debug else " (or run again with --debug)"),
+                  file=sys.stderr)
+            return 1
         log.info("finished in %.1fs", time.time() - t0)
     return 0
+
+
+def _hint(e: BaseException) -> str:
+    """What to change, where the exception's type says it (the stages' own messages say it where they know)."""
+    name = type(e).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return "lower the stage's batch size (gold.batch_size, eval_proxy.batch_size, bon.score_batch_size, " \
+               "proxy_training.batch_size) or use dtype: bfloat16"
+    if name == "RecordError":
+        return "an upstream artifact does not have the expected records; re-run it with --force <stage>"
+    if isinstance(e, FileNotFoundError):
+        return "check the path in the config"
+    return ""
+
+
+def failure_line(e: BaseException, stage: str | None) -> str:
+    """One line: which stage failed, the exception's message (on one line), and what to change when known."""
+    message = " ".join(str(e).split()) or "(no message)"
+    hint = _hint(e)
+    where = f"stage {stage} failed" if stage else "run failed"
+    return f"error: {where}: {type(e).__name__}: {message}" + (f" -> {hint}" if hint and hint not in message else "")
 
 
 def cmd_status(cfg: StudyConfig, args) -> int:
@@ -106,6 +143,24 @@ def cmd_show(cfg: StudyConfig, args) -> int:
     return 0
 
 
+def cmd_gc(args, extra: list[str]) -> int:
+    from pipeline.gc import collect
+
+    overrides = [a for a in args.configs if "=" in a] + extra
+    paths = [a for a in args.configs if "=" not in a]
+    if not paths:
+        raise ConfigError("gc needs at least one study config: the studies whose artifacts are kept")
+    configs = [load_config(path, overrides) for path in paths]
+    from pipeline.cache import CacheLockedError
+
+    try:
+        collect(configs, yes=args.yes, lock_timeout_s=0.0)
+    except CacheLockedError as e:
+        raise CacheLockedError(f"{e}. gc lists and removes nothing while a run holds the lock: run it again once "
+                               f"that run has finished") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="overopt", description="Reward-model over-optimization studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,16 +174,23 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--only", action="append", help="run only these stages (keys or stage names)")
             p.add_argument("--until", action="append", help="run these stages and what they depend on")
             p.add_argument("--force", action="append", help="re-run these stages even if cached")
+            p.add_argument("--debug", action="store_true", help="on failure, print the traceback here too")
         if name == "show":
             p.add_argument("-n", type=int, default=5)
+    p = sub.add_parser("gc", help="list (with --yes remove) cached artifacts and run folders that none of the named "
+                                  "studies reference")
+    p.add_argument("configs", nargs="+", help="study configs to keep; section.key=value overrides apply to all")
+    p.add_argument("--yes", action="store_true", help="remove what is listed")
     # overrides may come after options (`run CONFIG --only x a.b=1`): collect the leftovers that look like overrides
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + extra
     _setup_logging()
     try:
+        if args.command == "gc":
+            return cmd_gc(args, extra)
+        args.overrides = list(args.overrides) + extra
         cfg = load_config(args.config, args.overrides)
         return {"run": cmd_run, "status": cmd_status, "show": cmd_show}[args.command](cfg, args)
     except ConfigError as e:

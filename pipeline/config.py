@@ -14,6 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.proxy_types import ALL_TYPES as ALL_PROXY_TYPES
+from pipeline.proxy_types import TRAINED_TYPES as TRAINED_PROXY_TYPES
+from pipeline.proxy_types import used_fields
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what was expected."""
@@ -21,6 +25,8 @@ class ConfigError(ValueError):
 
 # Marks a field that cannot change a stage's result (inference batch sizes): the runner leaves it out of fingerprints.
 NOT_FINGERPRINTED = {"fingerprint": False}
+# Marks an option added after artifacts existed: it enters fingerprints only when set to something else than its default.
+FINGERPRINTED_UNLESS_DEFAULT = {"fingerprint": "unless_default"}
 
 
 class Section(BaseModel):
@@ -125,6 +131,9 @@ class GoldConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(16, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     max_length: int = Field(1024, ge=8)
+    # Tokenize like the GRM authors' released checkpoints (template rendered to text, then tokenized with special
+    # tokens: two BOS). Only for reward models trained that way; see README, `type: checkpoint`.
+    double_bos: bool = Field(False, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 
     _home = field_validator("model_id")(classmethod(lambda cls, v: _expand_home(v)))
 
@@ -132,6 +141,8 @@ class GoldConfig(Section):
     def _hf_needs_id(self) -> "GoldConfig":
         if self.type == "hf" and not self.model_id:
             raise ValueError("gold.type is 'hf' but gold.model_id is not set")
+        if self.double_bos and self.type != "hf":
+            raise ValueError("gold.double_bos is only for a reward model (gold.type: hf)")
         return self
 
 
@@ -210,8 +221,9 @@ class RMTrainingOverrides(Section):
     labels: Literal["noisy", "clean"] | None = None
 
 
-ProxyType = Literal["bt", "margin", "label_smoothing", "grm", "frozen", "ensemble", "checkpoint"]
-TrainedType = Literal["bt", "margin", "label_smoothing", "grm", "frozen"]
+# Both built from the one table of proxy types (`pipeline.proxy_types`).
+ProxyType = Literal[ALL_PROXY_TYPES]  # type: ignore[valid-type]
+TrainedType = Literal[TRAINED_PROXY_TYPES]  # type: ignore[valid-type]
 
 
 class ProxyConfig(Section):
@@ -241,6 +253,8 @@ class ProxyConfig(Section):
     path: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # checkpoint: tokenize as the GRM authors did (two BOS); see README
+    double_bos: bool = Field(False, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     training: RMTrainingOverrides = RMTrainingOverrides()
 
     _home = field_validator("path")(classmethod(lambda cls, v: _expand_home(v)))
@@ -256,19 +270,14 @@ class ProxyConfig(Section):
     def _checkpoint_needs_path(self) -> "ProxyConfig":
         if self.type == "checkpoint" and not self.path:
             raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
+        if self.double_bos and self.type != "checkpoint":
+            raise ValueError(f"proxy {self.name!r}: double_bos is only for type 'checkpoint' (a released reward model)")
         return self
 
     def canonical(self) -> "ProxyConfig":
         """This proxy with the fields its type does not use reset to their defaults, so that changing, say, `alpha`
         of a BT proxy does not look like a new proxy to the cache."""
-        by_type = {"grm": {"reg", "alpha", "beta"}, "label_smoothing": {"epsilon"}, "margin": {"margin_scale"},
-                   "checkpoint": {"path", "trust_remote_code", "dtype"}}
-        used = {"name", "type", "seed", "head", "head_width", "head_dropout", "training"}
-        used |= by_type.get(self.type, set())
-        if self.type == "ensemble":  # its members inherit the fields their member_type uses
-            used |= {"members", "member_type", "combine"} | by_type.get(self.member_type, set())
-            used |= {"uwo_lambda"} if self.combine == "uwo" else set()
-        return ProxyConfig(**self.model_dump(include=used))
+        return ProxyConfig(**self.model_dump(include=used_fields(self)))
 
     def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
         """The shared training settings with this proxy's explicit overrides applied."""
@@ -442,6 +451,8 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
+        if not self.proxies:
+            raise ValueError("proxies: a study needs at least one proxy (e.g. proxies: [{name: bt, type: bt}])")
         names = [p.name for p in self.proxies]
         names += [m.name for p in self.proxies if p.type == "ensemble" for m in p.member_specs()]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -537,8 +548,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
         else:
             got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_s}")
+            got_s = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            if not loc and e["type"] == "value_error":  # a cross-field check: its message names the keys
+                lines.append(f"  {msg}")
+            else:
+                lines.append(f"  {key}: {msg}{got_s}")
     return "\n".join(lines)
 
 

@@ -243,16 +243,41 @@ def _load(path: str | Path, config: str | None, split: str | None, required: Seq
           cache_dir: str | None = None):
     """A `datasets.Dataset` for one (config, split), its required columns checked before and after loading."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     source = _resolve(path, config, split)
+    if source.files is not None:
+        _require_rows(source.files, source.builder, source.label)
     _require(_peek_columns(source, config), required, source.label)
     if source.files is not None:
-        ds = load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
-                          cache_dir=cache_dir)
+        try:
+            ds = load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train",
+                              cache_dir=cache_dir)
+        except (DatasetGenerationError, ValueError) as e:  # generic errors that do not say which file
+            raise ValueError(f"{source.label}: could not be read as a {source.builder} dataset "
+                             f"({type(e).__name__}: {e.__cause__ or e})") from e
     else:
         ds = _hub_call(source.hub_id, load_dataset, source.hub_id, config, split=split, cache_dir=cache_dir)
     _require(ds.column_names, required, source.label)
+    if len(ds) == 0:
+        raise ValueError(f"{source.label}: the dataset has no rows")
     return ds, source
+
+
+def _require_rows(files: Sequence[Path], builder: str, label: str) -> None:
+    """An empty data file is an error naming it, before `datasets` turns it into a generic generation error."""
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ValueError(f"{f}: data file is empty (0 bytes)")
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_metadata(f).num_rows
+            except Exception as e:  # pyarrow.ArrowInvalid: not a parquet file
+                raise ValueError(f"{f}: not a readable parquet file ({e})") from e
+            if rows == 0:
+                raise ValueError(f"{f}: data file has no rows")
 
 
 def _log_dropped(label: str, dropped: dict[str, int], kept: int) -> None:
@@ -270,7 +295,8 @@ def load_unified_feedback(path: str | Path, config: str | None = "all", split: s
     """Pairs of `llm-blender/Unified-Feedback` in a seeded random order: the first `n_pairs` usable rows of the split
     shuffled with `shuffle_seed` (the permutation `np.random.default_rng(seed).permutation(n)`, the one
     `datasets.Dataset.shuffle(seed=seed)` uses). A row is usable when both conversations end with an assistant turn
-    and share every turn before it; the rest are dropped and counted in a log message.
+    and share every turn before it, the prompt has text and neither response is empty; the rest are dropped and
+    counted in a log message naming the file. No usable row at all (or an empty file) is an error naming the file.
 
     Returns pair_id (the row's `id`; `id#row_index` for ids that repeat within the split, the row index when there is
     no `id` column), prompt_id (`prompt_id_of(prompt)`), prompt (messages), response_a, response_b, rating_a, rating_b,
@@ -294,7 +320,9 @@ def load_unified_feedback(path: str | Path, config: str | None = "all", split: s
     target = n if n_pairs is None else min(n_pairs, n)
     rows: list[dict] = []
     dropped = {"conv_A and conv_B differ before the final assistant turn": 0,
-               "a conversation does not end with an assistant turn": 0}
+               "a conversation does not end with an assistant turn": 0,
+               "empty prompt (no text before the final assistant turn)": 0,
+               "empty response (a final assistant turn with no text)": 0}
     chunk = 4096
     for start in range(0, n, chunk):
         if len(rows) >= target:
@@ -312,6 +340,12 @@ def load_unified_feedback(path: str | Path, config: str | None = "all", split: s
             if a[0] != b[0]:
                 dropped["conv_A and conv_B differ before the final assistant turn"] += 1
                 continue
+            if not any(m["content"].strip() for m in a[0]):
+                dropped["empty prompt (no text before the final assistant turn)"] += 1
+                continue
+            if not a[1].strip() or not b[1].strip():
+                dropped["empty response (a final assistant turn with no text)"] += 1
+                continue
             row_index = int(row_index)
             if ids is None:
                 pair_id = str(row_index)
@@ -323,6 +357,10 @@ def load_unified_feedback(path: str | Path, config: str | None = "all", split: s
                          "source": str(batch["source"][j]) if "source" in batch and batch["source"][j] is not None
                          else "", "row_index": row_index})
     _log_dropped(source.label, dropped, len(rows))
+    if not rows:
+        reasons = "; ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+        raise ValueError(f"{source.label}: no usable pair among its {n} row(s) ({reasons}); a usable row has "
+                         f"conv_A and conv_B sharing a non-empty prompt and each ending in a non-empty assistant turn")
     if n_pairs is not None and len(rows) < n_pairs:
         log.warning("%s: only %d usable pairs (n_pairs = %d)", source.label, len(rows), n_pairs)
     return pd.DataFrame(rows, columns=UNIFIED_FEEDBACK_COLUMNS)

@@ -99,8 +99,9 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
 
 
 def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
-                       trust_remote_code: bool = False, strict_length: bool = False):
-    """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier."""
+                       trust_remote_code: bool = False, strict_length: bool = False, double_bos: bool = False):
+    """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier.
+    `double_bos`: tokenize as the GRM authors' released checkpoints were trained (see `encode_conversation`)."""
     from pipeline.reward_model import GRMRewardModel, is_grm_checkpoint
     from pipeline.scoring import ModelScorer
 
@@ -109,9 +110,11 @@ def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_lengt
     if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
         model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(default_device())
-        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length)
+        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length,
+                           double_bos=double_bos)
     model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
-    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length)
+    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length,
+                       double_bos=double_bos)
 
 
 def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
@@ -129,13 +132,13 @@ def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
         if gold.type == "world":
             return WorldGoldScorer()
         return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code,
-                                  strict_length)
+                                  strict_length, double_bos=gold.double_bos)
     proxy = cfg.proxy
     if proxy is None:
         raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
     if proxy.type == "checkpoint":
         return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, proxy.dtype, proxy.trust_remote_code,
-                                  strict_length)
+                                  strict_length, double_bos=proxy.double_bos)
     if proxy.type == "ensemble":
         dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
         members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype,

@@ -65,10 +65,17 @@ class PlannedStage:
 
 def fingerprint_view(value):
     """A config as it counts for fingerprints: fields marked `json_schema_extra={"fingerprint": False}` (batch sizes
-    of inference, which do not change a result) are left out."""
+    of inference, which do not change a result) are left out, and so are fields marked `{"fingerprint":
+    "unless_default"}` while they hold their default (an option added later leaves existing fingerprints as they
+    were until it is used)."""
     if isinstance(value, BaseModel):
-        return {name: fingerprint_view(getattr(value, name)) for name, field in type(value).model_fields.items()
-                if (field.json_schema_extra or {}).get("fingerprint", True)}
+        out = {}
+        for name, field in type(value).model_fields.items():
+            mode = (field.json_schema_extra or {}).get("fingerprint", True)
+            if mode is False or (mode == "unless_default" and getattr(value, name) == field.default):
+                continue
+            out[name] = fingerprint_view(getattr(value, name))
+        return out
     if isinstance(value, (list, tuple)):
         return [fingerprint_view(v) for v in value]
     if isinstance(value, dict):
@@ -143,6 +150,7 @@ class Runner:
         self.nodes = toposort(nodes)
         self.by_key = {n.key: n for n in self.nodes}
         self.cache = cache
+        self.failed_stage: str | None = None  # key of the stage whose run raised (for the CLI's one-line error)
 
     def check_names(self, names: set[str]) -> None:
         known = {n.key for n in self.nodes} | {n.stage for n in self.nodes}
@@ -206,7 +214,11 @@ class Runner:
                                        f"run without --only to build it")
             inputs = {role: self.cache.path(up, fps[up]) for role, up in n.inputs.items()}
             log.info("▶ %-28s running (%s)", n.key, p.fingerprint)
-            manifest = self._execute(n, p.fingerprint, inputs)
+            try:
+                manifest = self._execute(n, p.fingerprint, inputs)
+            except BaseException:
+                self.failed_stage = n.key
+                raise
             log.info("✓ %-28s done in %.1fs", n.key, manifest["wall_time_s"])
             p.status, p.manifest = "cached", manifest
             state[n.key] = "cached"

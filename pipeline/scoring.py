@@ -41,11 +41,13 @@ class ModelScorer:
     """Batched scoring of a neural reward model through `pipeline.tokenization`."""
 
     def __init__(self, rewards_fn: RewardsFn, module: torch.nn.Module, tokenizer, batch_size: int = 32,
-                 max_length: int = 1024, padding_side: str = "right", strict_length: bool = False):
+                 max_length: int = 1024, padding_side: str = "right", strict_length: bool = False,
+                 double_bos: bool = False):
         self.rewards_fn, self.module, self.tokenizer = rewards_fn, module, tokenizer
         self.batch_size, self.max_length, self.padding_side = batch_size, max_length, padding_side
         self.strict_length = strict_length  # raise before any forward pass instead of returning NaN
         self.pad_id = pad_token_id(tokenizer)
+        self.double_bos = double_bos  # tokenize as the GRM authors' released checkpoints (see encode_conversation)
 
     @property
     def device(self) -> torch.device:
@@ -54,7 +56,7 @@ class ModelScorer:
     @property
     def encoder(self) -> ConversationEncoder:
         if getattr(self, "_encoder", None) is None:
-            self._encoder = ConversationEncoder(self.tokenizer, self.max_length)
+            self._encoder = ConversationEncoder(self.tokenizer, self.max_length, double_bos=self.double_bos)
         return self._encoder
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
@@ -137,6 +139,60 @@ class EnsembleScorer:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         return combine_members([m.score(prompts, responses) for m in self.members], self.stats, self.combine,
                                self.uwo_lambda)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One rule for non-finite scores (labeling, evaluation, best-of-n, RL): a NaN or ±inf reward from a model is an error
+# in the stage that produced it, raised before anything is written. The one NaN that is not an error is the one a
+# non-strict scorer returns on purpose for a sequence over its max length; callers report those as over-length.
+
+
+class NonFiniteScoreError(ValueError):
+    """A reward model returned NaN or ±inf for a sequence it did score."""
+
+
+def _describe_key(key, key_names: Sequence[str]) -> str:
+    values = key if isinstance(key, tuple) else (key,)
+    return ", ".join(f"{n}={v!r}" for n, v in zip(key_names, values))
+
+
+def check_finite(scores, scorer_name: str, keys: Sequence, key_names: Sequence[str] = ("pair_id",),
+                 over_length: Callable[[int], bool] | None = None, where: str = "") -> None:
+    """Raise `NonFiniteScoreError` naming the scorer and the first offending key unless every score is finite.
+
+    `keys[i]` identifies score i: a pair_id, or a tuple such as (prompt_id, sample_idx) with `key_names` naming its
+    parts. `over_length(i)` (asked only where a score is NaN) says whether NaN there means "over the scorer's max
+    length", which a non-strict scorer returns by design; such NaNs are allowed (±inf never is).
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if len(values) != len(keys):
+        raise ValueError(f"{scorer_name}: {len(values)} scores but {len(keys)} keys")
+    bad = [i for i in np.flatnonzero(~np.isfinite(values))
+           if not (np.isnan(values[i]) and over_length is not None and over_length(int(i)))]
+    if bad:
+        first = bad[0]
+        raise NonFiniteScoreError(
+            f"scorer {scorer_name!r} returned a non-finite score ({values[first]}) for "
+            f"{_describe_key(keys[first], key_names)}{f' ({where})' if where else ''}; {len(bad)} of {len(values)} "
+            f"scores are non-finite. Nothing was written. Check the reward model's weights and dtype (float16 "
+            f"overflows to inf; bfloat16 or float32 does not)")
+
+
+def over_length_check(scorer, prompts: Sequence[Prompt], responses: Sequence[str]) -> Callable[[int], bool]:
+    """`over_length(i)` for `check_finite`: whether (prompts[i], responses[i]) exceeds `scorer`'s max length, the case
+    where a non-strict `ModelScorer` returns NaN by design. Tokenizes only the items it is asked about."""
+    members = getattr(scorer, "members", None)
+    if members is not None:  # an ensemble's score is NaN where any member's is
+        checks = [over_length_check(m, prompts, responses) for m in members]
+        return lambda i: any(c(i) for c in checks)
+    if not isinstance(scorer, ModelScorer):
+        return lambda i: False  # programmatic scorers have no length limit
+
+    def over(i: int) -> bool:
+        return encode_conversation(scorer.tokenizer, prompts[i], responses[i], scorer.max_length,
+                                   double_bos=scorer.double_bos).truncated
+
+    return over
 
 
 def score_rollouts(scorer: RewardScorer, policy_tokenizer, prompts: Sequence[Prompt],

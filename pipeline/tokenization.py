@@ -42,8 +42,19 @@ class Encoded:
     truncated: bool
 
 
-def encode_conversation(tokenizer, prompt: Prompt, response: str, max_length: int) -> Encoded:
+def encode_conversation(tokenizer, prompt: Prompt, response: str, max_length: int, *,
+                        double_bos: bool = False) -> Encoded:
     """Token ids of prompt + response through the chat template; `response_start` marks the response span.
+
+    The conversation is rendered to text once and tokenized once without added special tokens (the template writes
+    its own, so the ids equal `apply_chat_template(tokenize=True)`). The response span is located from character
+    offsets: the response starts where the rendered prompt + generation prompt ends, and `response_start` is the first
+    token whose character span reaches past that point. This is exact for every tokenizer, including byte-level BPE
+    ones whose last prompt token (a merged "\n\n") splits once the response follows.
+
+    `double_bos`: tokenize the rendered text *with* special tokens, as the GRM authors did when training and
+    benchmarking their released checkpoints (their template already starts with BOS, so the tokenizer adds a second
+    one at position 0). Only for scoring such checkpoints; models trained here use one BOS.
 
     Over-long sequences are kept from the left and flagged, so callers can filter them rather than silently score a
     truncated response.
@@ -51,14 +62,48 @@ def encode_conversation(tokenizer, prompt: Prompt, response: str, max_length: in
     if tokenizer.chat_template is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
     messages = as_messages(prompt)
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: compare token prefixes (exact unless merges differ)
+        return _encode_by_token_prefix(tokenizer, messages, response, max_length, double_bos)
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                              add_generation_prompt=False, tokenize=False)
+    head_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if full_text.startswith(head_text):
+        char_start = len(head_text)
+    else:  # the template renders the prompt differently once a response follows: from where the texts diverge
+        char_start = _common_prefix(list(head_text), list(full_text))
+        _warn_once(tokenizer, f"chat template of {getattr(tokenizer, 'name_or_path', '')!r}: the rendered prompt is "
+                              f"not a prefix of prompt + response; the response span starts where they diverge")
+    enc = tokenizer(full_text, add_special_tokens=double_bos, return_offsets_mapping=True)
+    full, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    start = next((i for i, (_, end) in enumerate(offsets) if end > char_start and not _is_added_special(
+        tokenizer, full[i], offsets[i], double_bos)), len(full))
+    truncated = len(full) > max_length
+    return Encoded(full[:max_length], min(start, max_length), truncated)
+
+
+def _is_added_special(tokenizer, token_id: int, offset, double_bos: bool) -> bool:
+    """A special token the tokenizer itself added (BOS/EOS with `double_bos`): it has an empty character span."""
+    return double_bos and offset[0] == offset[1] and token_id in set(tokenizer.all_special_ids)
+
+
+def _encode_by_token_prefix(tokenizer, messages: list[Message], response: str, max_length: int,
+                            double_bos: bool) -> Encoded:
+    """For tokenizers without character offsets: the response starts after the prompt's own tokens."""
     head = _template_ids(tokenizer, messages, add_generation_prompt=True)
     full = _template_ids(tokenizer, messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
     if full[: len(head)] == head:
         start = len(head)
-    else:  # the template tokenizes the prompt differently once a response follows: mask from where they diverge
+    else:
         start = _common_prefix(head, full)
         _warn_once(tokenizer, f"chat template of {getattr(tokenizer, 'name_or_path', '')!r}: the prompt's tokens "
                               f"are not a prefix of prompt + response; the response span starts at their common prefix")
+    if double_bos:
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                             add_generation_prompt=False, tokenize=False)
+        with_special = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        lead = next((k for k in range(len(with_special) - len(full) + 1)
+                     if with_special[k:k + len(full)] == full), 0)  # tokens the tokenizer added in front
+        full, start = with_special, start + lead
     truncated = len(full) > max_length
     return Encoded(full[:max_length], min(start, max_length), truncated)
 
@@ -148,9 +193,10 @@ class ConversationEncoder:
 
     CHECKED_PER_CALL = 8
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.suffix = _assistant_suffix(tokenizer)
+    def __init__(self, tokenizer, max_length: int, double_bos: bool = False):
+        self.tokenizer, self.max_length, self.double_bos = tokenizer, max_length, double_bos
+        # the released-checkpoint tokenization (a second BOS) is reproduced only by the exact path
+        self.suffix = None if double_bos else _assistant_suffix(tokenizer)
         self._heads: dict[str, list[int]] = {}
 
     def _head(self, prompt: Prompt) -> list[int]:
@@ -166,10 +212,10 @@ class ConversationEncoder:
 
     def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Encoded]:
         """Same result as `[encode_conversation(tok, p, r, max_length) for p, r in zip(prompts, responses)]`."""
-        exact = [encode_conversation(self.tokenizer, p, r, self.max_length)
+        exact = [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
                  for p, r in zip(prompts[:self.CHECKED_PER_CALL], responses[:self.CHECKED_PER_CALL])]
         if self.suffix is None:
-            return exact + [encode_conversation(self.tokenizer, p, r, self.max_length)
+            return exact + [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
                             for p, r in zip(prompts[len(exact):], responses[len(exact):])]
         contents = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
         fast = [self._compose(self._head(p), c) for p, c in zip(prompts, contents)]

@@ -18,7 +18,7 @@ import pandas as pd
 from pipeline.config import ScorerStageConfig
 from pipeline.models import build_scorer
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, sample_keys, write_records
-from pipeline.scoring import SequenceTooLongError, combine_members, load_member_stats
+from pipeline.scoring import SequenceTooLongError, check_finite, combine_members, load_member_stats
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -49,5 +49,7 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         except SequenceTooLongError as e:
             raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
         scores = samples[sample_keys(samples)].assign(score=values)
+    keys = sample_keys(scores)
+    check_finite(scores.score, cfg.name, list(scores[keys].itertuples(index=False, name=None)), keys)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

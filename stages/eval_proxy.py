@@ -21,6 +21,7 @@ from pipeline.config import EvalProxyStageConfig
 from pipeline.models import build_scorer
 from pipeline.hf_data import pair_prompts
 from pipeline.records import PAIR_COLUMNS, read_records
+from pipeline.scoring import check_finite, over_length_check
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -62,6 +63,10 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
         prompts_c, prompts_r = pair_prompts(frame)  # MT-Bench turn 2: each side in its own model's conversation
         r_c = scorer.score(prompts_c, list(frame.chosen))
         r_r = scorer.score(prompts_r, list(frame.rejected))
+        for side, prompts, responses, r in (("chosen", prompts_c, list(frame.chosen), r_c),
+                                            ("rejected", prompts_r, list(frame.rejected), r_r)):
+            check_finite(r, cfg.scorer.name, list(frame.pair_id), ("pair_id",),
+                         over_length_check(scorer, prompts, responses), where=f"{name}, {side}")
         rows.append({"proxy": cfg.scorer.name, "set": name, "labels": "clean", **pairwise_accuracy(r_c, r_r)})
         if "label_noisy" in frame and (frame.label_noisy == 0).any():
             rows.append({"proxy": cfg.scorer.name, "set": name, "labels": "noisy",

@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipeline.config import GoldLabelStageConfig
 from pipeline.records import CANDIDATE_COLUMNS, PAIR_COLUMNS, prompt_text, read_records, write_records
+from pipeline.scoring import check_finite
 
 VERSION = "2"
 log = logging.getLogger("overopt")
@@ -27,6 +28,9 @@ log = logging.getLogger("overopt")
 def label_pairs(scored: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """Non-tied, scored candidate pairs with chosen = the side of higher gold."""
     gold_a, gold_b = scored.gold_a.to_numpy(), scored.gold_b.to_numpy()
+    for side, values in (("gold_a", gold_a), ("gold_b", gold_b)):  # gold_score lets through only over-length NaNs
+        check_finite(values, "gold", list(scored.pair_id), over_length=lambda i, v=values: bool(np.isnan(v[i])),
+                     where=side)
     over_length = np.isnan(gold_a) | np.isnan(gold_b)
     ties = (gold_a == gold_b) & ~over_length
     keep = ~(ties | over_length)
@@ -59,8 +63,13 @@ def split_by_prompt(df: pd.DataFrame, test_fraction: float, seed: int) -> pd.Ser
 
 
 def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
-    scored = read_records(inputs["scores"] / "candidates.parquet", CANDIDATE_COLUMNS)
+    candidates_file = inputs["scores"] / "candidates.parquet"
+    scored = read_records(candidates_file, CANDIDATE_COLUMNS)
     pairs, stats = label_pairs(scored)
+    if len(pairs) == 0:  # never commit a 0-pair artifact: every later stage would fail for a reason it cannot name
+        raise ValueError(f"gold_label: no usable pair in {candidates_file}: of {stats['candidates']} candidate "
+                         f"pair(s), {stats['over_length_dropped']} are over gold.max_length and "
+                         f"{stats['ties_dropped']} are gold ties")
     if len(pairs) > cfg.n_pairs:  # a uniform, seeded subset when the pool is larger than the budget
         pairs = pairs.sample(n=cfg.n_pairs, random_state=cfg.seed).reset_index(drop=True)
     elif len(pairs) < cfg.n_pairs:
@@ -79,7 +88,7 @@ def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
         ood["split"] = "ood"
         write_records(ood, out / "ood_pairs.parquet", PAIR_COLUMNS)
         stats["ood"] = {**ood_stats, "pairs": len(ood)}
-    (out / "metrics.json").write_text(json.dumps(stats, indent=2))
+    (out / "metrics.json").write_text(json.dumps(stats, indent=2, allow_nan=False))  # strict JSON
     log.info("  %d pairs (%d train / %d test), %d ties dropped, %d noisy flips", stats["pairs"], stats["train"],
              stats["test"], stats["ties_dropped"], stats["noisy_flips"])
     for _, r in pairs.sample(n=min(3, len(pairs)), random_state=0).iterrows():

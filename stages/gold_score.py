@@ -21,17 +21,34 @@ import pandas as pd
 from pipeline.config import GoldScoreStageConfig, ScorerStageConfig
 from pipeline.models import build_scorer
 from pipeline.records import CANDIDATE_COLUMNS, messages, write_records
-from pipeline.scoring import RewardScorer
+from pipeline.scoring import RewardScorer, check_finite, over_length_check
 
 VERSION = "1"
 log = logging.getLogger("overopt")
 
 
-def score_candidates(candidates: pd.DataFrame, scorer: RewardScorer) -> pd.DataFrame:
-    """Both sides of every candidate pair scored by `scorer`."""
+def score_candidates(candidates: pd.DataFrame, scorer: RewardScorer, name: str = "gold") -> pd.DataFrame:
+    """Both sides of every candidate pair scored by `scorer`; a non-finite score (other than the NaN of a pair over
+    the scorer's max length) raises `NonFiniteScoreError` naming the pair."""
     prompts = [messages(p) for p in candidates.prompt]
-    return candidates.assign(gold_a=scorer.score(prompts, list(candidates.response_a)),
-                             gold_b=scorer.score(prompts, list(candidates.response_b)))
+    sides = {}
+    for side in ("a", "b"):
+        responses = list(candidates[f"response_{side}"])
+        sides[f"gold_{side}"] = scorer.score(prompts, responses)
+        check_finite(sides[f"gold_{side}"], name, list(candidates.pair_id), ("pair_id",),
+                     over_length_check(scorer, prompts, responses), where=f"response_{side}")
+    return candidates.assign(**sides)
+
+
+def _require_usable(scored: pd.DataFrame, source: str, max_length: int) -> None:
+    """At least one candidate pair must be labelable: both sides scored (not over length) and not a tie."""
+    unscored = scored.gold_a.isna() | scored.gold_b.isna()
+    ties = ~unscored & (scored.gold_a == scored.gold_b)
+    if (~unscored & ~ties).any():
+        return
+    raise ValueError(f"gold_score: no usable pair in {source}: of {len(scored)} candidate pair(s), {int(unscored.sum())} "
+                     f"are over gold.max_length={max_length} tokens and {int(ties.sum())} are gold ties; raise "
+                     f"gold.max_length or use other data")
 
 
 def _policy_candidates(cfg: GoldScoreStageConfig, inputs: dict[str, Path]) -> pd.DataFrame:
@@ -64,10 +81,17 @@ def run(cfg: GoldScoreStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
         candidates = load_unified_feedback(cfg.dataset_path, cfg.dataset_config, cfg.dataset_split,
                                            cfg.shuffle_seed, cfg.n_pairs)
+    source = cfg.dataset_path if cfg.source == "unified_feedback" else "the base policy's samples"
+    if len(candidates) == 0:
+        raise ValueError(f"gold_score: no candidate pair in {source}")
     gold = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
                                           max_length=cfg.gold.max_length), {})
-    write_records(score_candidates(candidates, gold), out / "candidates.parquet", CANDIDATE_COLUMNS)
+    scored = score_candidates(candidates, gold)
+    _require_usable(scored, source, cfg.gold.max_length)
+    ood = None
     if "world" in inputs:
-        ood = pd.read_parquet(inputs["world"] / "ood_candidates.parquet")
-        write_records(score_candidates(ood, gold), out / "ood_candidates.parquet", CANDIDATE_COLUMNS)
+        ood = score_candidates(pd.read_parquet(inputs["world"] / "ood_candidates.parquet"), gold)
+    write_records(scored, out / "candidates.parquet", CANDIDATE_COLUMNS)
+    if ood is not None:
+        write_records(ood, out / "ood_candidates.parquet", CANDIDATE_COLUMNS)
     log.info("  %d candidate pairs scored by the gold", len(candidates))

@@ -1,7 +1,7 @@
 """train_proxy[name]: train one proxy reward model on the gold-labeled pairs with the Hugging Face Trainer.
 
 Every proxy is a `GRMRewardModel` (the base causal LM with its LM head kept, plus a reward head); the proxy type only
-picks the loss (`pipeline.losses`):
+picks the loss, from the table of proxy types in `pipeline.proxy_types` (losses in `pipeline.losses`):
 
     bt               -mean log σ(r_c - r_r)
     margin           -mean log σ(r_c - r_r - m),  m = margin_scale · |gold_c - gold_r|
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import losses
+from pipeline import proxy_types
 from pipeline.config import TrainProxyStageConfig
 from pipeline.models import DTYPES, load_tokenizer
 from pipeline.records import PAIR_COLUMNS, messages, read_records
@@ -93,30 +93,10 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             p = self.proxy
-            needs_logits = p.type == "grm"
-            out = model(inputs["input_ids"], inputs["attention_mask"], return_logits=needs_logits)
+            out = model(inputs["input_ids"], inputs["attention_mask"],
+                        return_logits=proxy_types.spec(p.type).needs_logits)
             r_c, r_r = out.rewards.chunk(2)
-            if p.type in ("bt", "frozen"):
-                loss = losses.bt_loss(r_c, r_r)
-            elif p.type == "margin":
-                loss = losses.margin_loss(r_c, r_r, inputs["margin"])
-            elif p.type == "label_smoothing":
-                loss = losses.label_smoothing_loss(r_c, r_r, p.epsilon)
-            elif p.type == "grm":
-                logp_c, logp_r = losses.response_logprobs(out.logits, inputs["input_ids"],
-                                                          inputs["response_mask"]).chunk(2)
-                ref_c = ref_r = None
-                if p.reg == "dpo":
-                    self.ref_model.to(inputs["input_ids"].device)  # the Trainer only places the trained model
-                    with torch.no_grad():
-                        ref_logits = self.ref_model(input_ids=inputs["input_ids"],
-                                                    attention_mask=inputs["attention_mask"]).logits
-                        ref_c, ref_r = losses.response_logprobs(ref_logits, inputs["input_ids"],
-                                                                inputs["response_mask"]).chunk(2)
-                reg = losses.grm_regulariser(p.reg, logp_c, logp_r, p.beta, ref_c, ref_r)
-                loss = losses.grm_loss(r_c, r_r, reg, p.alpha)
-            else:
-                raise ValueError(f"proxy type {p.type!r} is not trained by train_proxy")
+            loss = proxy_types.training_loss(p, r_c, r_r, inputs, out, self.ref_model)
             return (loss, out) if return_outputs else loss
 
     return RewardTrainer
@@ -126,6 +106,9 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from transformers import TrainingArguments, set_seed
 
     proxy, tr = cfg.proxy, cfg.training
+    kind = proxy_types.spec(proxy.type)
+    if not kind.trained:
+        raise ValueError(f"proxy {proxy.name!r}: type {proxy.type!r} is not trained by train_proxy")
     base = cfg.base.model_id or str(inputs["policy"] / "model")
     tokenizer = load_tokenizer(base, cfg.base.trust_remote_code)
     pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
@@ -137,10 +120,10 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     set_seed(proxy.seed)  # the head's initialisation and the data order depend on the proxy's seed
     head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout)
     model = GRMRewardModel.from_base(base, head, DTYPES[cfg.base.dtype], cfg.base.trust_remote_code, lora=tr.lora)
-    if proxy.type == "frozen":
+    if kind.frozen_backbone:
         model.freeze_backbone()
     ref_model = None
-    if proxy.type == "grm" and proxy.reg == "dpo":
+    if kind.needs_reference(proxy):
         ref_model = copy.deepcopy(model.causal_lm()).eval().requires_grad_(False)
     model.train()
 

@@ -84,7 +84,32 @@ def test_bon_curve_needs_two_n_above_one(tmp_path):
         load_config(write(tmp_path, "bon:\n  n_samples: 8\n  n_values: [1, 4]\n"))
     with pytest.raises(ConfigError, match="at least two n > 1"):
         load_config(write(tmp_path, "bon:\n  n_samples: 3\n"))
-    assert load_config(write(tmp_path, "bon:\n  n_samples: 4\n")).bon.curve_ns() == [1, 2, 4]
+    one_proxy = "proxies:\n  - {name: bt, type: bt}\n"
+    assert load_config(write(tmp_path, one_proxy + "bon:\n  n_samples: 4\n")).bon.curve_ns() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("text", ["proxies: []\n", "study: x\n"])
+def test_a_study_needs_at_least_one_proxy(tmp_path, text):
+    with pytest.raises(ConfigError, match="a study needs at least one proxy") as err:
+        load_config(write(tmp_path, text))
+    assert "Value error" not in str(err.value)
+
+
+def test_proxy_type_lists_and_canonical_come_from_the_proxy_type_table():
+    import typing
+
+    from pipeline import proxy_types
+    from pipeline.config import ProxyConfig, ProxyType, TrainedType
+
+    assert set(typing.get_args(ProxyType)) == set(proxy_types.PROXY_TYPES)
+    assert set(typing.get_args(TrainedType)) == {n for n, s in proxy_types.PROXY_TYPES.items() if s.trained}
+    for name, spec in proxy_types.PROXY_TYPES.items():
+        extra = {"path": "x"} if name == "checkpoint" else {}
+        canon = ProxyConfig(name="p", type=name, **extra).canonical()
+        kept = set(ProxyConfig.model_fields) - (proxy_types.COMMON_FIELDS | spec.fields)
+        if name == "ensemble":
+            kept -= proxy_types.PROXY_TYPES["bt"].fields
+        assert all(getattr(canon, f) == ProxyConfig.model_fields[f].default for f in kept), name
 
 
 def test_missing_relative_model_dir_is_named(tmp_path, monkeypatch):

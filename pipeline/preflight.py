@@ -1,0 +1,174 @@
+"""Checks that run before the first stage: every configured local path exists, and every local model directory will
+serve its role.
+
+A model directory is loaded just far enough to know that: its config.json parses, its tokenizer loads and has a chat
+template, and the names and shapes of its weights (read from the safetensors headers only, never the weights) hold the
+head its role needs - a reward model (`gold.model_id`, `type: checkpoint` proxies) has a sequence-classification
+`score.weight` with one output or a GRM layout (`pipeline.reward_model.checkpoint_layout`); a policy
+(`policy.model_id`) is a causal LM with an `lm_head.weight` or tied input embeddings. A failure names the config key
+and the path, in well under a second, instead of a transformers error minutes into a run. Hub ids are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config import ConfigError, StudyConfig
+from pipeline.hf_data import looks_local
+
+
+class ModelDirError(ValueError):
+    """A local model directory cannot serve its configured role."""
+
+
+def model_dirs(cfg: StudyConfig) -> list[tuple[str, str, str]]:
+    """(config key, local path, role) of every configured local model directory; role is "policy" or "reward"."""
+    out = []
+    if cfg.policy.source == "hub" and cfg.policy.model_id:
+        out.append(("policy.model_id", cfg.policy.model_id, "policy"))
+    if cfg.gold.type == "hf" and cfg.gold.model_id:
+        out.append(("gold.model_id", cfg.gold.model_id, "reward"))
+    out += [(f"proxies.{p.name}.path", p.path, "reward") for p in cfg.proxies if p.type == "checkpoint" and p.path]
+    return [(key, path, role) for key, path, role in out if looks_local(path)]
+
+
+def preflight(cfg: StudyConfig) -> None:
+    """Raise ConfigError listing every configured local path that is missing or every model directory that cannot
+    serve its role, each with its config key."""
+    from pipeline.study import check_local_paths
+
+    check_local_paths(cfg)
+    problems = []
+    for key, path, role in model_dirs(cfg):
+        try:
+            check_model_dir(path, role, trust_remote_code=_trust_remote_code(cfg, key))
+        except ModelDirError as e:
+            problems.append(f"{key}: {path}: {e}")
+    if problems:
+        raise ConfigError("model directory check failed (before any stage ran):\n  " + "\n  ".join(problems))
+
+
+def _trust_remote_code(cfg: StudyConfig, key: str) -> bool:
+    if key == "policy.model_id":
+        return cfg.policy.trust_remote_code
+    if key == "gold.model_id":
+        return cfg.gold.trust_remote_code
+    return next(p.trust_remote_code for p in cfg.proxies if key == f"proxies.{p.name}.path")
+
+
+def _read_config(d: Path) -> dict:
+    f = d / "config.json"
+    if not f.is_file():
+        raise ModelDirError("no config.json: not a Hugging Face model directory")
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelDirError("config.json does not hold a JSON object")
+    return config
+
+
+def _check_tokenizer(d: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types here (OSError, ValueError, TypeError, KeyError...)
+        raise ModelDirError(f"its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    if getattr(tok, "chat_template", None) is None:
+        raise ModelDirError("its tokenizer has no chat template (overopt formats every prompt with it); add one to "
+                            "tokenizer_config.json or chat_template.jinja")
+
+
+def weight_shapes(d: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor name -> shape in the directory's safetensors files, from their headers only."""
+    from safetensors import safe_open
+
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ModelDirError("no *.safetensors weights (overopt loads safetensors only)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        except Exception as e:  # safetensors_rust.SafetensorError: a truncated or foreign file
+            raise ModelDirError(f"{f.name} is not a readable safetensors file ({e})") from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text()).get("weight_map", {}))
+        except (OSError, ValueError, AttributeError) as e:
+            raise ModelDirError(f"{index.name} is not readable ({e})") from None
+        missing = sorted(wanted - set(shapes))
+        if missing:
+            raise ModelDirError(f"{index.name} lists {len(missing)} tensor(s) in no safetensors file, e.g. {missing[:3]}")
+    return shapes
+
+
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+
+def _check_reward_head(d: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    from pipeline.reward_model import HEAD_FILE, HEAD_PREFIX, checkpoint_layout
+
+    layout = checkpoint_layout(d)
+    if layout == "overopt":
+        if not (d / HEAD_FILE).is_file():
+            raise ModelDirError(f"an overopt GRM directory without {HEAD_FILE}")
+        _check_causal_lm(config, {k: v for k, v in shapes.items() if not k.startswith(HEAD_PREFIX)},
+                         what="the GRM backbone")
+        return
+    if layout == "authors":
+        n_out = config.get("vhead_num_output", 1)
+        if n_out != 1:
+            raise ModelDirError(f"GRM value head with vhead_num_output={n_out}; a reward model has 1 output")
+        return
+    score = [k for k in shapes if k == "score.weight" or k.endswith(".score.weight")]
+    if score:
+        n_out = shapes[score[0]][0] if shapes[score[0]] else 0
+        if n_out != 1:
+            raise ModelDirError(f"its score head {score[0]} has {n_out} outputs (shape {shapes[score[0]]}); a reward "
+                                f"model has 1")
+        return
+    if any(k.endswith("lm_head.weight") for k in shapes) or config.get("architectures", [""])[0].endswith("CausalLM"):
+        raise ModelDirError(f"a causal LM ({', '.join(config.get('architectures') or ['lm_head.weight'])}) without a "
+                            f"reward head: expected a sequence-classification score.weight with 1 output or a GRM "
+                            f"checkpoint (v_head.* weights); a base model is not a reward model")
+    raise ModelDirError("no reward head: expected a sequence-classification score.weight with 1 output or a GRM "
+                        "checkpoint (v_head.* weights)")
+
+
+def _check_causal_lm(config: dict, shapes: dict[str, tuple[int, ...]], what: str = "a policy") -> None:
+    if any(k.endswith("lm_head.weight") for k in shapes):
+        return
+    tied = _text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    embeddings = [k for k in shapes if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+    if tied and embeddings:
+        return
+    if any(k == "score.weight" or k.endswith(".score.weight") for k in shapes):
+        raise ModelDirError(f"{what} must be a causal LM, but this is a sequence-classification model (score.weight, "
+                            f"no lm_head.weight)")
+    raise ModelDirError(f"{what} must be a causal LM: no lm_head.weight" +
+                        (" and tie_word_embeddings is false" if not tied else " and no input embeddings to tie"))
+
+
+def check_model_dir(path: str | Path, role: str, trust_remote_code: bool = False) -> None:
+    """Raise ModelDirError unless the directory at `path` can serve `role` ("policy" or "reward")."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise ModelDirError("not a directory" if d.exists() else "not found")
+    config = _read_config(d)
+    shapes = weight_shapes(d)
+    if role == "reward":
+        _check_reward_head(d, config, shapes)
+    elif role == "policy":
+        _check_causal_lm(config, shapes)
+    else:
+        raise ValueError(f"unknown model role {role!r}")
+    _check_tokenizer(d, trust_remote_code)  # last: the slowest of the checks

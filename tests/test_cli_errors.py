@@ -1,0 +1,77 @@
+"""A failing stage prints one clear line (stage key, message, what to change) and where the traceback is; `--debug`
+prints the traceback too; a ConfigError keeps its multi-line key list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pipeline.study
+from pipeline.cli import main
+from pipeline.runner import StageNode
+from tests.failing_stages import FailConfig
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture
+def fake_study(monkeypatch):
+    """`overopt run` on the tiny config, with its DAG replaced by two fake stages (the second fails as asked)."""
+    def use(kind: str):
+        nodes = [StageNode("prepare", "tests.failing_stages", FailConfig(kind="ok")),
+                 StageNode("score[bt]", "tests.failing_stages", FailConfig(kind=kind), {"up": "prepare"})]
+        monkeypatch.setattr(pipeline.study, "build_stages", lambda cfg: nodes)
+    return use
+
+
+def _run(tmp_path, capsys, *extra):
+    code = main(["run", str(TINY), f"run.cache_root={tmp_path / 'cache'}", *extra])
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+def _log(tmp_path) -> str:
+    (log,) = (tmp_path / "cache" / "runs").glob("*/run.log")
+    return log.read_text()
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("value", "error: stage score[bt] failed: ValueError: the frobnicator is out of range"),
+    ("nonfinite", "error: stage score[bt] failed: NonFiniteScoreError: scorer 'bt' returned a non-finite score (nan) "
+                  "for prompt_id='q0', sample_idx=1"),
+    ("multiline", "error: stage score[bt] failed: RuntimeError: first line second line third line"),
+    ("oom", "error: stage score[bt] failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB -> "
+            "lower the stage's batch size"),
+])
+def test_a_failing_stage_prints_one_line_and_the_log_path(tmp_path, capsys, fake_study, kind, expected):
+    fake_study(kind)
+    code, err, out = _run(tmp_path, capsys)
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("error:")]
+    assert len(error_lines) == 1 and error_lines[0].startswith(expected), err
+    assert "Traceback" not in err + out
+    (log_path,) = (tmp_path / "cache" / "runs").glob("*/run.log")
+    assert f"full traceback in {log_path} (or run again with --debug)" in err
+    log = _log(tmp_path)
+    assert "Traceback (most recent call last)" in log and "stage score[bt] failed after" in log
+    assert (tmp_path / "cache" / "prepare").is_dir() and not (tmp_path / "cache" / "score[bt]").exists()
+
+
+def test_debug_prints_the_traceback(tmp_path, capsys, fake_study):
+    fake_study("value")
+    code, err, out = _run(tmp_path, capsys, "--debug")
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and 'raise ValueError("the frobnicator' in err
+    assert "error: stage score[bt] failed: ValueError: the frobnicator is out of range" in err
+
+
+def test_a_config_error_keeps_its_key_list(tmp_path, capsys, fake_study):
+    fake_study("config")
+    code, err, _ = _run(tmp_path, capsys)
+    assert code == 2
+    assert "error: invalid config (x):\n  a.b: bad\n  c.d: worse" in err
+    code, err, _ = _run(tmp_path, capsys, "gold_label.noise_rat=0.1", "bon.n_samples=many")
+    assert code == 2 and "unknown key 'gold_label.noise_rat' (did you mean 'noise_rate'?)" in err
+    assert "\n  bon.n_samples:" in err

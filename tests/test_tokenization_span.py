@@ -1,0 +1,124 @@
+"""The response span with a GPT-2-style byte-level BPE tokenizer and a Llama-3-style chat template, and the GRM
+authors' doubled-BOS tokenization (`double_bos`).
+
+The tokenizer is trained here with the `tokenizers` library (no download) on text full of "\\n\\n", so "ĊĊ" is one
+merged token: the rendered prompt alone ends in it, but once the response follows the pre-tokenizer splits it into
+two "Ċ" tokens. A span found by comparing token prefixes starts at the split and counts two template newlines as
+response; a span found from character offsets starts at the response.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.tokenization import collate, encode_conversation
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
+
+
+@pytest.fixture(scope="module")
+def byte_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"Hello world.\n\nList {i} fruits please.\n\nApple pear plum kiwi.\n\n" for i in range(200)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    # like Llama-3's tokenizer: BOS added when special tokens are asked for
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|pad|>")
+    fast.chat_template = LLAMA3_TEMPLATE
+    assert len(tok.encode("\n\n", add_special_tokens=False).ids) == 1  # "ĊĊ" is one merged token
+    return fast
+
+
+PROMPTS = ["List 3 fruits please.", [{"role": "user", "content": "Hello world."},
+                                     {"role": "assistant", "content": "Hello."},
+                                     {"role": "user", "content": "List 2 fruits please."}]]
+RESPONSES = ["Apple pear plum.", "kiwi"]
+
+
+def _ids(tok, messages, **kw):
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("i", range(len(PROMPTS)))
+def test_span_starts_at_the_response_with_byte_level_bpe(byte_bpe, i):
+    tok, prompt, response = byte_bpe, PROMPTS[i], RESPONSES[i]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    conv = messages + [{"role": "assistant", "content": response}]
+    head = _ids(tok, messages, add_generation_prompt=True)
+    full = _ids(tok, conv)
+    assert full[: len(head)] != head  # the case token-prefix comparison gets wrong
+
+    enc = encode_conversation(tok, prompt, response, 1024)
+    assert enc.input_ids == full  # same ids as apply_chat_template(tokenize=True): one BOS, not two
+    assert enc.input_ids.count(tok.bos_token_id) == 1 and enc.input_ids[0] == tok.bos_token_id
+    head_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(enc.input_ids[: enc.response_start]) == head_text  # both newlines stay in the prompt
+    assert tok.decode(enc.input_ids[enc.response_start:]) == response + "<|eot_id|>"
+    mask = collate([enc], tok.pad_token_id)["response_mask"][0]
+    assert int(mask.sum()) == len(enc.input_ids) - enc.response_start
+
+
+@pytest.mark.parametrize("i", range(len(PROMPTS)))
+def test_double_bos_adds_exactly_one_bos_and_keeps_the_span(byte_bpe, i):
+    tok = byte_bpe
+    one = encode_conversation(tok, PROMPTS[i], RESPONSES[i], 1024)
+    two = encode_conversation(tok, PROMPTS[i], RESPONSES[i], 1024, double_bos=True)
+    assert two.input_ids == [tok.bos_token_id] + one.input_ids
+    assert two.input_ids[:2] == [tok.bos_token_id] * 2 and two.input_ids.count(tok.bos_token_id) == 2
+    assert two.response_start == one.response_start + 1
+    assert two.input_ids[two.response_start:] == one.input_ids[one.response_start:]
+    assert not two.truncated
+    # the extra token counts against max_length
+    n = len(one.input_ids)
+    assert not encode_conversation(tok, PROMPTS[i], RESPONSES[i], n).truncated
+    assert encode_conversation(tok, PROMPTS[i], RESPONSES[i], n, double_bos=True).truncated
+
+
+def test_world_tokenizer_span_unchanged():
+    """The tiny world's word-level tokenizer: the span is the tokens after the generation prompt, as before."""
+    from pipeline.world import build_tokenizer
+
+    tok = build_tokenizer()
+    head = _ids(tok, [{"role": "user", "content": "list 3 fruits"}], add_generation_prompt=True)
+    enc = encode_conversation(tok, "list 3 fruits", "apple pear", 1024)
+    assert enc.input_ids[: len(head)] == head and enc.response_start == len(head)
+
+
+def test_double_bos_passes_from_config_to_the_scorer(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline.config import GoldConfig, ProxyConfig, ScorerStageConfig
+    from pipeline.models import build_scorer
+    from pipeline.world import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                               pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for double in (False, True):
+        gold = build_scorer(ScorerStageConfig(name="gold", gold=GoldConfig(type="hf", model_id=str(tmp_path),
+                                                                           double_bos=double)), {})
+        proxy = build_scorer(ScorerStageConfig(name="r", proxy=ProxyConfig(name="r", type="checkpoint",
+                                                                           path=str(tmp_path), double_bos=double)), {})
+        assert gold.double_bos is double and proxy.double_bos is double
+    with pytest.raises(ValueError, match="double_bos is only for type 'checkpoint'"):
+        ProxyConfig(name="b", type="bt", double_bos=True)
+    with pytest.raises(ValueError, match="gold.double_bos is only for a reward model"):
+        GoldConfig(double_bos=True)
