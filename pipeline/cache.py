@@ -86,6 +86,11 @@ def _manifest_problem(manifest, fingerprint: str) -> str | None:
     return None
 
 
+def partial_name(key: str, fingerprint: str) -> str:
+    """`ppo[bt]`, `3108d7...` -> `ppo(bt).3108d7...`: the key with its brackets made glob-safe, then the fingerprint."""
+    return f"{key.replace('[', '(').replace(']', ')')}.{fingerprint}"
+
+
 @dataclass(frozen=True)
 class ArtifactState:
     status: str  # "cached" | "missing" | "corrupt"
@@ -102,6 +107,11 @@ class ArtifactCache:
 
     def path(self, key: str, fingerprint: str) -> Path:
         return self.root / key / fingerprint
+
+    def partial_path(self, key: str, fingerprint: str) -> Path:
+        """Where a resumable stage writes until it commits. Named without glob metacharacters: libraries that glob
+        inside a stage's output (DeepSpeed's checkpoint loader does) would read `ppo[bt]` as a character class."""
+        return self.root / ".partial" / partial_name(key, fingerprint)
 
     def check(self, key: str, fingerprint: str) -> ArtifactState:
         """Is a committed, intact artifact there? Checks every file listed in the manifest.
@@ -146,7 +156,7 @@ class ArtifactCache:
         directory named by its fingerprint that survives a failed or killed run, so the next run continues it.
         """
         if resumable:
-            partial = self.root / ".partial" / f"{key}.{fingerprint}"
+            partial = self.partial_path(key, fingerprint)
             partial.mkdir(parents=True, exist_ok=True)
             yield partial
             return

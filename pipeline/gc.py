@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cache import ArtifactCache
+from pipeline.cache import ArtifactCache, partial_name
 from pipeline.config import StudyConfig
 
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -85,9 +85,9 @@ def find_garbage(root: Path, refs: set[tuple[str, str]], studies: set[str]) -> G
                 g.items.append((fp_dir, tree_size(fp_dir), "artifact"))
     partial = root / ".partial"
     if partial.is_dir():
+        current = {partial_name(key, fp) for key, fp in refs}
         for d in sorted(partial.iterdir()):
-            key, _, fp = d.name.rpartition(".")
-            if (key, fp) not in refs:
+            if d.name not in current:
                 g.items.append((d, tree_size(d), "stale partial output"))
     for name in (".tmp", ".trash"):
         if (root / name).is_dir():

@@ -145,20 +145,21 @@ def test_killed_ppo_under_zero2_resumes_to_the_uninterrupted_result(study, tmp_p
                                       "ppo.steps=10", "ppo.checkpoint_every=1"]
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(SMOKE), *overrides, "--only", "ppo[bt]"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    partial = study["root"] / "cache" / ".partial"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    partial = study["root"] / "cache" / ".partial"  # ppo(bt).<fingerprint>/ while the stage runs
+    log = tmp_path / "killed_run.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
     killed_at = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        states = list(partial.glob("ppo[[]bt[]].*/checkpoint/state.json"))
+        states = list(partial.glob("ppo(bt).*/checkpoint/state.json"))
         if states and json.loads(states[0].read_text())["step"] >= 4:
             killed_at = json.loads(states[0].read_text())["step"]
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()
-    assert killed_at is not None, "the run finished (or failed) before it could be killed"
+    assert killed_at is not None, f"the run ended before it could be killed:\n{log.read_text()[-3000:]}"
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
