@@ -17,8 +17,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.tokenization import (ConversationEncoder, Encoded, Prompt, as_messages, collate, pad_token_id,
-                                   same_tokenizer)
+from pipeline.tokenization import (ConversationEncoder, Encoded, Prompt, as_messages, collate, encode_conversation,
+                                   pad_token_id, same_tokenizer)
 
 log = logging.getLogger("overopt")
 
