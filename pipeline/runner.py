@@ -264,7 +264,8 @@ def _accelerate_config(node: StageNode, cuda: bool) -> dict:
         dist = "MULTI_GPU" if cuda else "MULTI_CPU"
     else:
         dist = "NO"
-    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": dist, "mixed_precision": "no",
+    precision = _mixed_precision(_resolve_repo_path(node.deepspeed_config)) if node.deepspeed_config else "no"
+    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": dist, "mixed_precision": precision,
             "use_cpu": not cuda, "num_processes": node.num_processes, "num_machines": 1, "machine_rank": 0,
             "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "main_training_function": "main",
             "downcast_bf16": False, "debug": False, "enable_cpu_affinity": False}
@@ -294,6 +295,17 @@ def _visible_cuda_devices() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:  # pragma: no cover
         return 0
+
+
+def _mixed_precision(ds_config: Path | None) -> str:
+    """accelerate's --mixed_precision to match a DeepSpeed config that enables bf16 or fp16 (else "no")."""
+    if ds_config is None:
+        return "no"
+    ds = json.loads(Path(ds_config).read_text())
+    for kind in ("bf16", "fp16"):
+        if ds.get(kind, {}).get("enabled") is True:
+            return kind
+    return "no"
 
 
 def die_with_parent() -> None:
@@ -338,7 +350,8 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
         acc_file.write_text(json.dumps(_accelerate_config(node, cuda)))
         port = os.environ.get("MASTER_PORT", "0")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
-               "--num_processes", str(node.num_processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--num_processes", str(node.num_processes), "--num_machines", "1",
+               "--mixed_precision", _mixed_precision(ds_config),
                "--dynamo_backend", "no", "--main_process_port", port]
         if ds_config is not None:
             cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]

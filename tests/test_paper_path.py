@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import pytest
 import yaml
 
@@ -112,6 +113,21 @@ def test_paper_config_builds_the_paper_dag():
     ns = cfg.bon.curve_ns()
     assert ns[0] == 1 and ns[-1] <= cfg.bon.n_samples and len(ns) >= 10
     assert kl_bon_bound(ns[-1]) <= 5.0 < kl_bon_bound(ns[-1] + 5)  # reaches (almost) the 5-nat limit, not beyond
+
+    # PPO (facts §2): LoRA policy, KL measured not penalised, 64 prompts a step, 4 epochs, lr 1e-5, rollouts at
+    # temperature 0.7 / top-p 0.9 with 512 new tokens, first-batch reward normalisation; 8 ranks under ZeRO-3 bf16
+    for name in ["bt", "grm_sft", "ens_bt_mean"]:
+        ppo_node = nodes[f"ppo[{name}]"]
+        p = ppo_node.config.ppo
+        assert p.lora == PAPER_LORA and p.kl_coef == 0.0 and p.reward_norm == "first_batch"
+        assert (p.rollout_batch_size, p.ppo_epochs, p.lr) == (64, 4, 1e-5)
+        assert (p.sampling.temperature, p.sampling.top_p, p.sampling.max_new_tokens) == (0.7, 0.9, 512)
+        assert (ppo_node.launcher, ppo_node.num_processes) == ("accelerate", 8)
+        assert ppo_node.deepspeed_config.name == "zero3_bf16.json"
+        assert nodes[f"ppo_sample[{name}]"].inputs["prompts"] == "eval_prompts"
+        assert nodes[f"ppo_gold[{name}]"].config.gold.model_id == scores.gold.model_id
+    for gpus in (4, 1):
+        assert load_config(PAPER, [f"ppo.num_processes={gpus}"]).ppo.num_processes == gpus
 
     # the noisy variant is one override away and validates
     noisy = load_config(PAPER, ["gold_label.noise_rate=0.25"])
@@ -270,6 +286,12 @@ def tiny_paper_tree(root: Path, policy_dir: Path, gold_dir: Path, uf: Path, hhh:
     tree["bon"] |= {"n_prompts": N_PROMPTS, "n_samples": N_SAMPLES, "backend": "hf", "prompts_per_shard": 3,
                     "score_batch_size": 64, "n_values": None, "bootstrap": 20,
                     "sampling": tree["bon"]["sampling"] | {"max_new_tokens": 6, "batch_size": 64}}
+    # the paper's PPO (LoRA policy, first-batch reward normalisation, KL not penalised) under ZeRO-3 on 2 CPU ranks
+    tree["ppo"] |= {"proxies": ["bt"], "num_processes": 2, "deepspeed_config": "configs/deepspeed/zero3.json",
+                    "steps": 2, "rollout_batch_size": 8, "num_minibatches": 2, "ppo_epochs": 2, "lr": 1e-3,
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                    "sampling": tree["ppo"]["sampling"] | {"max_new_tokens": 6},
+                    "eval": {"n_samples": 2, "max_new_tokens": 6, "bootstrap": 20}}
     return tree
 
 
@@ -387,6 +409,28 @@ def test_report_has_id_hhh_and_mt_bench_accuracy_and_bon_curves(paper_study):
     bt, grm = (pd.read_parquet(paper_study["artifacts"][f"bon_score[{n}]"] / "scores.parquet") for n in TINY_PROXIES)
     assert bt[["prompt_id", "sample_idx"]].equals(grm[["prompt_id", "sample_idx"]])
     assert len(bt) == N_PROMPTS * N_SAMPLES and not np.array_equal(bt.score, grm.score)
+
+
+def test_paper_ppo_runs_under_zero3_with_a_lora_policy(paper_study):
+    from transformers import AutoModelForCausalLM
+
+    art = paper_study["artifacts"]
+    summary = json.loads((art["ppo[bt]"] / "summary.json").read_text())
+    assert (summary["world_size"], summary["zero_stage"], summary["deepspeed"]) == (2, 3, True)
+    records = [json.loads(line) for line in (art["ppo[bt]"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["policy_loss"]) for r in records)
+    # exports are plain causal LMs with the LoRA deltas merged, gathered from both ZeRO-3 shards
+    base = AutoModelForCausalLM.from_pretrained(paper_study["cfg"].policy.model_id).state_dict()
+    first = AutoModelForCausalLM.from_pretrained(art["ppo[bt]"] / "exports" / "step_00000").state_dict()
+    last = AutoModelForCausalLM.from_pretrained(art["ppo[bt]"] / "exports" / "step_00002").state_dict()
+    assert set(first) == set(base) and all(torch.equal(base[k], first[k]) for k in base)
+    changed = {k for k in base if not torch.equal(base[k], last[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only LoRA-targeted weights moved
+    samples = pd.read_parquet(art["ppo_sample[bt]"] / "shards" / "shard_00000.parquet")
+    assert set(samples.prompt_id) == set(pd.read_parquet(art["eval_prompts"] / "eval_prompts.parquet").prompt_id)
+    assert (samples.kl_k1 == 0).all()
+    curves = pd.read_csv(paper_study["root"] / "report" / "ppo_curves.csv")
+    assert set(curves.proxy_name) == {"bt"} and curves.step.tolist() == [0, 1, 2]
 
 
 def test_second_run_is_fully_cached(paper_study):
