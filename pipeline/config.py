@@ -379,6 +379,8 @@ class PPOConfig(Section):
     # None = no DeepSpeed: plain PyTorch in one process (run inline) or DDP-free accelerate with several
     deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
     seed: int = 0
+    # independent PPO runs per proxy, with seeds seed, seed + 1, ...; the report aggregates them
+    seeds: int = Field(1, ge=1)
     steps: int = Field(100, ge=1)  # PPO updates; each consumes one rollout batch
     rollout_batch_size: int = Field(64, ge=1)  # prompts per update, over all processes
     ppo_epochs: int = Field(4, ge=1)
@@ -420,9 +422,14 @@ class PPOConfig(Section):
     def export_steps(self) -> list[int]:
         return log_spaced_steps(self.steps)
 
-    def training_view(self) -> "PPOConfig":
-        """The fields that change training (the ppo stage's config): not which proxies, not the evaluation."""
-        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig()})
+    def training_view(self, seed: int) -> "PPOConfig":
+        """What one run's training depends on (the ppo stage's config): its seed, not which proxies, how many seeds
+        or the evaluation."""
+        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1})
+
+    def runs(self, proxy: str) -> list[tuple[str, int]]:
+        """(run name, seed) of each PPO run against `proxy`: `bt` for the first seed, `bt@seed1`, ... after it."""
+        return [(proxy if i == 0 else f"{proxy}@seed{self.seed + i}", self.seed + i) for i in range(self.seeds)]
 
 
 class DistributedSmokeConfig(Section):
@@ -674,6 +681,7 @@ class BonCurveStageConfig(Section):
 class ReportStageConfig(Section):
     study: str
     proxies: list[str]
+    ppo_runs: dict[str, list[str]] = {}  # proxy -> its PPO runs (one per seed)
 
 
 class PPOStageConfig(Section):

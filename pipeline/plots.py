@@ -32,20 +32,26 @@ def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def plot_rl_curves(curves: dict[str, tuple[pd.DataFrame | None, pd.DataFrame]], path: Path, title: str) -> None:
-    """Per proxy, PPO (solid, CI band; √ of the KL measured on samples) and best-of-n (dashed; √ of the KL upper
-    bound) on shared axes: gold relative to the initial policy (left), proxy relative to it (right)."""
+def plot_rl_curves(curves: dict[str, tuple[pd.DataFrame | None, list[pd.DataFrame]]], path: Path, title: str) -> None:
+    """Per proxy (one colour), its PPO runs (solid; √ of the KL measured on samples; the CI band when there is one
+    run) and best-of-n (dashed; √ of the KL upper bound) on shared axes: gold relative to the initial policy (left),
+    proxy relative to it (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (name, (bon, rl)) in enumerate(curves.items()):
+    for i, (name, (bon, runs)) in enumerate(curves.items()):
         color = f"C{i}"
-        axes[0].plot(rl.sqrt_kl, rl.gold_rel, "-o", ms=3, color=color, label=f"{name}: PPO")
-        axes[0].fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=color, alpha=0.2)
-        axes[1].plot(rl.sqrt_kl, rl.proxy_rel, "-o", ms=3, color=color, label=f"{name}: PPO")
+        for j, rl in enumerate(runs):
+            label = f"{name}: PPO" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "") if j == 0 else None
+            axes[0].plot(rl.sqrt_kl, rl.gold_rel, "-o", ms=3, color=color, alpha=0.9 if len(runs) == 1 else 0.6,
+                         label=label)
+            axes[1].plot(rl.sqrt_kl, rl.proxy_rel, "-o", ms=3, color=color, alpha=0.9 if len(runs) == 1 else 0.6,
+                         label=label)
+            if len(runs) == 1:
+                axes[0].fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=color, alpha=0.2)
         if bon is not None:
             axes[0].plot(bon.sqrt_kl_bound, bon.gold_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
             axes[1].plot(bon.sqrt_kl_bound, bon.proxy_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")

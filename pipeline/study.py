@@ -185,25 +185,27 @@ def _ppo_stages(cfg: StudyConfig) -> list[StageNode]:
     multi = ppo.num_processes > 1 or ppo.deepspeed_config is not None
     for proxy in ppo_proxies(cfg):
         scorer_inputs = _scorer_inputs(proxy, "train_proxy")
-        nodes.append(StageNode(
-            f"ppo[{proxy.name}]", "ppo",
-            PPOStageConfig(ppo=ppo.training_view(), scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
-            {"pairs": "gold_label", **_policy_input(cfg), **scorer_inputs},
-            launcher="accelerate" if multi else "inline", num_processes=ppo.num_processes,
-            deepspeed_config=Path(ppo.deepspeed_config) if ppo.deepspeed_config is not None else None,
-            external=_local(cfg.policy.model_id, proxy.path)))
-        nodes.append(StageNode(f"ppo_sample[{proxy.name}]", "ppo_sample", PPOSampleStageConfig(
-            n_samples=ppo.eval.n_samples, max_new_tokens=ppo.eval.max_new_tokens or cfg.bon.sampling.max_new_tokens,
-            batch_size=ppo.eval.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
-            scorer=_sample_scorer(cfg, proxy)),
-            {"ppo": f"ppo[{proxy.name}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
-            external=_local(cfg.policy.model_id, proxy.path)))
-        nodes.append(StageNode(f"ppo_gold[{proxy.name}]", "bon_score", _gold_scorer(cfg),
-                               {"samples": f"ppo_sample[{proxy.name}]"}, external=_local(cfg.gold.model_id)))
-        nodes.append(StageNode(f"ppo_curve[{proxy.name}]", "ppo_curve", PPOCurveStageConfig(
-            proxy=proxy.name, bootstrap=ppo.eval.bootstrap, ci=ppo.eval.ci, seed=ppo.seed),
-            {"samples": f"ppo_sample[{proxy.name}]", "gold_scores": f"ppo_gold[{proxy.name}]",
-             **({"bon_curve": f"bon_curve[{proxy.name}]"} if cfg.bon is not None else {})}))
+        for run, seed in ppo.runs(proxy.name):
+            nodes.append(StageNode(
+                f"ppo[{run}]", "ppo",
+                PPOStageConfig(ppo=ppo.training_view(seed), scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
+                {"pairs": "gold_label", **_policy_input(cfg), **scorer_inputs},
+                launcher="accelerate" if multi else "inline", num_processes=ppo.num_processes,
+                deepspeed_config=Path(ppo.deepspeed_config) if ppo.deepspeed_config is not None else None,
+                external=_local(cfg.policy.model_id, proxy.path)))
+            nodes.append(StageNode(f"ppo_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
+                n_samples=ppo.eval.n_samples,
+                max_new_tokens=ppo.eval.max_new_tokens or cfg.bon.sampling.max_new_tokens,
+                batch_size=ppo.eval.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
+                scorer=_sample_scorer(cfg, proxy)),
+                {"ppo": f"ppo[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
+                external=_local(cfg.policy.model_id, proxy.path)))
+            nodes.append(StageNode(f"ppo_gold[{run}]", "bon_score", _gold_scorer(cfg),
+                                   {"samples": f"ppo_sample[{run}]"}, external=_local(cfg.gold.model_id)))
+            nodes.append(StageNode(f"ppo_curve[{run}]", "ppo_curve", PPOCurveStageConfig(
+                proxy=run, bootstrap=ppo.eval.bootstrap, ci=ppo.eval.ci, seed=seed),
+                {"samples": f"ppo_sample[{run}]", "gold_scores": f"ppo_gold[{run}]",
+                 **({"bon_curve": f"bon_curve[{proxy.name}]"} if cfg.bon is not None else {})}))
     return nodes
 
 
@@ -211,9 +213,10 @@ def _report(cfg: StudyConfig) -> StageNode:
     inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
     if cfg.bon is not None:
         inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
-    if cfg.ppo is not None:
-        inputs |= {f"ppo[{p.name}]": f"ppo_curve[{p.name}]" for p in ppo_proxies(cfg)}
+    ppo_runs = {p.name: [run for run, _ in cfg.ppo.runs(p.name)] for p in ppo_proxies(cfg)} if cfg.ppo else {}
+    inputs |= {f"ppo[{run}]": f"ppo_curve[{run}]" for runs in ppo_runs.values() for run in runs}
     if cfg.policy.source == "tiny":
         inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
-    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies]),
+    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies],
+                                                           ppo_runs=ppo_runs),
                      inputs, publish_to=Path(cfg.run.reports_dir))

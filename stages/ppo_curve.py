@@ -79,7 +79,7 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         log.warning("  %s: no Gao fit (%s)", cfg.proxy, e)
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
-    plot_rl_curves({cfg.proxy: (bon, table)}, out / "curve.png", f"PPO and best-of-n against proxy {cfg.proxy}")
+    plot_rl_curves({cfg.proxy: (bon, [table])}, out / "curve.png", f"PPO and best-of-n against proxy {cfg.proxy}")
     log.info("  gold peaks at step %d (KL %.2f, gold %.3f); last step %d: KL %.2f, gold %.3f, proxy %.3f → %.3f",
              int(peak.step), float(peak.kl_k1), float(peak.gold), int(table.step.iloc[-1]),
              float(table.kl_k1.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),

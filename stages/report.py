@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import ReportStageConfig
@@ -74,33 +75,63 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
 
 def _ppo_section(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame], out: Path) -> list[str]:
-    rl = {p: pd.read_parquet(inputs[f"ppo[{p}]"] / "curve.parquet") for p in cfg.proxies if f"ppo[{p}]" in inputs}
-    if not rl:
+    runs = {p: runs for p, runs in cfg.ppo_runs.items() if all(f"ppo[{r}]" in inputs for r in runs)}
+    if not runs:
         return []
-    table = pd.concat([c.assign(proxy_name=p) for p, c in rl.items()], ignore_index=True)
-    table[["proxy_name"] + [c for c in table.columns if c != "proxy_name"]].to_csv(out / "ppo_curves.csv",
-                                                                                 index=False)
-    plot_rl_curves({p: (bon.get(p), c) for p, c in rl.items()}, out / "gold_vs_kl.png",
+    curves = {r: pd.read_parquet(inputs[f"ppo[{r}]"] / "curve.parquet") for rs in runs.values() for r in rs}
+    fits = {r: json.loads((inputs[f"ppo[{r}]"] / "fit.json").read_text()) for r in curves}
+    table = pd.concat([c.assign(proxy_name=p, run=r) for p, rs in runs.items() for r in rs
+                       for c in [curves[r]]], ignore_index=True)
+    table[["proxy_name", "run"] + [c for c in table.columns if c not in ("proxy_name", "run")]].to_csv(
+        out / "ppo_curves.csv", index=False)
+    plot_rl_curves({p: (bon.get(p), [curves[r] for r in rs]) for p, rs in runs.items()}, out / "gold_vs_kl.png",
                    f"{cfg.study}: PPO and best-of-n over-optimization")
     parts = ["## PPO", "", "PPO of the base policy against each proxy; at every exported step the policy is sampled on "
              "the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured on those "
              "samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI over "
              "prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound).", "",
              "![PPO and best-of-n](gold_vs_kl.png)", ""]
-    for p, c in rl.items():
-        fit = json.loads((inputs[f"ppo[{p}]"] / "fit.json").read_text())
-        t = pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
-                          "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
-                          "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
-        peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
-        if gao is None:
-            fit_text = "No Gao fit (fewer than two exports with KL > 0)."
-        else:
-            d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f} (KL {gao['d_star'] ** 2:.2f})"
-            fit_text = (f"Gao RL fit of relative gold R(d) = d(α − β log d): α = {gao['alpha']:.3f}, "
-                        f"β = {gao['beta']:.3f}, peak d* = {d_star}.")
-        parts += [f"### {p}", "", _md(t), "",
-                  f"Gold peaks at step {peak['step']} (KL {peak['kl']:.2f}) at {peak['gold']:.3f}; at the last step "
-                  f"({int(c.step.iloc[-1])}, KL {fit['kl_at_last_step']:.2f}) it is {fit['gold_at_last_step']:.3f} "
-                  f"(initial policy: {fit['gold_at_step0']:.3f}). {fit_text}", ""]
+    if any(len(rs) > 1 for rs in runs.values()):
+        parts += ["### Over seeds", "", "Mean ± standard deviation over PPO seeds (each run's empirical gold peak over "
+                  "its exports, and its last export); best-of-n of the same proxy for reference.", "",
+                  _md(pd.DataFrame([_seed_row(p, rs, fits, bon.get(p), inputs) for p, rs in runs.items()])), ""]
+    for r, c in curves.items():
+        parts += [f"### {r}", "", _md(_rl_table(c)), "", _rl_sentence(c, fits[r]), ""]
     return parts
+
+
+def _rl_table(c: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
+                         "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
+                         "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
+
+
+def _rl_sentence(c: pd.DataFrame, fit: dict) -> str:
+    peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
+    if gao is None:
+        fit_text = "No Gao fit (fewer than two exports with KL > 0)."
+    else:
+        d_star = ("none within the fit (β ≤ 0)" if gao["d_star"] is None
+                  else f"{gao['d_star']:.2f} (KL {gao['d_star'] ** 2:.2f})")
+        fit_text = (f"Gao RL fit of relative gold R(d) = d(α − β log d): α = {gao['alpha']:.3f}, "
+                    f"β = {gao['beta']:.3f}, peak d* = {d_star}.")
+    return (f"Gold peaks at step {peak['step']} (KL {peak['kl']:.2f}) at {peak['gold']:.3f}; at the last step "
+            f"({int(c.step.iloc[-1])}, KL {fit['kl_at_last_step']:.2f}) it is {fit['gold_at_last_step']:.3f} "
+            f"(initial policy: {fit['gold_at_step0']:.3f}). {fit_text}")
+
+
+def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None, inputs: dict[str, Path]) -> dict:
+    def ms(values) -> str:
+        v = np.asarray(values, dtype=float)
+        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    row = {"proxy": proxy, "seeds": len(runs),
+           "gold at step 0": ms([fits[r]["gold_at_step0"] for r in runs]),
+           "PPO peak gold": ms([fits[r]["empirical_peak"]["gold"] for r in runs]),
+           "KL at PPO peak": ms([fits[r]["empirical_peak"]["kl"] for r in runs]),
+           "PPO gold at last step": ms([fits[r]["gold_at_last_step"] for r in runs]),
+           "KL at last step": ms([fits[r]["kl_at_last_step"] for r in runs])}
+    if bon is not None and f"bon[{proxy}]" in inputs:
+        peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
+        row["best-of-n peak gold (KL bound)"] = f"{peak['gold']:.3f} ({peak['kl_bound']:.2f})"
+    return row

@@ -430,7 +430,7 @@ def test_paper_ppo_runs_under_zero3_with_a_lora_policy(paper_study):
     assert set(samples.prompt_id) == set(pd.read_parquet(art["eval_prompts"] / "eval_prompts.parquet").prompt_id)
     assert (samples.kl_k1 == 0).all()
     curves = pd.read_csv(paper_study["root"] / "report" / "ppo_curves.csv")
-    assert set(curves.proxy_name) == {"bt"} and curves.step.tolist() == [0, 1, 2]
+    assert set(curves.proxy_name) == set(curves.run) == {"bt"} and curves.step.tolist() == [0, 1, 2]
 
 
 def test_second_run_is_fully_cached(paper_study):

@@ -98,7 +98,8 @@ def test_ppo_curve_and_report_tables(study):
     report = study["root"] / "report"
     table = pd.read_csv(report / "ppo_curves.csv")
     assert set(table.proxy_name) == {"bt"}
-    pd.testing.assert_frame_equal(table.drop(columns="proxy_name"), curve, check_dtype=False)
+    assert set(table.run) == {"bt"}
+    pd.testing.assert_frame_equal(table.drop(columns=["proxy_name", "run"]), curve, check_dtype=False)
     assert (report / "gold_vs_kl.png").stat().st_size > 1000
     assert "## PPO" in (report / "README.md").read_text()
 
@@ -179,3 +180,22 @@ def test_killed_ppo_under_zero2_resumes_to_the_uninterrupted_result(study, tmp_p
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resuming" not in fresh.stdout + fresh.stderr
     assert metrics(metrics_path) == after_resume
+
+
+def test_ppo_seeds_expand_into_runs_and_the_report_aggregates_them(study):
+    overrides = study["overrides"] + ["ppo.seeds=2"]
+    cfg = load_config(SMOKE, overrides)
+    runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
+    before = {p.node.key: p.status for p in runner.plan()}
+    # the first seed's run is the single-seed study's (cached); only the second seed's stages and the report are new
+    assert {k for k, s in before.items() if s != "cached"} == {
+        "ppo[bt@seed1]", "ppo_sample[bt@seed1]", "ppo_gold[bt@seed1]", "ppo_curve[bt@seed1]", "report"}
+    plan = runner.run()
+    second = next(p for p in plan if p.node.key == "ppo[bt@seed1]")
+    assert second.node.config.ppo.seed == 1
+    table = pd.read_csv(study["root"] / "report" / "ppo_curves.csv")
+    assert set(table.run) == {"bt", "bt@seed1"} and set(table.proxy_name) == {"bt"}
+    a, b = (table[table.run == r].gold.to_numpy() for r in ("bt", "bt@seed1"))
+    assert a[0] == b[0] and not np.array_equal(a, b)  # same initial policy and eval samples, different training
+    readme = (study["root"] / "report" / "README.md").read_text()
+    assert "### Over seeds" in readme and "| bt | 2 |" in readme
