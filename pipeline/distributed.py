@@ -137,3 +137,36 @@ def gathered_parameters(engine, accelerator) -> Iterator[torch.nn.Module]:
 
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
         yield module
+
+
+def state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes this rank holds for the trained parameters and the optimizer (master copies and moment estimates),
+    counting each storage once: under ZeRO-3 a parameter's local shard, under ZeRO-1/2 the full parameter plus this
+    rank's partition of the fp32 master copy and Adam state, without DeepSpeed everything."""
+    seen: set[tuple[int, int]] = set()
+
+    def add(t: torch.Tensor) -> int:
+        key = (t.data_ptr(), t.numel())
+        if key in seen or t.numel() == 0:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    params = 0
+    for p in model.parameters():
+        local = getattr(p, "ds_tensor", None)  # ZeRO-3: the shard this rank owns
+        params += add(local if local is not None else p.data)
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's AdamW
+        inner = inner.optimizer
+    master = sum(add(p.data) for group in inner.param_groups for p in group["params"])
+    moments = sum(add(v) for state in inner.state.values() for v in state.values() if torch.is_tensor(v))
+    return {"parameters": params, "master_copies": master, "optimizer_state": moments,
+            "total": params + master + moments}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

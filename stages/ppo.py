@@ -37,7 +37,7 @@ import torch
 
 from pipeline.config import PPOConfig, PPOStageConfig
 from pipeline.distributed import (all_reduce_sum, frozen_model_loading, gathered_for_generation, gathered_parameters,
-                                  make_accelerator, zero_stage)
+                                  make_accelerator, peak_rss_bytes, state_bytes, zero_stage)
 from pipeline.generation import stop_token_ids
 from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer, merged_state_dict
 from pipeline.ppo import core
@@ -332,10 +332,10 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
         # 6. metrics over every rank, the KL controller, exports and checkpoints
         seq_kl = (core.kl_per_token(logprobs, ref_logprobs, "k1") * mask).sum(1)
-        per_rank = torch.tensor([scores.mean(), normalised.mean(), seq_kl.mean(), (kl.sum(1)).mean(),
-                                 mask.sum(1).mean(), rollout.finished.float().mean(),
-                                 *stats.values()], dtype=torch.float64, device=device)
-        means = (all_reduce(per_rank) / accelerator.num_processes).tolist()
+        local_means = torch.tensor([scores.mean(), normalised.mean(), seq_kl.mean(), (kl.sum(1)).mean(),
+                                    mask.sum(1).mean(), rollout.finished.float().mean(), *stats.values()],
+                                   dtype=torch.float64, device=device)
+        means = (all_reduce(local_means) / accelerator.num_processes).tolist()
         record = {"step": step + 1, "episodes": (step + 1) * ppo.rollout_batch_size, "score": means[0],
                   "score_normalised": means[1], "kl_seq_k1": means[2], "kl_penalty": -controller.value * means[3],
                   "kl_coef": controller.value, "response_length": means[4], "finished_rate": means[5],
@@ -360,10 +360,19 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
             accelerator.log(record, step=step + 1)
 
     checkpointer.remove()
+    # memory each rank holds (ZeRO's point), summed into a (ranks, 5) table
+    held = state_bytes(model, optimizer)
+    mine = torch.zeros(accelerator.num_processes, 5, dtype=torch.float64, device=device)
+    mine[rank] = torch.tensor([held["parameters"], held["master_copies"], held["optimizer_state"], held["total"],
+                               peak_rss_bytes()], dtype=torch.float64)
+    per_rank = all_reduce(mine)
     if main:
         summary = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
                    "deepspeed": use_deepspeed, "device": str(device), "train_prompts": len(prompts),
-                   "exports": exports, "steps": ppo.steps, "episodes": ppo.steps * ppo.rollout_batch_size}
+                   "exports": exports, "steps": ppo.steps, "episodes": ppo.steps * ppo.rollout_batch_size,
+                   "per_rank": [dict(zip(["parameter_bytes", "master_copy_bytes", "optimizer_state_bytes",
+                                          "parameter_and_optimizer_bytes", "peak_rss_bytes"], map(int, row)))
+                                for row in per_rank.tolist()]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if ppo.report_to:
