@@ -130,17 +130,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def collate(encoded: list[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch; returns input_ids, attention_mask and response_mask (1 on response tokens only)."""
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    resp = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        n = len(e.input_ids)
-        off = width - n if padding_side == "left" else 0
-        ids[i, off:off + n] = torch.tensor(e.input_ids)
-        attn[i, off:off + n] = 1
-        resp[i, off + e.response_start:off + n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    import numpy as np
+
+    lengths = np.array([len(e.input_ids) for e in encoded])
+    starts = np.array([e.response_start for e in encoded])
+    width = int(lengths.max())
+    offsets = width - lengths if padding_side == "left" else np.zeros_like(lengths)
+    # one flat copy of every id instead of a tensor per row: collation was a third of scoring time
+    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
+    rows = np.repeat(np.arange(len(encoded)), lengths)
+    cols = np.repeat(offsets, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    ids[rows, cols] = np.fromiter((t for e in encoded for t in e.input_ids), dtype=np.int64, count=int(lengths.sum()))
+    positions = np.arange(width)[None, :]
+    attn = (positions >= offsets[:, None]) & (positions < (offsets + lengths)[:, None])
+    resp = attn & (positions >= (offsets + starts)[:, None])
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn.astype(np.int64)),
+            "response_mask": torch.from_numpy(resp.astype(np.int64))}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -122,3 +122,20 @@ def test_double_bos_passes_from_config_to_the_scorer(tmp_path):
         ProxyConfig(name="b", type="bt", double_bos=True)
     with pytest.raises(ValueError, match="gold.double_bos is only for a reward model"):
         GoldConfig(double_bos=True)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_pads_and_masks_each_row(side):
+    from pipeline.tokenization import Encoded, collate
+
+    batch = collate([Encoded([5, 6, 7], 1, False), Encoded([8, 9, 10, 11, 12], 3, False), Encoded([4], 0, False)],
+                    pad_id=0, padding_side=side)
+    rows = {"right": ([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [4, 0, 0, 0, 0]],
+                      [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
+                      [[0, 1, 1, 0, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0, 0]]),
+            "left": ([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 0, 0, 0, 4]],
+                     [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]],
+                     [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])}[side]
+    assert batch["input_ids"].tolist() == rows[0]
+    assert batch["attention_mask"].tolist() == rows[1]
+    assert batch["response_mask"].tolist() == rows[2]
