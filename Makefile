@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/overopt run $(CONFIG)
 
 test: setup
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks
 	$(PY) -m pytest -q tests
 
 bench: setup

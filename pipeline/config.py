@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 # Marks a field that cannot change a stage's result (inference batch sizes): the runner leaves it out of fingerprints.
 NOT_FINGERPRINTED = {"fingerprint": False}
-# Marks an option added after artifacts existed: it enters fingerprints only when set to something else than its default.
+# Marks an option added after artifacts existed: it enters fingerprints only when set to something other than its
+# default.
 FINGERPRINTED_UNLESS_DEFAULT = {"fingerprint": "unless_default"}
 
 
@@ -107,7 +108,8 @@ class PolicyConfig(Section):
         if self.source == "hub" and not self.model_id:
             raise ValueError("policy.source is 'hub' but policy.model_id is not set")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"policy.hidden_size ({self.hidden_size}) must be divisible by policy.num_heads ({self.num_heads})")
+            raise ValueError(f"policy.hidden_size ({self.hidden_size}) must be divisible by policy.num_heads "
+                             f"({self.num_heads})")
         return self
 
 

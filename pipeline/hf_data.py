@@ -73,7 +73,8 @@ def normalise_messages(conv) -> list[dict]:
     out = []
     for m in conv:
         role = str(m["role"]).strip().lower()
-        out.append({"role": _ROLE_ALIASES.get(role, role), "content": "" if m["content"] is None else str(m["content"])})
+        content = "" if m["content"] is None else str(m["content"])
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
     return out
 
 

@@ -106,7 +106,8 @@ def weight_shapes(d: Path) -> dict[str, tuple[int, ...]]:
             raise ModelDirError(f"{index.name} is not readable ({e})") from None
         missing = sorted(wanted - set(shapes))
         if missing:
-            raise ModelDirError(f"{index.name} lists {len(missing)} tensor(s) in no safetensors file, e.g. {missing[:3]}")
+            raise ModelDirError(f"{index.name} lists {len(missing)} tensor(s) in no safetensors file, "
+                                f"e.g. {missing[:3]}")
     return shapes
 
 

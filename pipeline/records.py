@@ -80,7 +80,8 @@ def score_matrix(scores: pd.DataFrame, source: Path | str, prompt_ids: list[str]
     `source` names the file in errors."""
     dup = scores.duplicated(["prompt_id", "sample_idx"])
     if dup.any():
-        raise RecordError(f"{source}: repeated keys {scores.loc[dup, ['prompt_id', 'sample_idx']].head(3).values.tolist()}")
+        repeated = scores.loc[dup, ["prompt_id", "sample_idx"]].head(3).values.tolist()
+        raise RecordError(f"{source}: repeated keys {repeated}")
     table = scores.pivot(index="prompt_id", columns="sample_idx", values="score")
     if prompt_ids is not None:
         missing = sorted(set(prompt_ids) - set(table.index))
@@ -89,7 +90,8 @@ def score_matrix(scores: pd.DataFrame, source: Path | str, prompt_ids: list[str]
         table = table.loc[prompt_ids]
     holes = table.isna().stack()
     if holes.any():
-        raise RecordError(f"{source}: missing or NaN scores at (prompt_id, sample_idx) {holes[holes].index[:3].tolist()}")
+        raise RecordError(f"{source}: missing or NaN scores at (prompt_id, sample_idx) "
+                          f"{holes[holes].index[:3].tolist()}")
     return table.to_numpy(dtype=float), list(table.index)
 
 

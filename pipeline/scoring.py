@@ -17,8 +17,16 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from pipeline.tokenization import (ConversationEncoder, Encoded, Prompt, as_messages, collate, encode_conversation,
-                                   pad_token_id, same_tokenizer)
+from pipeline.tokenization import (
+    ConversationEncoder,
+    Encoded,
+    Prompt,
+    as_messages,
+    collate,
+    encode_conversation,
+    pad_token_id,
+    same_tokenizer,
+)
 
 log = logging.getLogger("overopt")
 
@@ -76,7 +84,8 @@ class ModelScorer:
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
         if len(keep) < len(encoded) and self.strict_length:
             raise SequenceTooLongError(f"{len(encoded) - len(keep)} of {len(encoded)} sequences exceed max_length="
-                             f"{self.max_length} tokens (e.g. item {next(i for i, e in enumerate(encoded) if e.truncated)})")
+                                      f"{self.max_length} tokens (e.g. item "
+                                      f"{next(i for i, e in enumerate(encoded) if e.truncated)})")
         if len(keep) < len(encoded):
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
                         len(encoded) - len(keep), len(encoded), self.max_length)

@@ -15,10 +15,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, EvalPromptsStageConfig,
-                             EvalProxyStageConfig, GoldLabelStageConfig, GoldScoreStageConfig, PPOCurveStageConfig,
-                             PPOSampleStageConfig, PPOStageConfig, ProxyConfig, ReportStageConfig, ScorerStageConfig,
-                             StudyConfig, TrainProxyStageConfig)
+from pipeline.config import (
+    BaseModelRef,
+    BonCurveStageConfig,
+    BonSampleStageConfig,
+    EvalPromptsStageConfig,
+    EvalProxyStageConfig,
+    GoldLabelStageConfig,
+    GoldScoreStageConfig,
+    PPOCurveStageConfig,
+    PPOSampleStageConfig,
+    PPOStageConfig,
+    ProxyConfig,
+    ReportStageConfig,
+    ScorerStageConfig,
+    StudyConfig,
+    TrainProxyStageConfig,
+)
 from pipeline.runner import StageNode
 
 

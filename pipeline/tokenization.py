@@ -90,7 +90,8 @@ def _encode_by_token_prefix(tokenizer, messages: list[Message], response: str, m
                             double_bos: bool) -> Encoded:
     """For tokenizers without character offsets: the response starts after the prompt's own tokens."""
     head = _template_ids(tokenizer, messages, add_generation_prompt=True)
-    full = _template_ids(tokenizer, messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    full = _template_ids(tokenizer, messages + [{"role": "assistant", "content": response}],
+                         add_generation_prompt=False)
     if full[: len(head)] == head:
         start = len(head)
     else:

@@ -23,10 +23,12 @@ import random
 from dataclasses import dataclass
 
 CATEGORIES: dict[str, list[str]] = {
-    "fruits": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "melon", "kiwi"],
+    "fruits": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum", "melon",
+               "kiwi"],
     "animals": ["cat", "dog", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit"],
     "colors": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray", "gold", "silver"],
-    "tools": ["hammer", "saw", "drill", "wrench", "shovel", "rake", "axe", "chisel", "pliers", "ladder", "knife", "brush"],
+    "tools": ["hammer", "saw", "drill", "wrench", "shovel", "rake", "axe", "chisel", "pliers", "ladder", "knife",
+              "brush"],
     "vegetables": ["carrot", "potato", "onion", "garlic", "pepper", "lettuce", "cabbage", "spinach", "celery", "radish",
                    "turnip", "pea"],
     "instruments": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello", "banjo", "organ", "oboe",

@@ -14,8 +14,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.bon import bon_curve_table
 from pipeline.config import BonCurveStageConfig
 from pipeline.gao import fit_bon

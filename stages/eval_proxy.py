@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import EvalProxyStageConfig
-from pipeline.models import build_scorer
 from pipeline.hf_data import pair_prompts
+from pipeline.models import build_scorer
 from pipeline.records import PAIR_COLUMNS, read_records
 from pipeline.scoring import check_finite, over_length_check
 

@@ -79,7 +79,8 @@ def run(cfg: GoldLabelStageConfig, inputs: dict[str, Path], out: Path) -> None:
     write_records(pairs, out / "pairs.parquet", PAIR_COLUMNS)
     stats |= {"pairs": len(pairs), "train": int((pairs.split == "train").sum()),
               "test": int((pairs.split == "test").sum()), "noisy_flips": int((pairs.label_noisy == 0).sum()),
-              "mean_gold_chosen": float(pairs.gold_chosen.mean()), "mean_gold_rejected": float(pairs.gold_rejected.mean())}
+              "mean_gold_chosen": float(pairs.gold_chosen.mean()),
+              "mean_gold_rejected": float(pairs.gold_rejected.mean())}
 
     ood_file = inputs["scores"] / "ood_candidates.parquet"
     if ood_file.exists():

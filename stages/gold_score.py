@@ -46,9 +46,9 @@ def _require_usable(scored: pd.DataFrame, source: str, max_length: int) -> None:
     ties = ~unscored & (scored.gold_a == scored.gold_b)
     if (~unscored & ~ties).any():
         return
-    raise ValueError(f"gold_score: no usable pair in {source}: of {len(scored)} candidate pair(s), {int(unscored.sum())} "
-                     f"are over gold.max_length={max_length} tokens and {int(ties.sum())} are gold ties; raise "
-                     f"gold.max_length or use other data")
+    raise ValueError(f"gold_score: no usable pair in {source}: of {len(scored)} candidate pair(s), "
+                     f"{int(unscored.sum())} are over gold.max_length={max_length} tokens and {int(ties.sum())} "
+                     f"are gold ties; raise gold.max_length or use other data")
 
 
 def _policy_candidates(cfg: GoldScoreStageConfig, inputs: dict[str, Path]) -> pd.DataFrame:

@@ -36,8 +36,16 @@ import pandas as pd
 import torch
 
 from pipeline.config import PPOConfig, PPOStageConfig
-from pipeline.distributed import (all_reduce_sum, frozen_model_loading, gathered_for_generation, gathered_parameters,
-                                  make_accelerator, peak_rss_bytes, state_bytes, zero_stage)
+from pipeline.distributed import (
+    all_reduce_sum,
+    frozen_model_loading,
+    gathered_for_generation,
+    gathered_parameters,
+    make_accelerator,
+    peak_rss_bytes,
+    state_bytes,
+    zero_stage,
+)
 from pipeline.generation import stop_token_ids
 from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer, merged_state_dict
 from pipeline.ppo import core

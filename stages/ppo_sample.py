@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import PPOSampleStageConfig, SamplingConfig
-from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
 from pipeline.generation import sample_responses
+from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
 from pipeline.ppo.rollout import sequence_logprobs
 from pipeline.records import RL_SAMPLE_COLUMNS, messages, write_records

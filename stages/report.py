@@ -49,7 +49,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if len(acc):
         acc.to_csv(out / "accuracy.csv", index=False)
         wide = acc.pivot_table(index="proxy", columns=["set", "labels"], values="accuracy").reindex(cfg.proxies)
-        wide.columns = [f"{s} ({l})" for s, l in wide.columns]
+        wide.columns = [f"{s} ({labels})" for s, labels in wide.columns]
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
 
     curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
@@ -57,12 +57,14 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         all_curves = pd.concat([c.assign(proxy_name=p) for p, c in curves.items()], ignore_index=True)
         all_curves.to_csv(out / "bon_curves.csv", index=False)
         plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization")
-        parts += ["## Best-of-n", "", "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts.",
+        parts += ["## Best-of-n", "",
+                  "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts.",
                   "", "![best-of-n](bon_gold_vs_kl.png)", ""]
         for p, c in curves.items():
             fit = json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text())
             t = pd.DataFrame({"n": c.n, "KL bound": c.kl_bound, "proxy": c.proxy,
-                              "gold": [f"{g:.3f} [{lo:.3f}, {hi:.3f}]" for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
+                              "gold": [f"{g:.3f} [{lo:.3f}, {hi:.3f}]"
+                                       for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
             peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
             d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f}"
             parts += [f"### {p}", "", _md(t), "",
@@ -102,7 +104,8 @@ def _ppo_section(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
 
 def _rl_table(c: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
-                         "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
+                         "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+                                   for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
                          "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
 
 

@@ -32,7 +32,8 @@ def _train(model, tokenizer, frame: pd.DataFrame, loop: TrainLoopConfig, seed: i
     """Next-token loss on response tokens only (prompt and padding masked)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    encoded = [encode_conversation(tokenizer, messages(p), r, max_length=64) for p, r in zip(frame.prompt, frame.response)]
+    encoded = [encode_conversation(tokenizer, messages(p), r, max_length=64)
+               for p, r in zip(frame.prompt, frame.response)]
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(loop.warmup_ratio * loop.steps), loop.steps)
     rng = np.random.default_rng(seed)
@@ -58,7 +59,8 @@ def policy_sample_quality(model, tokenizer, prompts: list, n: int, seed: int) ->
     rows = sample_responses(model, tokenizer, prompts, n, SamplingConfig(temperature=1.0), seed)
     texts = [messages(prompts[r["prompt_index"]])[-1]["content"] for r in rows]
     gold = [W.gold_reward(t, r["response"]) for t, r in zip(texts, rows)]
-    well = [bool(r["finished"] and r["response"]) and all(w in W.ITEM_CATEGORY for w in r["response"].split()) for r in rows]
+    well = [bool(r["finished"] and r["response"]) and all(w in W.ITEM_CATEGORY for w in r["response"].split())
+            for r in rows]
     best = [W.parse_prompt(t).k for t in texts]
     return {"n_samples": len(rows), "well_formed_rate": float(np.mean(well)), "mean_gold": float(np.mean(gold)),
             "best_achievable_mean_gold": float(np.mean(best)),
@@ -72,7 +74,8 @@ def run(cfg: PolicyConfig, inputs: dict[str, Path], out: Path) -> None:
     tokenizer = load_tokenizer(world / "tokenizer")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size,
                          num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                          num_key_value_heads=cfg.num_heads, max_position_embeddings=128, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,

@@ -18,8 +18,15 @@ import stages.bon_score as bon_score
 import stages.eval_proxy as eval_proxy
 import stages.gold_label as gold_label
 import stages.gold_score as gold_score
-from pipeline.config import (EvalProxyConfig, EvalProxyStageConfig, GoldConfig, GoldLabelStageConfig,
-                             GoldScoreStageConfig, ProxyConfig, ScorerStageConfig)
+from pipeline.config import (
+    EvalProxyConfig,
+    EvalProxyStageConfig,
+    GoldConfig,
+    GoldLabelStageConfig,
+    GoldScoreStageConfig,
+    ProxyConfig,
+    ScorerStageConfig,
+)
 from pipeline.hf_data import load_unified_feedback
 from pipeline.records import CANDIDATE_COLUMNS, PAIR_COLUMNS, SAMPLE_COLUMNS, write_records
 from pipeline.scoring import NonFiniteScoreError, check_finite
@@ -180,7 +187,8 @@ def test_over_length_nan_is_not_an_error_but_a_model_nan_is(tmp_path, golds):
 
 def test_gold_label_refuses_an_infinite_gold_score(tmp_path):
     cands = pd.DataFrame([{"pair_id": f"p{i}", "prompt_id": "q", "prompt": [{"role": "user", "content": "x"}],
-                           "response_a": "a", "response_b": "b", "gold_a": float(i), "gold_b": np.inf if i == 2 else -1.0}
+                           "response_a": "a", "response_b": "b", "gold_a": float(i),
+                           "gold_b": np.inf if i == 2 else -1.0}
                           for i in range(4)])
     with pytest.raises(NonFiniteScoreError, match=r"pair_id='p2' \(gold_b\)"):
         gold_label.label_pairs(cands)

@@ -9,10 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.bon import (BON_CURVE_COLUMNS, bon_curve_table, bon_subset_weights, bon_weight_matrix, bootstrap_ci,
-                          kl_bon_bound, nested_bon, unbiased_bon)
+from pipeline.bon import (
+    BON_CURVE_COLUMNS,
+    bon_curve_table,
+    bon_subset_weights,
+    bon_weight_matrix,
+    bootstrap_ci,
+    kl_bon_bound,
+    nested_bon,
+    unbiased_bon,
+)
 from pipeline.gao import fit_bon, fit_rl, gao_bon, gao_rl
-
 
 # --- brute-force references ------------------------------------------------------------------------------------------
 

@@ -23,8 +23,18 @@ import stages.bon_score as bon_score
 import stages.train_proxy as train_proxy
 from pipeline.bon import BON_CURVE_COLUMNS
 from pipeline.cache import ArtifactCache
-from pipeline.config import (BaseModelRef, BonCurveStageConfig, BonSampleStageConfig, GoldConfig, ProxyConfig,
-                             RMTrainingConfig, SamplingConfig, ScorerStageConfig, TrainProxyStageConfig, load_config)
+from pipeline.config import (
+    BaseModelRef,
+    BonCurveStageConfig,
+    BonSampleStageConfig,
+    GoldConfig,
+    ProxyConfig,
+    RMTrainingConfig,
+    SamplingConfig,
+    ScorerStageConfig,
+    TrainProxyStageConfig,
+    load_config,
+)
 from pipeline.models import build_scorer, load_reward_scorer
 from pipeline.records import SAMPLE_COLUMNS, SCORE_COLUMNS, messages, prompt_text, read_records, read_sample_shards
 from pipeline.runner import Runner

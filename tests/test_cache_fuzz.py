@@ -113,7 +113,8 @@ def _mutate(rng: random.Random, d: Path) -> str:
         elif change == "drop_sha":
             del m["files"][rel]["sha256"]
         elif change == "size_type":
-            m["files"][rel]["size"] = rng.choice([str(m["files"][rel]["size"]), None, float(m["files"][rel]["size"]) + 0.5,
+            size = m["files"][rel]["size"]
+            m["files"][rel]["size"] = rng.choice([str(size), None, float(size) + 0.5,
                                                   [1], {}, -1, True])
         elif change == "sha_type":
             m["files"][rel]["sha256"] = rng.choice([None, 5, [], m["files"][rel]["sha256"].upper()[:10]])

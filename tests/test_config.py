@@ -125,7 +125,8 @@ def test_bad_override_value_and_colliding_member_names(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(TINY, ["proxy_training.lora={r:"])
     with pytest.raises(ConfigError, match="e-m0"):
-        load_config(write(tmp_path, "proxies:\n  - {name: e, type: ensemble, members: 2}\n  - {name: e-m0, type: bt}\n"))
+        load_config(write(tmp_path, "proxies:\n  - {name: e, type: ensemble, members: 2}\n"
+                                    "  - {name: e-m0, type: bt}\n"))
 
 
 def test_home_relative_paths_are_expanded_once(tmp_path):

@@ -112,7 +112,8 @@ def test_gc_keeps_every_named_study(tmp_path, capsys, study):
 
 def test_gc_refuses_a_locked_cache(tmp_path, capsys, study):
     cache, run = study
-    old, new = run(0), run(1)
+    old = run(0)
+    run(1)  # a second fingerprint, so there is something to collect
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pipeline.cache import ArtifactCache

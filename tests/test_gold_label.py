@@ -20,7 +20,8 @@ def candidates(n=100, seed=0):
     for i in range(n):
         a = " ".join(rng.choice(fruits, rng.integers(1, 6)))
         b = " ".join(rng.choice(fruits, rng.integers(1, 6)))
-        rows.append({"pair_id": f"p{i}", "prompt_id": f"q{i % 10}", "prompt": [{"role": "user", "content": "list 3 fruits"}],
+        rows.append({"pair_id": f"p{i}", "prompt_id": f"q{i % 10}",
+                     "prompt": [{"role": "user", "content": "list 3 fruits"}],
                      "response_a": a, "response_b": b})
     return pd.DataFrame(rows)
 
@@ -71,7 +72,8 @@ def test_unified_feedback_path_with_a_local_seq_cls_gold(tmp_path):
     rows = []
     for i in range(40):
         prompt = {"role": "user", "content": "list 2 fruits"}
-        rows.append({"id": f"uf{i}", "conv_A": [prompt, {"role": "assistant", "content": "apple pear" if i % 2 else "kiwi"}],
+        rows.append({"id": f"uf{i}",
+                     "conv_A": [prompt, {"role": "assistant", "content": "apple pear" if i % 2 else "kiwi"}],
                      "conv_B": [prompt, {"role": "assistant", "content": "plum" if i % 3 else "apple apple"}],
                      "conv_A_rating": 1.0, "conv_B_rating": 2.0, "num_turns": 1, "source": "test"})
     data = tmp_path / "uf.parquet"

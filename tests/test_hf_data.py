@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import hf_data
-from pipeline.hf_data import (load_hhh_alignment, load_mt_bench_human, load_unified_feedback, pair_prompts,
-                              prompt_id_of)
+from pipeline.hf_data import load_hhh_alignment, load_mt_bench_human, load_unified_feedback, pair_prompts, prompt_id_of
 
 
 @pytest.fixture(autouse=True)

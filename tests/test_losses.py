@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (bt_loss, grm_loss, grm_regulariser, label_smoothing_loss, margin_loss,
-                             response_logprobs)
+from pipeline.losses import bt_loss, grm_loss, grm_regulariser, label_smoothing_loss, margin_loss, response_logprobs
 
 
 def log_sigmoid(x: float) -> float:

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import pytest
+import torch
 import yaml
 
 from pipeline.cache import ArtifactCache
@@ -170,7 +170,8 @@ def _write(path: Path, rows: list[dict], schema) -> Path:
 
 
 def write_models(root: Path) -> tuple[Path, Path]:
-    """A tiny causal-LM policy and a tiny sequence-classification gold, both with the world's chat-template tokenizer."""
+    """A tiny causal-LM policy and a tiny sequence-classification gold, both with the world's chat-template
+    tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 

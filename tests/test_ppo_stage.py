@@ -164,7 +164,7 @@ def test_killed_ppo_under_zero2_resumes_to_the_uninterrupted_result(study, tmp_p
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming PPO from its checkpoint at update" in resumed.stdout + resumed.stderr
+    assert "resuming PPO from its checkpoint at update" in resumed.stdout + resumed.stderr
     cfg = load_config(SMOKE, overrides)
     plan = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root)).plan()
     art = next(p for p in plan if p.node.key == "ppo[bt]")

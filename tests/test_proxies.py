@@ -22,8 +22,17 @@ from safetensors.torch import load_file
 import stages.eval_proxy as eval_proxy
 import stages.train_proxy as train_proxy
 from pipeline.cache import ArtifactCache
-from pipeline.config import (BaseModelRef, EvalProxyConfig, EvalProxyStageConfig, LoraConfig, ProxyConfig,
-                             RMTrainingConfig, ScorerStageConfig, TrainProxyStageConfig, load_config)
+from pipeline.config import (
+    BaseModelRef,
+    EvalProxyConfig,
+    EvalProxyStageConfig,
+    LoraConfig,
+    ProxyConfig,
+    RMTrainingConfig,
+    ScorerStageConfig,
+    TrainProxyStageConfig,
+    load_config,
+)
 from pipeline.models import build_scorer, load_reward_scorer
 from pipeline.records import PAIR_COLUMNS, messages, read_records
 from pipeline.reward_model import HEAD_FILE, GRMRewardModel, RewardHeadConfig, is_grm_checkpoint
@@ -330,7 +339,7 @@ def test_eval_proxy_trained_and_checkpoint_agree_and_match_a_hand_computation(sm
         if name == "id_test":
             lab = frame.label_noisy.to_numpy()
             assert (lab == 0).any()
-            correct = [(c > r) if l == 1 else (r > c) for c, r, l in zip(r_c, r_r, lab)]
+            correct = [(c > r) if y == 1 else (r > c) for c, r, y in zip(r_c, r_r, lab)]
             assert rows[(name, "noisy")].accuracy == pytest.approx(np.mean(correct), abs=1e-12)
 
 

@@ -8,8 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.losses import grm_loss, grm_regulariser, response_logprobs
-from pipeline.reward_model import (HEAD_CONFIG_FILE, HEAD_FILE, GRMRewardModel, RewardHeadConfig,
-                                   checkpoint_layout, is_grm_checkpoint)
+from pipeline.reward_model import (
+    HEAD_CONFIG_FILE,
+    HEAD_FILE,
+    GRMRewardModel,
+    RewardHeadConfig,
+    checkpoint_layout,
+    is_grm_checkpoint,
+)
 from pipeline.scoring import ModelScorer
 from pipeline.tokenization import collate, encode_conversation, pad_token_id
 from pipeline.world import build_tokenizer

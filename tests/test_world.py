@@ -67,7 +67,8 @@ def test_world_stage_is_deterministic_and_splits_prompts(tmp_path):
         pd.testing.assert_frame_equal(pd.read_parquet(a / f"{f}.parquet"), pd.read_parquet(b / f"{f}.parquet"))
     train = pd.read_parquet(a / "train_prompts.parquet")
     ev = pd.read_parquet(a / "eval_prompts.parquet")
-    assert len(ev) == 8 and not set(train.prompt.map(lambda p: p[0]["content"])) & set(ev.prompt.map(lambda p: p[0]["content"]))
+    texts = lambda frame: set(frame.prompt.map(lambda p: p[0]["content"]))  # noqa: E731
+    assert len(ev) == 8 and not texts(train) & texts(ev)
     ood = pd.read_parquet(a / "ood_candidates.parquet")
     for p in ood.prompt:  # every OOD prompt has an unseen verb, opener or list length
         spec = W.parse_prompt(p[0]["content"])
