@@ -20,12 +20,20 @@ def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> 
         axes[0].plot(c.sqrt_kl_bound, c.gold_rel, "-o", ms=3, color=color, label=f"{name}: gold")
         axes[0].fill_between(c.sqrt_kl_bound, c.gold_rel_lo, c.gold_rel_hi, color=color, alpha=0.2)
         axes[1].plot(c.sqrt_kl_bound, c.proxy_rel, "--s", ms=3, color=color, label=f"{name}: proxy")
-    axes[0].set_ylabel("gold score − gold at n=1")
-    axes[1].set_ylabel("proxy score − proxy at n=1")
+    _finish(fig, axes, ("gold score − gold at n=1", "proxy score − proxy at n=1"),
+            "√KL  (KL = log n − (n−1)/n, an upper bound)", 8, title, path)
+
+
+def _finish(fig, axes, ylabels: tuple[str, str], xlabel: str, legend_size: int, title: str, path: Path) -> None:
+    """Labels, a zero line and legends on both panels; title; save and close."""
+    import matplotlib.pyplot as plt
+
+    axes[0].set_ylabel(ylabels[0])
+    axes[1].set_ylabel(ylabels[1])
     for ax in axes:
-        ax.set_xlabel("√KL  (KL = log n − (n−1)/n, an upper bound)")
+        ax.set_xlabel(xlabel)
         ax.axhline(0, color="gray", lw=0.5)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -55,13 +63,5 @@ def plot_rl_curves(curves: dict[str, tuple[pd.DataFrame | None, list[pd.DataFram
         if bon is not None:
             axes[0].plot(bon.sqrt_kl_bound, bon.gold_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
             axes[1].plot(bon.sqrt_kl_bound, bon.proxy_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
-    axes[0].set_ylabel("gold score − initial policy's")
-    axes[1].set_ylabel("proxy score − initial policy's")
-    for ax in axes:
-        ax.set_xlabel("√KL to the initial policy (PPO: measured; best-of-n: upper bound)")
-        ax.axhline(0, color="gray", lw=0.5)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, axes, ("gold score − initial policy's", "proxy score − initial policy's"),
+            "√KL to the initial policy (PPO: measured; best-of-n: upper bound)", 7, title, path)

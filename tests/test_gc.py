@@ -3,11 +3,6 @@ artifacts, their current resumable outputs and the newest run folder of each; re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ import pipeline.study
 from pipeline.cache import ArtifactCache
 from pipeline.cli import main
 from pipeline.runner import Runner, StageNode
+from tests.conftest import cache_locked_by_another_process
 from tests.fake_stages import FakeConfig
 
 ROOT = Path(__file__).parents[1]
@@ -114,22 +110,8 @@ def test_gc_refuses_a_locked_cache(tmp_path, capsys, study):
     cache, run = study
     old = run(0)
     run(1)  # a second fingerprint, so there is something to collect
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from pipeline.cache import ArtifactCache
-        with ArtifactCache({str(cache.root)!r}).lock():
-            open({str(tmp_path / 'locked')!r}, 'w').close()
-            time.sleep(30)
-    """)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 30
-        while not (tmp_path / "locked").exists():
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with cache_locked_by_another_process(cache.root, tmp_path):
         code, out, err = _gc(tmp_path, capsys, str(TINY), "world.seed=1", "--yes")
-        assert code == 3
-        assert "another overopt run holds the cache lock" in err and "gc lists and removes nothing" in err
-        assert cache.path("label", old["label"]).is_dir()
-    finally:
-        holder.kill()
-        holder.wait()
+    assert code == 3
+    assert "another overopt run holds the cache lock" in err and "gc lists and removes nothing" in err
+    assert cache.path("label", old["label"]).is_dir()

@@ -14,6 +14,7 @@ import pytest
 from pipeline.cache import ArtifactCache, CacheLockedError
 from pipeline.config import ConfigError
 from pipeline.runner import Runner, StageNode
+from tests.conftest import cache_locked_by_another_process
 from tests.fake_stages import FakeConfig
 
 ROOT = Path(__file__).parents[1]
@@ -155,24 +156,10 @@ def test_sigkill_mid_stage_leaves_nothing_then_rerun_succeeds(tmp_path):
 
 def test_a_second_run_on_the_same_cache_fails_clearly(tmp_path):
     cache = ArtifactCache(tmp_path / "cache")
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from pipeline.cache import ArtifactCache
-        with ArtifactCache({str(tmp_path / 'cache')!r}).lock():
-            open({str(tmp_path / 'locked')!r}, 'w').close()
-            time.sleep(30)
-    """)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        deadline = time.time() + 30
-        while not (tmp_path / "locked").exists():
-            assert time.time() < deadline
-            time.sleep(0.05)
+    with cache_locked_by_another_process(cache.root, tmp_path):
         with pytest.raises(CacheLockedError, match="another overopt run holds the cache lock"):
             with cache.lock(timeout_s=0.2):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
     with cache.lock(timeout_s=5):  # released when the holder dies
         pass
 
