@@ -53,7 +53,7 @@ from pipeline.ppo.models import PolicyAndValue, ValueModel
 from pipeline.ppo.rollout import sample_rollout
 from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
 from pipeline.records import PAIR_COLUMNS, messages, read_records
-from pipeline.scoring import score_rollouts
+from pipeline.scoring import check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
@@ -305,10 +305,8 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
         raw_scores = score_rollouts(scorer, tokenizer, [messages(prompts.prompt[i]) for i in batch],
                                     rollout.prompt_rows(), contents, [s.strip() for s in texts])
-        if not np.isfinite(raw_scores).all():
-            bad = int(np.flatnonzero(~np.isfinite(raw_scores))[0])
-            raise ValueError(f"proxy {cfg.scorer.name!r} gave a non-finite score ({raw_scores[bad]}) at update {step} "
-                             f"to prompt_id {prompts.prompt_id[batch[bad]]!r}")
+        check_finite(raw_scores, cfg.scorer.name, [prompts.prompt_id[i] for i in batch], ("prompt_id",),
+                     where=f"rollout of PPO update {step + 1}")
         scores = torch.tensor(raw_scores, dtype=torch.float32)
         if ppo.missing_eos_penalty is not None:
             scores = scores - ppo.missing_eos_penalty * (~rollout.finished).float()

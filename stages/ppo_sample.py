@@ -32,7 +32,7 @@ from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
 from pipeline.ppo.rollout import sequence_logprobs
 from pipeline.records import RL_SAMPLE_COLUMNS, messages, write_records
-from pipeline.scoring import score_rollouts
+from pipeline.scoring import check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
@@ -77,10 +77,9 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
         proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
                                [r["token_ids"] for r in rows], [r["response"] for r in rows])
-        if not np.isfinite(proxy).all():
-            bad = rows[int(np.flatnonzero(~np.isfinite(proxy))[0])]
-            raise ValueError(f"proxy {cfg.scorer.name!r} gave a non-finite score to the export of step {step}, "
-                             f"prompt_id {prompts.prompt_id[bad['prompt_index']]!r}, sample {bad['sample_idx']}")
+        check_finite(proxy, cfg.scorer.name,
+                     [(prompts.prompt_id[r["prompt_index"]], r["sample_idx"]) for r in rows],
+                     ("prompt_id", "sample_idx"), where=f"samples of the step-{step} export")
         frame = pd.DataFrame(rows).drop(columns=["token_ids", "stop_id"])
         frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]

@@ -221,3 +221,18 @@ def test_ppo_options_run_together(study):
         beta *= 1 + min(max(r["kl_seq_k1"] / 0.01 - 1, -0.2), 0.2) * cfg.ppo.rollout_batch_size / 100
     # per-batch normalisation: each batch's normalised scores have mean 0
     assert all(abs(r["score_normalised"]) < 1e-5 for r in records)
+
+
+def test_a_non_finite_proxy_score_stops_ppo_and_commits_nothing(study, monkeypatch):
+    import stages.ppo
+    from pipeline.scoring import NonFiniteScoreError
+
+    def broken(scorer, tokenizer, prompts, heads, contents, texts):
+        return np.where(np.arange(len(texts)) == 1, np.nan, 0.0)
+
+    monkeypatch.setattr(stages.ppo, "score_rollouts", broken)
+    cfg = load_config(SMOKE, study["overrides"] + ["ppo.steps=2"])
+    runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
+    with pytest.raises(NonFiniteScoreError, match=r"scorer 'bt' returned a non-finite score \(nan\) for prompt_id="):
+        runner.run(until={"ppo[bt]"})
+    assert next(p for p in runner.plan() if p.node.key == "ppo[bt]").status != "cached"
