@@ -434,6 +434,54 @@ class PPOConfig(Section):
         return [(proxy if i == 0 else f"{proxy}@seed{self.seed + i}", self.seed + i) for i in range(self.seeds)]
 
 
+class GroupRLConfig(Section):
+    """Group-baseline RL through TRL 1.16 (GRPOTrainer, RLOOTrainer) against each selected proxy: stages
+    grpo[p] / rloo[p], then the same sampling-with-measured-KL, gold and curve stages as PPO. TRL's defaults are noted
+    where overopt's differ."""
+
+    algos: list[Literal["grpo", "rloo"]] = ["grpo", "rloo"]
+    proxies: list[str] | None = None  # None = every proxy of the study
+    seeds: int = Field(1, ge=1)  # runs with seeds seed, seed + 1, ... per algorithm and proxy
+    seed: int = 0
+    num_processes: int = Field(2, ge=1)
+    deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
+    # updates, as PPO's: each samples one generation batch; exports at 0, 1, 2, 4, ..., steps
+    steps: int = Field(64, ge=1)
+    prompts_per_step: int = Field(8, ge=1)  # over all processes; each gets group_size completions
+    group_size: int = Field(8, ge=2)  # TRL num_generations (GRPO default 8, RLOO default 2)
+    lr: float = Field(3e-4, gt=0)  # TRL default 1e-6, for billion-parameter models
+    beta: float = Field(0.0, ge=0)  # KL coefficient (TRL: GRPO 0.0, RLOO 0.05); the KL on the x-axis is measured
+    epsilon: float = Field(0.2, gt=0)  # clipping (TRL default 0.2)
+    # passes over each generation batch (TRL num_iterations, default 1) × minibatches per pass (TRL
+    # steps_per_generation, default 1): 4 × 4 optimizer steps per update, as PPO's epochs × minibatches
+    num_iterations: int = Field(4, ge=1)
+    minibatches: int = Field(4, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)  # TRL default 1.0
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=16)  # rollouts
+    eval: PPOEvalConfig = PPOEvalConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "GroupRLConfig":
+        completions = self.prompts_per_step * self.group_size
+        if completions % (self.num_processes * self.minibatches):
+            raise ValueError(f"rl.prompts_per_step × rl.group_size ({completions}) must be divisible by "
+                             f"rl.num_processes × rl.minibatches ({self.num_processes} × {self.minibatches})")
+        return self
+
+    def optimizer_steps_per_update(self) -> int:
+        return self.num_iterations * self.minibatches
+
+    def export_steps(self) -> list[int]:
+        return log_spaced_steps(self.steps)
+
+    def training_view(self, seed: int) -> "GroupRLConfig":
+        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1,
+                                       "algos": ["grpo"]})
+
+    def runs(self, proxy: str) -> list[tuple[str, int]]:
+        return [(proxy if i == 0 else f"{proxy}@seed{self.seed + i}", self.seed + i) for i in range(self.seeds)]
+
+
 class DistributedSmokeConfig(Section):
     """A stage that proves the multi-process path: a few ZeRO steps on a tiny causal LM under accelerate."""
 
@@ -456,6 +504,7 @@ class StudyConfig(Section):
     eval_proxy: EvalProxyConfig = EvalProxyConfig()
     bon: BonConfig | None = BonConfig()
     ppo: PPOConfig | None = None
+    rl: GroupRLConfig | None = None
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
 
     @model_validator(mode="after")
@@ -479,6 +528,13 @@ class StudyConfig(Section):
             if self.bon is None:
                 raise ValueError("ppo evaluates on the best-of-n evaluation prompts and beside the best-of-n curves: "
                                  "it needs the bon section")
+        if self.rl is not None:
+            unknown = sorted(set(self.rl.proxies or []) - {p.name for p in self.proxies})
+            if unknown:
+                raise ValueError(f"rl.proxies names {unknown}, which are not proxies of this study "
+                                 f"({[p.name for p in self.proxies]})")
+            if self.bon is None:
+                raise ValueError("rl evaluates on the best-of-n evaluation prompts: it needs the bon section")
         return self
 
 
@@ -683,13 +739,23 @@ class BonCurveStageConfig(Section):
 class ReportStageConfig(Section):
     study: str
     proxies: list[str]
-    ppo_runs: dict[str, list[str]] = {}  # proxy -> its PPO runs (one per seed)
+    # arm ("ppo", "grpo", "rloo") -> proxy -> its runs (one per seed)
+    rl_runs: dict[str, dict[str, list[str]]] = {}
 
 
 class PPOStageConfig(Section):
     """ppo[p]: the training settings, the proxy it optimises (a frozen scorer) and the initial policy."""
 
     ppo: PPOConfig
+    scorer: ScorerStageConfig
+    policy: BaseModelRef
+
+
+class GroupRLStageConfig(Section):
+    """grpo[p] / rloo[p]: one algorithm's training settings, the proxy (a frozen scorer) and the initial policy."""
+
+    algo: Literal["grpo", "rloo"]
+    rl: GroupRLConfig
     scorer: ScorerStageConfig
     policy: BaseModelRef
 

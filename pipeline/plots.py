@@ -40,28 +40,28 @@ def _finish(fig, axes, ylabels: tuple[str, str], xlabel: str, legend_size: int, 
     plt.close(fig)
 
 
-def plot_rl_curves(curves: dict[str, tuple[pd.DataFrame | None, list[pd.DataFrame]]], path: Path, title: str) -> None:
-    """Per proxy (one colour), its PPO runs (solid; √ of the KL measured on samples; the CI band when there is one
-    run) and best-of-n (dashed; √ of the KL upper bound) on shared axes: gold relative to the initial policy (left),
-    proxy relative to it (right)."""
+def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    """RL runs (solid; √ of the KL measured on samples; the CI band when a label has one run) and best-of-n curves
+    (dashed; √ of the KL upper bound) on shared axes: gold relative to the initial policy (left), proxy relative to
+    it (right). One colour per label; a best-of-n curve with the same label as some runs shares their colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys([*runs, *bon]))}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (name, (bon, runs)) in enumerate(curves.items()):
-        color = f"C{i}"
-        for j, rl in enumerate(runs):
-            label = f"{name}: PPO" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "") if j == 0 else None
-            axes[0].plot(rl.sqrt_kl, rl.gold_rel, "-o", ms=3, color=color, alpha=0.9 if len(runs) == 1 else 0.6,
-                         label=label)
-            axes[1].plot(rl.sqrt_kl, rl.proxy_rel, "-o", ms=3, color=color, alpha=0.9 if len(runs) == 1 else 0.6,
-                         label=label)
-            if len(runs) == 1:
-                axes[0].fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=color, alpha=0.2)
-        if bon is not None:
-            axes[0].plot(bon.sqrt_kl_bound, bon.gold_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
-            axes[1].plot(bon.sqrt_kl_bound, bon.proxy_rel, "--", color=color, alpha=0.7, label=f"{name}: best-of-n")
+    for label, tables in runs.items():
+        for j, rl in enumerate(tables):
+            name = (label + (f" ({len(tables)} seeds)" if len(tables) > 1 else "")) if j == 0 else None
+            alpha = 0.9 if len(tables) == 1 else 0.6
+            axes[0].plot(rl.sqrt_kl, rl.gold_rel, "-o", ms=3, color=colors[label], alpha=alpha, label=name)
+            axes[1].plot(rl.sqrt_kl, rl.proxy_rel, "-o", ms=3, color=colors[label], alpha=alpha, label=name)
+            if len(tables) == 1:
+                axes[0].fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=colors[label], alpha=0.2)
+    for label, table in bon.items():
+        name = f"{label}: best-of-n" if label in runs else label
+        axes[0].plot(table.sqrt_kl_bound, table.gold_rel, "--", color=colors[label], alpha=0.7, label=name)
+        axes[1].plot(table.sqrt_kl_bound, table.proxy_rel, "--", color=colors[label], alpha=0.7, label=name)
     _finish(fig, axes, ("gold score − initial policy's", "proxy score − initial policy's"),
-            "√KL to the initial policy (PPO: measured; best-of-n: upper bound)", 7, title, path)
+            "√KL to the initial policy (RL: measured; best-of-n: upper bound)", 7, title, path)

@@ -107,3 +107,13 @@ def finite_or_none(tree):
     if isinstance(tree, float):  # numpy floats are floats
         return tree if math.isfinite(tree) else None
     return tree
+
+
+def training_prompts(pairs_dir: Path) -> pd.DataFrame:
+    """The distinct prompts of the training split of a gold_label artifact, ordered by prompt_id: what RL trains on
+    (evaluation prompts are never among them)."""
+    pairs = read_records(Path(pairs_dir) / "pairs.parquet", PAIR_COLUMNS)
+    train = pairs[pairs.split == "train"].drop_duplicates("prompt_id").sort_values("prompt_id")
+    if train.empty:
+        raise RecordError(f"{Path(pairs_dir) / 'pairs.parquet'} has no training pairs to take RL prompts from")
+    return train[["prompt_id", "prompt"]].reset_index(drop=True)

@@ -217,3 +217,32 @@ def score_rollouts(scorer: RewardScorer, policy_tokenizer, prompts: Sequence[Pro
                                                responses) for m in scorer.members], scorer.stats, scorer.combine,
                                scorer.uwo_lambda)
     return scorer.score(prompts, responses)
+
+
+class TRLRewardFunction:
+    """A proxy as a TRL reward function (GRPOTrainer, RLOOTrainer): `f(prompts, completions, completion_ids, ...)` ->
+    one float per completion, through `score_rollouts` — from token ids when the proxy shares the policy's
+    tokenizer. TRL's completion ids end with the stop token when the turn ended; it is dropped, as the chat template
+    adds the turn's closing tokens itself. A non-finite reward is an error naming the prompt."""
+
+    def __init__(self, scorer: RewardScorer, name: str, tokenizer, stop_ids):
+        self.scorer, self.__name__, self.tokenizer = scorer, name, tokenizer
+        self.stop_ids = set(stop_ids)
+        self._heads: dict[str, list[int]] = {}
+
+    def _head(self, prompt) -> list[int]:
+        from pipeline.tokenization import prompt_ids
+
+        key = repr([(m["role"], m["content"]) for m in prompt])
+        if key not in self._heads:
+            self._heads[key] = prompt_ids(self.tokenizer, prompt)
+        return self._heads[key]
+
+    def __call__(self, prompts, completions, completion_ids, prompt_id=None, **_) -> list[float]:
+        chats = [as_messages(p) for p in prompts]
+        contents = [list(ids[:-1]) if ids and ids[-1] in self.stop_ids else list(ids) for ids in completion_ids]
+        texts = [c[-1]["content"].strip() if isinstance(c, list) else str(c).strip() for c in completions]
+        rewards = score_rollouts(self.scorer, self.tokenizer, chats, [self._head(p) for p in chats], contents, texts)
+        check_finite(rewards, self.__name__, list(prompt_id) if prompt_id is not None else list(range(len(texts))),
+                     ("prompt_id",) if prompt_id is not None else ("completion",), where="a TRL rollout")
+        return [float(r) for r in rewards]

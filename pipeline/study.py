@@ -23,6 +23,7 @@ from pipeline.config import (
     EvalProxyStageConfig,
     GoldLabelStageConfig,
     GoldScoreStageConfig,
+    GroupRLStageConfig,
     PPOCurveStageConfig,
     PPOSampleStageConfig,
     PPOStageConfig,
@@ -80,6 +81,8 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes += _bon_stages(cfg)
     if cfg.ppo is not None:
         nodes += _ppo_stages(cfg)
+    if cfg.rl is not None:
+        nodes += _group_rl_stages(cfg)
     if cfg.distributed_smoke.enabled:
         ds = cfg.distributed_smoke
         nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
@@ -185,40 +188,77 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
     return nodes
 
 
-def ppo_proxies(cfg: StudyConfig) -> list[ProxyConfig]:
-    """The proxies PPO optimises (ppo.proxies, default every proxy), in the study's order."""
-    wanted = cfg.ppo.proxies
+def arm_proxies(cfg: StudyConfig, wanted: list[str] | None) -> list[ProxyConfig]:
+    """The proxies an RL arm optimises (its `proxies`, default every proxy), in the study's order."""
     return [p for p in cfg.proxies if wanted is None or p.name in wanted]
 
 
+def rl_runs(cfg: StudyConfig) -> dict[str, dict[str, list[str]]]:
+    """arm -> proxy -> run names, for every RL arm of the study (PPO, and each algorithm of the rl section)."""
+    arms: dict[str, dict[str, list[str]]] = {}
+    if cfg.ppo is not None:
+        arms["ppo"] = {p.name: [r for r, _ in cfg.ppo.runs(p.name)] for p in arm_proxies(cfg, cfg.ppo.proxies)}
+    if cfg.rl is not None:
+        for algo in cfg.rl.algos:
+            arms[algo] = {p.name: [r for r, _ in cfg.rl.runs(p.name)] for p in arm_proxies(cfg, cfg.rl.proxies)}
+    return arms
+
+
+def _launch(n_processes: int, deepspeed_config: Path | None) -> dict:
+    multi = n_processes > 1 or deepspeed_config is not None
+    return {"launcher": "accelerate" if multi else "inline", "num_processes": n_processes,
+            "deepspeed_config": Path(deepspeed_config) if deepspeed_config is not None else None}
+
+
+def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int, train: StageNode,
+            eval_cfg) -> list[StageNode]:
+    """One RL run: its training node `train` (arm[run]), then the stages every RL arm shares: arm_sample[run]
+    (exports sampled, KL measured), arm_gold[run] and arm_curve[run] (beside the proxy's best-of-n curve)."""
+    scorer_inputs = _scorer_inputs(proxy, "train_proxy")
+    return [train,
+            StageNode(f"{arm}_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
+                n_samples=eval_cfg.n_samples, max_new_tokens=eval_cfg.max_new_tokens or cfg.bon.sampling.max_new_tokens,
+                batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
+                scorer=_sample_scorer(cfg, proxy)),
+                {"rl": f"{arm}[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
+                external=_local(cfg.policy.model_id, proxy.path)),
+            StageNode(f"{arm}_gold[{run}]", "bon_score", _gold_scorer(cfg), {"samples": f"{arm}_sample[{run}]"},
+                      external=_local(cfg.gold.model_id)),
+            StageNode(f"{arm}_curve[{run}]", "ppo_curve", PPOCurveStageConfig(
+                proxy=run, bootstrap=eval_cfg.bootstrap, ci=eval_cfg.ci, seed=seed),
+                {"samples": f"{arm}_sample[{run}]", "gold_scores": f"{arm}_gold[{run}]",
+                 **({"bon_curve": f"bon_curve[{proxy.name}]"} if cfg.bon is not None else {})})]
+
+
 def _ppo_stages(cfg: StudyConfig) -> list[StageNode]:
-    """Per PPO proxy: ppo[p] (multi-process), ppo_sample[p] (KL measured), ppo_gold[p], ppo_curve[p]."""
+    """Per PPO proxy and seed: ppo[run] (multi-process) and the shared RL evaluation stages."""
     ppo = cfg.ppo
     nodes: list[StageNode] = []
-    multi = ppo.num_processes > 1 or ppo.deepspeed_config is not None
-    for proxy in ppo_proxies(cfg):
-        scorer_inputs = _scorer_inputs(proxy, "train_proxy")
+    for proxy in arm_proxies(cfg, ppo.proxies):
         for run, seed in ppo.runs(proxy.name):
-            nodes.append(StageNode(
+            train = StageNode(
                 f"ppo[{run}]", "ppo",
                 PPOStageConfig(ppo=ppo.training_view(seed), scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
-                {"pairs": "gold_label", **_policy_input(cfg), **scorer_inputs},
-                launcher="accelerate" if multi else "inline", num_processes=ppo.num_processes,
-                deepspeed_config=Path(ppo.deepspeed_config) if ppo.deepspeed_config is not None else None,
-                external=_local(cfg.policy.model_id, proxy.path)))
-            nodes.append(StageNode(f"ppo_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
-                n_samples=ppo.eval.n_samples,
-                max_new_tokens=ppo.eval.max_new_tokens or cfg.bon.sampling.max_new_tokens,
-                batch_size=ppo.eval.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
-                scorer=_sample_scorer(cfg, proxy)),
-                {"ppo": f"ppo[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
-                external=_local(cfg.policy.model_id, proxy.path)))
-            nodes.append(StageNode(f"ppo_gold[{run}]", "bon_score", _gold_scorer(cfg),
-                                   {"samples": f"ppo_sample[{run}]"}, external=_local(cfg.gold.model_id)))
-            nodes.append(StageNode(f"ppo_curve[{run}]", "ppo_curve", PPOCurveStageConfig(
-                proxy=run, bootstrap=ppo.eval.bootstrap, ci=ppo.eval.ci, seed=seed),
-                {"samples": f"ppo_sample[{run}]", "gold_scores": f"ppo_gold[{run}]",
-                 **({"bon_curve": f"bon_curve[{proxy.name}]"} if cfg.bon is not None else {})}))
+                {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
+                external=_local(cfg.policy.model_id, proxy.path), **_launch(ppo.num_processes, ppo.deepspeed_config))
+            nodes += _rl_arm(cfg, "ppo", proxy, run, seed, train, ppo.eval)
+    return nodes
+
+
+def _group_rl_stages(cfg: StudyConfig) -> list[StageNode]:
+    """Per algorithm (GRPO, RLOO through TRL), proxy and seed: algo[run] and the shared RL evaluation stages."""
+    rl = cfg.rl
+    nodes: list[StageNode] = []
+    for algo in rl.algos:
+        for proxy in arm_proxies(cfg, rl.proxies):
+            for run, seed in rl.runs(proxy.name):
+                train = StageNode(
+                    f"{algo}[{run}]", "group_rl",
+                    GroupRLStageConfig(algo=algo, rl=rl.training_view(seed), scorer=_sample_scorer(cfg, proxy),
+                                       policy=_base_ref(cfg)),
+                    {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
+                    external=_local(cfg.policy.model_id, proxy.path), **_launch(rl.num_processes, rl.deepspeed_config))
+                nodes += _rl_arm(cfg, algo, proxy, run, seed, train, rl.eval)
     return nodes
 
 
@@ -226,10 +266,11 @@ def _report(cfg: StudyConfig) -> StageNode:
     inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
     if cfg.bon is not None:
         inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
-    ppo_runs = {p.name: [run for run, _ in cfg.ppo.runs(p.name)] for p in ppo_proxies(cfg)} if cfg.ppo else {}
-    inputs |= {f"ppo[{run}]": f"ppo_curve[{run}]" for runs in ppo_runs.values() for run in runs}
+    arms = rl_runs(cfg)
+    inputs |= {f"{arm}[{run}]": f"{arm}_curve[{run}]" for arm, by_proxy in arms.items()
+               for runs in by_proxy.values() for run in runs}
     if cfg.policy.source == "tiny":
         inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
     return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies],
-                                                           ppo_runs=ppo_runs),
+                                                           rl_runs=arms),
                      inputs, publish_to=Path(cfg.run.reports_dir))

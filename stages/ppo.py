@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.config import PPOConfig, PPOStageConfig
@@ -52,22 +51,13 @@ from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
 from pipeline.ppo.rollout import sample_rollout
 from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
-from pipeline.records import PAIR_COLUMNS, messages, read_records
+from pipeline.records import messages, training_prompts
 from pipeline.scoring import check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
 RESUMABLE = True  # checkpoint/ survives a killed run (see pipeline.cache.ArtifactCache.staging)
 log = logging.getLogger("overopt")
-
-
-def training_prompts(pairs_dir: Path) -> pd.DataFrame:
-    """The distinct prompts of the training split of the gold-labeled pairs, ordered by prompt_id."""
-    pairs = read_records(pairs_dir / "pairs.parquet", PAIR_COLUMNS)
-    train = pairs[pairs.split == "train"].drop_duplicates("prompt_id").sort_values("prompt_id")
-    if train.empty:
-        raise ValueError(f"{pairs_dir / 'pairs.parquet'} has no training pairs to take PPO prompts from")
-    return train[["prompt_id", "prompt"]].reset_index(drop=True)
 
 
 def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""ppo_curve[p]: the RL over-optimization curve of proxy p — gold and proxy against the measured √KL, beside p's
-best-of-n curve.
+"""ppo_curve[p] (and grpo_curve[p], rloo_curve[p]): the RL over-optimization curve of one run against proxy p — gold
+and proxy against the measured √KL, beside p's best-of-n curve.
 
 For each export: the mean over evaluation prompts of the per-prompt mean KL (k1 and k3), proxy and gold scores;
 proxy and gold also relative to step 0 (the initial policy), with percentile-bootstrap CIs over prompts (the relative
@@ -79,7 +79,8 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         log.warning("  %s: no Gao fit (%s)", cfg.proxy, e)
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
-    plot_rl_curves({cfg.proxy: (bon, [table])}, out / "curve.png", f"PPO and best-of-n against proxy {cfg.proxy}")
+    plot_rl_curves({cfg.proxy: [table]}, {cfg.proxy: bon} if bon is not None else {}, out / "curve.png",
+                   f"RL and best-of-n against proxy {cfg.proxy}")
     log.info("  gold peaks at step %d (KL %.2f, gold %.3f); last step %d: KL %.2f, gold %.3f, proxy %.3f → %.3f",
              int(peak.step), float(peak.kl_k1), float(peak.gold), int(table.step.iloc[-1]),
              float(table.kl_k1.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),

@@ -1,5 +1,5 @@
-"""ppo_sample[p]: samples of every policy that ppo[p] exported, on the best-of-n evaluation prompts, with the KL to
-the initial policy measured on them and the proxy's scores.
+"""ppo_sample[p] (and grpo_sample[p], rloo_sample[p]): samples of every policy an RL stage exported (input role `rl`),
+on the best-of-n evaluation prompts, with the KL to the initial policy measured on them and the proxy's scores.
 
 The x-axis of an RL over-optimization curve is measured here, never taken from a trainer's log: each export samples
 `n_samples` responses per evaluation prompt at temperature 1 (top-p 1), and for every sample the pipeline computes the
@@ -60,7 +60,7 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     heads = [prompt_ids(tokenizer, m) for m in chat]
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size)
-    exports = sorted((inputs["ppo"] / "exports").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+    exports = sorted((inputs["rl"] / "exports").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     for f in shard_dir.glob("*.tmp"):  # half-written by a killed run

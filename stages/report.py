@@ -72,33 +72,72 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
                       f"Gao fit of relative gold R(d) = d(α − βd): α = {gao['alpha']:.3f}, β = {gao['beta']:.3f}, "
                       f"peak d* = {d_star}.", ""]
-    parts += _ppo_section(cfg, inputs, curves, out)
+    parts += _rl_sections(cfg, inputs, curves, out)
     (out / "README.md").write_text("\n".join(parts))
 
 
-def _ppo_section(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame], out: Path) -> list[str]:
-    runs = {p: runs for p, runs in cfg.ppo_runs.items() if all(f"ppo[{r}]" in inputs for r in runs)}
-    if not runs:
+ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
+
+
+def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame],
+                 out: Path) -> list[str]:
+    """One section per RL arm (PPO, GRPO, RLOO), then — with several arms — every arm and best-of-n per proxy on
+    shared axes and a table comparing the arms."""
+    arms = {arm: {p: rs for p, rs in by_proxy.items() if all(f"{arm}[{r}]" in inputs for r in rs)}
+            for arm, by_proxy in cfg.rl_runs.items()}
+    arms = {arm: by_proxy for arm, by_proxy in arms.items() if by_proxy}
+    if not arms:
         return []
-    curves = {r: pd.read_parquet(inputs[f"ppo[{r}]"] / "curve.parquet") for rs in runs.values() for r in rs}
-    fits = {r: json.loads((inputs[f"ppo[{r}]"] / "fit.json").read_text()) for r in curves}
-    table = pd.concat([c.assign(proxy_name=p, run=r) for p, rs in runs.items() for r in rs
-                       for c in [curves[r]]], ignore_index=True)
+    curves = {(arm, r): pd.read_parquet(inputs[f"{arm}[{r}]"] / "curve.parquet")
+              for arm, by_proxy in arms.items() for rs in by_proxy.values() for r in rs}
+    fits = {(arm, r): json.loads((inputs[f"{arm}[{r}]"] / "fit.json").read_text()) for arm, r in curves}
+    parts: list[str] = []
+    for arm, by_proxy in arms.items():
+        parts += _arm_section(cfg, arm, by_proxy, curves, fits, bon, inputs, out)
+    if len(arms) > 1:
+        parts += ["## RL arms compared", "", "Every RL arm and best-of-n against the same proxy, on shared axes "
+                  "(runs of one arm share a colour). *Gold lost per nat* is (peak gold − gold at the last export) / "
+                  "(KL at the last export − KL at the peak), per run: how fast the arm over-optimizes past its peak "
+                  "per unit of measured KL; mean ± sd over seeds with a 95 % t-interval.", ""]
+        rows = []
+        for proxy in dict.fromkeys(p for by_proxy in arms.values() for p in by_proxy):
+            figure = f"arms_{proxy}.png"
+            plot_rl_curves({ARM_NAMES[arm]: [curves[(arm, r)] for r in by_proxy[proxy]]
+                            for arm, by_proxy in arms.items() if proxy in by_proxy},
+                           {"best-of-n": bon[proxy]} if proxy in bon else {}, out / figure,
+                           f"{cfg.study}: RL arms and best-of-n against {proxy}")
+            parts += [f"![{proxy}]({figure})", ""]
+            rows += [{"arm": ARM_NAMES[arm], **_seed_row(proxy, by_proxy[proxy], {r: fits[(arm, r)] for r in
+                                                                                    by_proxy[proxy]}, None, inputs)}
+                     for arm, by_proxy in arms.items() if proxy in by_proxy]
+        parts += [_md(pd.DataFrame(rows)), ""]
+    return parts
+
+
+def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bon, inputs, out) -> list[str]:
+    name = ARM_NAMES[arm]
+    table = pd.concat([curves[(arm, r)].assign(proxy_name=p, run=r) for p, rs in by_proxy.items() for r in rs],
+                      ignore_index=True)
     table[["proxy_name", "run"] + [c for c in table.columns if c not in ("proxy_name", "run")]].to_csv(
-        out / "ppo_curves.csv", index=False)
-    plot_rl_curves({p: (bon.get(p), [curves[r] for r in rs]) for p, rs in runs.items()}, out / "gold_vs_kl.png",
-                   f"{cfg.study}: PPO and best-of-n over-optimization")
-    parts = ["## PPO", "", "PPO of the base policy against each proxy; at every exported step the policy is sampled on "
-             "the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured on those "
-             "samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI over "
-             "prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound).", "",
-             "![PPO and best-of-n](gold_vs_kl.png)", ""]
-    if any(len(rs) > 1 for rs in runs.values()):
-        parts += ["### Over seeds", "", "Mean ± standard deviation over PPO seeds (each run's empirical gold peak over "
-                  "its exports, and its last export); best-of-n of the same proxy for reference.", "",
-                  _md(pd.DataFrame([_seed_row(p, rs, fits, bon.get(p), inputs) for p, rs in runs.items()])), ""]
-    for r, c in curves.items():
-        parts += [f"### {r}", "", _md(_rl_table(c)), "", _rl_sentence(c, fits[r]), ""]
+        out / f"{arm}_curves.csv", index=False)
+    figure = "gold_vs_kl.png" if arm == "ppo" else f"{arm}_gold_vs_kl.png"
+    plot_rl_curves({p: [curves[(arm, r)] for r in rs] for p, rs in by_proxy.items()},
+                   {p: bon[p] for p in by_proxy if p in bon}, out / figure,
+                   f"{cfg.study}: {name} and best-of-n over-optimization")
+    parts = [f"## {name}", "", f"{name} of the base policy against each proxy; at every exported step the policy is "
+             "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
+             "on those samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI "
+             "over prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound).", "",
+             f"![{name} and best-of-n]({figure})", ""]
+    if any(len(rs) > 1 for rs in by_proxy.values()):
+        parts += ["### Over seeds", "", f"Mean ± standard deviation over {name} seeds (each run's empirical gold peak "
+                  "over its exports, and its last export); best-of-n of the same proxy for reference.", "",
+                  _md(pd.DataFrame([_seed_row(p, rs, {r: fits[(arm, r)] for r in rs}, bon.get(p), inputs)
+                                    for p, rs in by_proxy.items()])), ""]
+    for p, rs in by_proxy.items():
+        for r in rs:
+            parts += [f"### {name}: {r}", "", _md(_rl_table(curves[(arm, r)])), "",
+                      _rl_sentence(curves[(arm, r)], fits[(arm, r)]), ""]
     return parts
 
 
@@ -123,17 +162,31 @@ def _rl_sentence(c: pd.DataFrame, fit: dict) -> str:
             f"(initial policy: {fit['gold_at_step0']:.3f}). {fit_text}")
 
 
+def _t_interval(values) -> str:
+    """ [lo, hi]: a 95 % Student-t interval for the mean over seeds (empty for a single seed)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return ""
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return f" [{v.mean() - half:.3f}, {v.mean() + half:.3f}]"
+
+
 def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None, inputs: dict[str, Path]) -> dict:
     def ms(values) -> str:
         v = np.asarray(values, dtype=float)
         return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
+    drops = [(f["empirical_peak"]["gold"] - f["gold_at_last_step"]) / (f["kl_at_last_step"] - f["empirical_peak"]["kl"])
+             for f in (fits[r] for r in runs) if f["kl_at_last_step"] > f["empirical_peak"]["kl"]]
     row = {"proxy": proxy, "seeds": len(runs),
            "gold at step 0": ms([fits[r]["gold_at_step0"] for r in runs]),
            "PPO peak gold": ms([fits[r]["empirical_peak"]["gold"] for r in runs]),
            "KL at PPO peak": ms([fits[r]["empirical_peak"]["kl"] for r in runs]),
            "PPO gold at last step": ms([fits[r]["gold_at_last_step"] for r in runs]),
-           "KL at last step": ms([fits[r]["kl_at_last_step"] for r in runs])}
+           "KL at last step": ms([fits[r]["kl_at_last_step"] for r in runs]),
+           "gold lost per nat past the peak": (ms(drops) + _t_interval(drops)) if drops else "no peak before the end"}
     if bon is not None and f"bon[{proxy}]" in inputs:
         peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
         row["best-of-n peak gold (KL bound)"] = f"{peak['gold']:.3f} ({peak['kl_bound']:.2f})"
