@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline.config import ReportStageConfig
 from pipeline.plots import plot_bon_curves, plot_rl_curves
 
-VERSION = "2"
+VERSION = "3"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -182,9 +182,9 @@ def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None,
              for f in (fits[r] for r in runs) if f["kl_at_last_step"] > f["empirical_peak"]["kl"]]
     row = {"proxy": proxy, "seeds": len(runs),
            "gold at step 0": ms([fits[r]["gold_at_step0"] for r in runs]),
-           "PPO peak gold": ms([fits[r]["empirical_peak"]["gold"] for r in runs]),
-           "KL at PPO peak": ms([fits[r]["empirical_peak"]["kl"] for r in runs]),
-           "PPO gold at last step": ms([fits[r]["gold_at_last_step"] for r in runs]),
+           "peak gold": ms([fits[r]["empirical_peak"]["gold"] for r in runs]),
+           "KL at the peak": ms([fits[r]["empirical_peak"]["kl"] for r in runs]),
+           "gold at last step": ms([fits[r]["gold_at_last_step"] for r in runs]),
            "KL at last step": ms([fits[r]["kl_at_last_step"] for r in runs]),
            "gold lost per nat past the peak": (ms(drops) + _t_interval(drops)) if drops else "no peak before the end"}
     if bon is not None and f"bon[{proxy}]" in inputs:
