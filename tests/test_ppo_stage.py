@@ -95,6 +95,15 @@ def test_ppo_curve_and_report_tables(study):
     assert curve.proxy.to_numpy() == pytest.approx(by_step.proxy_score.to_numpy())
     assert curve.gold.to_numpy() == pytest.approx(by_step.score.to_numpy())
     assert curve.gold_rel.iloc[0] == 0 and (curve.gold_lo <= curve.gold).all() and (curve.gold <= curve.gold_hi).all()
+    fit = json.loads((study["art"]["ppo_curve[bt]"] / "fit.json").read_text())
+    far = curve.loc[curve.kl_k1.idxmax()]
+    assert fit["at_max_kl"] == {"step": int(far.step), "kl": pytest.approx(far.kl_k1), "gold": pytest.approx(far.gold)}
+    boot = fit["gao_fit_bootstrap"]  # Gao's RL fit with CIs over prompts, beside the plain fit (kept for old readers)
+    assert (boot["form"], boot["n_boot"], boot["prompts"]) == ("rl", 50, fit["prompts"])
+    assert boot["points"] == int((curve.sqrt_kl > 0).sum())
+    for key in ("alpha", "beta"):
+        assert boot[key]["estimate"] == pytest.approx(fit["gao_fit_gold_rel"][key])
+        assert boot[key]["lo"] <= boot[key]["estimate"] <= boot[key]["hi"]
     report = study["root"] / "report"
     table = pd.read_csv(report / "ppo_curves.csv")
     assert set(table.proxy_name) == {"bt"}
