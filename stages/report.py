@@ -2,7 +2,8 @@
 
 Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
 gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes); the runner copies them to `run.reports_dir`.
-Curve tables name their proxy in a `proxy_name` column (`proxy` is the proxy's mean score).
+Curve tables name their proxy in a `proxy_name` column (`proxy` is the proxy's mean score). The README ends with what
+it was made with (package versions, CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ReportStageConfig
+from pipeline.environment import describe
 from pipeline.plots import plot_bon_curves, plot_rl_curves
 
 VERSION = "3"
@@ -73,6 +75,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       f"Gao fit of relative gold R(d) = d(α − βd): "
                       f"{_gao_text(fit['gao_fit_bootstrap'], 'KL ≤')}", ""]
     parts += _ppo_section(cfg, inputs, curves, out)
+    parts += _made_with(describe())
     (out / "README.md").write_text("\n".join(parts))
 
 
@@ -101,6 +104,16 @@ def _fit_note(fits: dict[str, dict]) -> str:
         return ""
     return (f" Gao fits: {boot['ci']:.0%} CIs in brackets from {boot['n_boot']} bootstrap resamples of the prompts, "
             f"each resample's mean curve refitted; R² of the fit on the mean curve.")
+
+
+def _made_with(env: dict) -> list[str]:
+    packages = ", ".join(f"{p} {env[p]}" for p in ("torch", "transformers", "trl", "accelerate", "deepspeed", "numpy",
+                                                    "pandas"))
+    return ["## Made with", "",
+            f"- Python {env['python']}; {packages}.",
+            f"- CPU: {env['cpu']}; {env['logical_cpus']} logical CPUs; {env['torch_threads']} torch threads.",
+            f"- Date: {env['date']}.", "",
+            "Exact figures vary across CPUs (float kernels differ); conclusions aggregated over seeds should not.", ""]
 
 
 def _ppo_section(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame], out: Path) -> list[str]:

@@ -110,7 +110,8 @@ def test_ppo_curve_and_report_tables(study):
     assert set(table.run) == {"bt"}
     pd.testing.assert_frame_equal(table.drop(columns=["proxy_name", "run"]), curve, check_dtype=False)
     assert (report / "gold_vs_kl.png").stat().st_size > 1000
-    assert "## PPO" in (report / "README.md").read_text()
+    readme = (report / "README.md").read_text()
+    assert "## PPO" in readme and "## Made with" in readme and "torch threads" in readme
 
 
 def test_fast_scoring_paths_equal_the_text_path(study):
