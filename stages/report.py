@@ -1,9 +1,10 @@
 """report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
 
 Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
-gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes); the runner copies them to `run.reports_dir`.
-Curve tables name their proxy in a `proxy_name` column (`proxy` is the proxy's mean score). The README ends with what
-it was made with (package versions, CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
+gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), and report.html: the README as one self-contained
+page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a
+`proxy_name` column (`proxy` is the proxy's mean score). The README ends with what it was made with (package versions,
+CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 
 from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
+from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_rl_curves
 
 VERSION = "3"
@@ -76,7 +78,9 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       f"{_gao_text(fit['gao_fit_bootstrap'], 'KL ≤')}", ""]
     parts += _ppo_section(cfg, inputs, curves, out)
     parts += _made_with(describe())
-    (out / "README.md").write_text("\n".join(parts))
+    readme = "\n".join(parts)
+    (out / "README.md").write_text(readme)
+    (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
 
 
 def _ci_text(entry: dict, fmt: str = ".3f") -> str:

@@ -112,6 +112,10 @@ def test_ppo_curve_and_report_tables(study):
     assert (report / "gold_vs_kl.png").stat().st_size > 1000
     readme = (report / "README.md").read_text()
     assert "## PPO" in readme and "## Made with" in readme and "torch threads" in readme
+    # report.html is the README as one page: tables, both plots embedded, no local file referenced
+    from tests.test_report import check_self_contained
+
+    check_self_contained((report / "report.html").read_text(), report, readme)
 
 
 def test_fast_scoring_paths_equal_the_text_path(study):
