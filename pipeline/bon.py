@@ -252,6 +252,30 @@ BON_CURVE_COLUMNS = ["n", "kl_bound", "sqrt_kl_bound",
                      "proxy_rel", "proxy_rel_lo", "proxy_rel_hi", "gold_rel", "gold_rel_lo", "gold_rel_hi"]
 
 
+def bon_per_prompt(proxy: np.ndarray, gold: np.ndarray, ns, estimator: str = "unbiased") -> dict[str, np.ndarray]:
+    """Each prompt's best-of-n expectations: (P, len(ns)) matrices "proxy", "gold", "proxy_rel" and "gold_rel".
+
+    The relative scores are the score minus the prompt's initial-policy (n = 1) score, computed even when 1 is not in
+    `ns`. `estimator` is "unbiased" (`unbiased_bon`; baseline = the mean over all N samples, which is its n = 1
+    value) or "nested" (`nested_bon`, for comparison; baseline = its own n = 1 value, the first sample). The curve
+    table's points are the means of these columns over prompts.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    gold = _as_scores(gold, "gold", proxy.shape)
+    ns = _check_ns(ns, proxy.shape[1])
+    if not ns:
+        raise ValueError("ns is empty")
+    if estimator == "unbiased":
+        p_exp, g_exp = unbiased_bon(proxy, gold, ns)
+        p_base, g_base = proxy.mean(axis=1), gold.mean(axis=1)
+    elif estimator == "nested":
+        p_exp, g_exp = nested_bon(proxy, gold, ns)
+        p_base, g_base = proxy[:, 0], gold[:, 0]
+    else:
+        raise ValueError(f"estimator must be 'unbiased' or 'nested', got {estimator!r}")
+    return {"proxy": p_exp, "gold": g_exp, "proxy_rel": p_exp - p_base[:, None], "gold_rel": g_exp - g_base[:, None]}
+
+
 def bon_curve_table(proxy: np.ndarray, gold: np.ndarray, ns, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                     estimator: str = "unbiased") -> pd.DataFrame:
     """The BoN curve: one row per n with the KL bound, mean proxy and gold scores and their bootstrap CIs.
@@ -261,28 +285,11 @@ def bon_curve_table(proxy: np.ndarray, gold: np.ndarray, ns, n_boot: int = 1000,
     initial policy's (n = 1) score. The relative CIs are bootstrapped on per-prompt differences, so the prompt-level
     variation common to both terms cancels. The n = 1 baseline is computed even when 1 is not in `ns`.
 
-    `estimator` is "unbiased" (`unbiased_bon`; baseline = the mean over all N samples, which is its n = 1 value) or
-    "nested" (`nested_bon`, for comparison; baseline = its own n = 1 value, the first sample). All quantities share
-    the same bootstrap resamples.
+    `estimator` is "unbiased" or "nested" (see `bon_per_prompt`, which gives the per-prompt values averaged here).
+    All quantities share the same bootstrap resamples.
     """
-    proxy = _as_scores(proxy, "proxy")
-    gold = _as_scores(gold, "gold", proxy.shape)
-    N = proxy.shape[1]
-    ns = _check_ns(ns, N)
-    if not ns:
-        raise ValueError("ns is empty")
-
-    if estimator == "unbiased":
-        p_exp, g_exp = unbiased_bon(proxy, gold, ns)
-        p_base, g_base = proxy.mean(axis=1), gold.mean(axis=1)
-    elif estimator == "nested":
-        p_exp, g_exp = nested_bon(proxy, gold, ns)
-        p_base, g_base = proxy[:, 0], gold[:, 0]
-    else:
-        raise ValueError(f"estimator must be 'unbiased' or 'nested', got {estimator!r}")
-
-    blocks = {"proxy": p_exp, "gold": g_exp,
-              "proxy_rel": p_exp - p_base[:, None], "gold_rel": g_exp - g_base[:, None]}
+    blocks = bon_per_prompt(proxy, gold, ns, estimator)
+    ns = _check_ns(ns, np.shape(proxy)[1])  # validated by bon_per_prompt; as a list of ints
     K = len(ns)
     mean, lo, hi = bootstrap_ci(np.concatenate(list(blocks.values()), axis=1), n_boot, ci, seed)
 

@@ -65,7 +65,7 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         log.info("study %s: %d stages; log and resolved config in %s", cfg.study, len(runner.nodes), run_dir)
         t0 = time.time()
         try:
-            runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
+            plan = runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
         except Exception as e:
             where = f"stage {runner.failed_stage}" if runner.failed_stage else "run"
             log.error("%s failed after %.1fs (finished stages stay cached)", where, time.time() - t0, exc_info=True,
@@ -79,7 +79,73 @@ def cmd_run(cfg: StudyConfig, args) -> int:
                   file=sys.stderr)
             return 1
         log.info("finished in %.1fs", time.time() - t0)
+        print_summary(cfg.study, runner, plan)  # under the lock: gc cannot remove what it reads
     return 0
+
+
+def _fit(path: Path, *keys: str):
+    """`fit.json[k1][k2]...` of a curve artifact; a missing file or key is an error naming both."""
+    import json
+
+    value = json.loads(path.read_text())
+    for i, k in enumerate(keys):
+        if not isinstance(value, dict) or k not in value:
+            raise ValueError(f"{path}: no key {'.'.join(keys[:i + 1])!r}")
+        value = value[k]
+    return value
+
+
+def summary_rows(runner, plan) -> list[tuple[str, ...]]:
+    """One row per proxy and arm whose curve the run just covered (selected, or upstream of what was selected) and
+    that is cached: best-of-n from `bon_curve[p]/fit.json`, each RL arm from `<arm>_curve[run]/fit.json`, as the report's
+    inputs name them. Columns: proxy (the run, for PPO), arm, peak gold, KL at the peak, gold at the largest KL, the
+    largest KL."""
+    report = runner.by_key.get("report")
+    if report is None:
+        return []
+    covered = runner.ancestors(runner.selected)
+    cached = {p.node.key: p.fingerprint for p in plan if p.status == "cached" and p.node.key in covered}
+    rows = []
+    for proxy in report.config.proxies:
+        key = report.inputs.get(f"bon[{proxy}]")
+        if key in cached:
+            f = runner.cache.path(key, cached[key]) / "fit.json"
+            peak, far = _fit(f, "empirical_peak"), _fit(f, "at_max_kl")
+            rows.append((proxy, "best-of-n", f"{peak['gold']:.3f}", f"≤ {peak['kl_bound']:.2f}", f"{far['gold']:.3f}",
+                         f"≤ {far['kl_bound']:.2f}"))
+        for arm, by_proxy in report.config.rl_runs.items():
+            for run in by_proxy.get(proxy, []):
+                key = report.inputs.get(f"{arm}[{run}]")
+                if key in cached:
+                    f = runner.cache.path(key, cached[key]) / "fit.json"
+                    peak, far = _fit(f, "empirical_peak"), _fit(f, "at_max_kl")
+                    rows.append((run, arm.upper(), f"{peak['gold']:.3f}", f"{peak['kl']:.2f}", f"{far['gold']:.3f}",
+                                 f"{far['kl']:.2f}"))
+    return rows
+
+
+def print_summary(study: str, runner, plan) -> None:
+    """A one-screen table of the run's over-optimization curves (nothing when it covered none)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    try:
+        rows = summary_rows(runner, plan)
+    except (OSError, ValueError) as e:  # the stages succeeded; a curve artifact this code cannot read is no failure
+        log.warning("no summary table: %s", e)
+        return
+    if not rows:
+        return
+    table = Table(title=f"study {escape(study)}: gold of the over-optimization curves",
+                  caption="KL in nats: best-of-n's the bound log n − (n−1)/n, PPO's measured (k1)")
+    table.add_column("proxy", no_wrap=True)
+    table.add_column("arm", no_wrap=True)
+    for col in ("peak\ngold", "KL at\npeak", "gold at\nlargest KL", "largest\nKL"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    Console().print(table)
 
 
 def _hint(e: BaseException) -> str:

@@ -82,3 +82,85 @@ def fit_rl(d, r) -> dict:
         d_star = r_star = math.inf
     return {"alpha": alpha, "beta": beta, "alpha_se": alpha_se, "beta_se": beta_se,
             "d_star": d_star, "r_star": r_star}
+
+
+FORMS = {"bon": gao_bon, "rl": gao_rl}
+
+
+def _peak(form: str, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """The peak distance d* of each (α, β): α/(2β) (BoN) or exp(α/β − 1) (RL); inf where β ≤ 0 (no interior peak)."""
+    alpha, beta = np.asarray(alpha, dtype=float), np.asarray(beta, dtype=float)
+    safe = np.where(beta > 0, beta, 1.0)
+    with np.errstate(over="ignore"):
+        d_star = alpha / (2.0 * safe) if form == "bon" else np.exp(alpha / safe - 1.0)
+    return np.where(beta > 0, d_star, math.inf)
+
+
+def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+    """Gao et al.'s `form` ("bon": d(α − βd), "rl": d(α − β log d)) fitted to the mean over prompts of `per_prompt`,
+    with percentile-bootstrap CIs over prompts.
+
+    `per_prompt` is the (prompts, points) matrix of each prompt's score relative to the initial policy at the
+    distances `d` (points, d = √KL). The point estimates are the fit of the mean curve (what `fit_bon` / `fit_rl`
+    give for it). Prompts are resampled with replacement `n_boot` times (numpy Generator seeded with `seed`); each
+    resample's mean curve is refitted, and α, β and the peak d* get the (1 − ci)/2 and (1 + ci)/2 quantiles of the
+    refits. The x positions are held fixed: for RL they are the measured mean KLs, whose own uncertainty is not
+    propagated. Points with d ≤ 0 carry no information (R(0) = 0) and are left out, as in `fit_bon` / `fit_rl`.
+
+    Returns alpha, beta, d_star, kl_star (= d*²), each a dict {estimate, lo, hi}; r2, the coefficient of
+    determination of the fit on the mean curve (1 − SS_res/SS_tot over the fitted points); peak_fraction, the share
+    of resamples with β > 0 (an interior peak); and form, n_boot, ci, prompts, points. A d* without a peak is inf
+    (null in strict JSON); its CI bounds are order statistics of the resamples, so an upper bound of inf says that
+    more than (1 − ci)/2 of the resamples have no peak.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    model = FORMS[form]
+    x = np.asarray(per_prompt, dtype=float)
+    d = np.asarray(d, dtype=float).ravel()
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != d.size:
+        raise ValueError(f"per_prompt must be a (prompts, points) matrix with one column per d ({d.size}), "
+                         f"got shape {x.shape}")
+    if not isinstance(n_boot, (int, np.integer)) or isinstance(n_boot, bool) or n_boot < 0:
+        raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    keep = (d > 0) & np.isfinite(d)
+    if keep.sum() < 2:
+        raise ValueError(f"need at least 2 points with d > 0 to fit (α, β), got {int(keep.sum())}")
+    d, x = d[keep], x[:, keep]
+    if not np.isfinite(x).all():
+        raise ValueError(f"per_prompt has {int((~np.isfinite(x)).sum())} non-finite entries at points with d > 0")
+
+    P = x.shape[0]
+    mean = x.mean(axis=0)
+    point = (fit_bon if form == "bon" else fit_rl)(d, mean)
+    residual = mean - model(d, point["alpha"], point["beta"])
+    ss_tot = float(((mean - mean.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual ** 2).sum()) / ss_tot if ss_tot > 0 else math.nan
+
+    out = {"form": form, "n_boot": int(n_boot), "ci": ci, "prompts": P, "points": int(d.size), "r2": r2}
+    est = {"alpha": point["alpha"], "beta": point["beta"], "d_star": point["d_star"]}
+    if n_boot == 0:
+        bounds = {k: (v, v) for k, v in est.items()}
+        out["peak_fraction"] = float(point["beta"] > 0)
+    else:
+        # Both forms are linear in (α, β), so each resample's least-squares fit (what curve_fit converges to from
+        # the linear solution) is one column of a single multi-target lstsq.
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, P, size=(n_boot, P))
+        counts = np.bincount((idx + P * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * P)
+        curves = counts.reshape(n_boot, P) @ x / P  # (n_boot, points): each resample's mean curve
+        design = np.stack([model(d, 1.0, 0.0), model(d, 0.0, 1.0)], axis=1)
+        (alpha_b, beta_b) = np.linalg.lstsq(design, curves.T, rcond=None)[0]
+        d_star_b = _peak(form, alpha_b, beta_b)
+        q = [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0]
+        bounds = {"alpha": np.quantile(alpha_b, q), "beta": np.quantile(beta_b, q),
+                  # order statistics, no interpolation: resamples without a peak (inf) stay inf
+                  "d_star": np.quantile(d_star_b, q, method="inverted_cdf")}
+        out["peak_fraction"] = float((beta_b > 0).mean())
+    for k, v in est.items():
+        out[k] = {"estimate": float(v), "lo": float(bounds[k][0]), "hi": float(bounds[k][1])}
+    # KL = d²; a d* < 0 (BoN with α < 0: gold falls from the start) counts as a peak at KL 0
+    out["kl_star"] = {k: max(v, 0.0) ** 2 for k, v in out["d_star"].items()}
+    return out

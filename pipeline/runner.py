@@ -151,6 +151,7 @@ class Runner:
         self.by_key = {n.key: n for n in self.nodes}
         self.cache = cache
         self.failed_stage: str | None = None  # key of the stage whose run raised (for the CLI's one-line error)
+        self.selected: set[str] = set()  # keys the last `run` selected (all, or those `only` / `until` named)
 
     def check_names(self, names: set[str]) -> None:
         known = {n.key for n in self.nodes} | {n.stage for n in self.nodes}
@@ -195,6 +196,7 @@ class Runner:
             selected = self.ancestors({n.key for n in self.nodes if _matches(n, set(until))})
         if only:
             selected = {n.key for n in self.nodes if _matches(n, set(only))}
+        self.selected = selected
         fps = {p.node.key: p.fingerprint for p in plan}
         state = {p.node.key: p.status for p in plan}  # checked once by plan(); updated as stages commit
         for p in plan:

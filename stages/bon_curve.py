@@ -3,7 +3,8 @@
 For each n the unbiased best-of-n expectation of proxy and gold (all N samples, subset weights in log space, records
 sorted whole), averaged over prompts with bootstrap CIs over prompts; x-axis d = √KL with KL the analytic *upper
 bound* log n − (n−1)/n. Gold and proxy are also given relative to n = 1, and a Gao fit R(d) = d(α − βd) of the
-relative gold locates its peak.
+relative gold locates its peak; the same fit bootstrapped over prompts gives CIs of α, β and the peak d*, and its R²
+on the mean curve (`gao_fit_bootstrap`).
 
 Writes curve.parquet, fit.json and curve.png.
 """
@@ -14,13 +15,13 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.bon import bon_curve_table
+from pipeline.bon import bon_curve_table, bon_per_prompt
 from pipeline.config import BonCurveStageConfig
-from pipeline.gao import fit_bon
+from pipeline.gao import bootstrap_fit, fit_bon
 from pipeline.plots import plot_bon_curves
 from pipeline.records import SCORE_COLUMNS, finite_or_none, read_records, score_matrix
 
-VERSION = "2"
+VERSION = "3"
 log = logging.getLogger("overopt")
 
 
@@ -36,11 +37,16 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
                                                                            "proxy": "proxy_nested"}), on="n")
     table.to_parquet(out / "curve.parquet", index=False)
     fit = fit_bon(table.sqrt_kl_bound.to_numpy(), table.gold_rel.to_numpy())
-    peak = table.loc[table.gold.idxmax()]
+    # the same fit with CIs: prompts resampled, each resample's mean relative-gold curve refitted
+    boot = bootstrap_fit("bon", bon_per_prompt(proxy, gold, ns)["gold_rel"], table.sqrt_kl_bound.to_numpy(),
+                         n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
+    peak, last = table.loc[table.gold.idxmax()], table.iloc[-1]
     summary = {"prompts": proxy.shape[0], "samples_per_prompt": proxy.shape[1], "gao_fit_gold_rel": fit,
                "empirical_peak": {"n": int(peak.n), "kl_bound": float(peak.kl_bound), "gold": float(peak.gold)},
                "gold_at_max_n": float(table.gold.iloc[-1]),
-               "gold_at_n1": float((table.gold - table.gold_rel).iloc[0])}  # the baseline, even if 1 is not in ns
+               "gold_at_n1": float((table.gold - table.gold_rel).iloc[0]),  # the baseline, even if 1 is not in ns
+               "at_max_kl": {"n": int(last.n), "kl_bound": float(last.kl_bound), "gold": float(last.gold)},
+               "gao_fit_bootstrap": boot}
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     plot_bon_curves({cfg.proxy: table}, out / "curve.png", f"best-of-n against proxy {cfg.proxy}")
     log.info("  gold peaks at n=%d (%.3f); gold at n=%d: %.3f; proxy rises %.3f → %.3f", int(peak.n),

@@ -4,7 +4,9 @@ and proxy against the measured √KL, beside p's best-of-n curve.
 For each export: the mean over evaluation prompts of the per-prompt mean KL (k1 and k3), proxy and gold scores;
 proxy and gold also relative to step 0 (the initial policy), with percentile-bootstrap CIs over prompts (the relative
 CIs resample per-prompt differences, so prompt difficulty cancels). Gao et al.'s RL form R(d) = d(α − β log d) is
-fitted to the relative gold against d = √KL (k1; a negative estimate near 0 counts as 0).
+fitted to the relative gold against d = √KL (k1; a negative estimate near 0 counts as 0); the same fit bootstrapped
+over prompts (each resample's mean per-prompt relative gold refitted at the measured d) gives CIs of α, β and the peak
+d*, and its R² on the mean curve (`gao_fit_bootstrap`).
 
 Writes curve.parquet, fit.json and curve.png.
 """
@@ -20,11 +22,11 @@ import pandas as pd
 
 from pipeline.bon import bootstrap_ci
 from pipeline.config import PPOCurveStageConfig
-from pipeline.gao import fit_rl
+from pipeline.gao import bootstrap_fit, fit_rl
 from pipeline.plots import plot_rl_curves
 from pipeline.records import SCORE_COLUMNS, RecordError, finite_or_none, read_records, read_sample_shards
 
-VERSION = "1"
+VERSION = "2"
 log = logging.getLogger("overopt")
 
 QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
@@ -66,17 +68,23 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed)
     table.to_parquet(out / "curve.parquet", index=False)
 
-    peak = table.loc[table.gold.idxmax()]
+    peak, far = table.loc[table.gold.idxmax()], table.loc[table.kl_k1.idxmax()]
     summary = {"prompts": int(merged.prompt_id.nunique()), "samples_per_prompt": int(merged.groupby(
         ["step", "prompt_id"]).size().iloc[0]), "steps": table.step.tolist(),
         "empirical_peak": {"step": int(peak.step), "kl": float(peak.kl_k1), "gold": float(peak.gold)},
         "gold_at_last_step": float(table.gold.iloc[-1]), "kl_at_last_step": float(table.kl_k1.iloc[-1]),
-        "gold_at_step0": float(table.gold.iloc[0])}
+        "gold_at_step0": float(table.gold.iloc[0]),
+        "at_max_kl": {"step": int(far.step), "kl": float(far.kl_k1), "gold": float(far.gold)}}
     try:
         summary["gao_fit_gold_rel"] = fit_rl(table.sqrt_kl.to_numpy(), table.gold_rel.to_numpy())
     except ValueError as e:  # fewer than two exports with KL > 0: no curve to fit
         summary["gao_fit_gold_rel"] = None
         log.warning("  %s: no Gao fit (%s)", cfg.proxy, e)
+    summary["gao_fit_bootstrap"] = None
+    if summary["gao_fit_gold_rel"] is not None:  # the same fit with CIs: prompts resampled, each mean curve refitted
+        g = per_prompt_means(merged)["gold"]  # (steps, prompts), steps sorted as in the table
+        summary["gao_fit_bootstrap"] = bootstrap_fit("rl", (g - g[0]).T, table.sqrt_kl.to_numpy(),
+                                                     n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
     plot_rl_curves({cfg.proxy: [table]}, {cfg.proxy: bon} if bon is not None else {}, out / "curve.png",

@@ -1,8 +1,10 @@
 """report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
 
 Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
-gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes); the runner copies them to `run.reports_dir`.
-Curve tables name their proxy in a `proxy_name` column (`proxy` is the proxy's mean score).
+gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), and report.html: the README as one self-contained
+page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a
+`proxy_name` column (`proxy` is the proxy's mean score). The README ends with what it was made with (package versions,
+CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ReportStageConfig
+from pipeline.environment import describe
+from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_rl_curves
 
-VERSION = "3"
+VERSION = "4"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -57,23 +61,63 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         all_curves = pd.concat([c.assign(proxy_name=p) for p, c in curves.items()], ignore_index=True)
         all_curves.to_csv(out / "bon_curves.csv", index=False)
         plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization")
+        fits = {p: json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text()) for p in curves}
         parts += ["## Best-of-n", "",
-                  "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts.",
+                  "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts." + _fit_note(fits),
                   "", "![best-of-n](bon_gold_vs_kl.png)", ""]
         for p, c in curves.items():
-            fit = json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text())
+            fit = fits[p]
             t = pd.DataFrame({"n": c.n, "KL bound": c.kl_bound, "proxy": c.proxy,
                               "gold": [f"{g:.3f} [{lo:.3f}, {hi:.3f}]"
                                        for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
-            peak, gao = fit["empirical_peak"], fit["gao_fit_gold_rel"]
-            d_star = "none within the fit (β ≤ 0)" if gao["d_star"] is None else f"{gao['d_star']:.2f}"
+            peak = fit["empirical_peak"]
             parts += [f"### {p}", "", _md(t), "",
                       f"Gold peaks at n = {peak['n']} (KL ≤ {peak['kl_bound']:.2f}) at {peak['gold']:.3f}; "
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
-                      f"Gao fit of relative gold R(d) = d(α − βd): α = {gao['alpha']:.3f}, β = {gao['beta']:.3f}, "
-                      f"peak d* = {d_star}.", ""]
+                      f"Gao fit of relative gold R(d) = d(α − βd): "
+                      f"{_gao_text(fit['gao_fit_bootstrap'], 'KL ≤')}", ""]
     parts += _rl_sections(cfg, inputs, curves, out)
-    (out / "README.md").write_text("\n".join(parts))
+    parts += _made_with(describe())
+    readme = "\n".join(parts)
+    (out / "README.md").write_text(readme)
+    (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+
+
+def _ci_text(entry: dict, fmt: str = ".3f") -> str:
+    """`estimate [lo, hi]`; a bound that is null in fit.json (no peak within the fit) reads ∞."""
+    def f(v):
+        return "∞" if v is None else f"{v:{fmt}}"
+    return f"{f(entry['estimate'])} [{f(entry['lo'])}, {f(entry['hi'])}]"
+
+
+def _gao_text(boot: dict, kl_word: str = "KL") -> str:
+    """α, β and the peak d* of a Gao fit (`gao_fit_bootstrap` of a fit.json) with their bootstrap CIs, and R²."""
+    if boot["d_star"]["estimate"] is None:  # inf in the stage, null in strict JSON
+        d_star = "none within the fit (β ≤ 0)" if boot["beta"]["estimate"] <= 0 else "too far out to compute"
+    else:
+        d_star = f"{_ci_text(boot['d_star'], '.2f')} ({kl_word} {_ci_text(boot['kl_star'], '.2f')})"
+    r2 = "undefined (a flat curve)" if boot["r2"] is None else f"{boot['r2']:.3f}"
+    rare = "" if boot["peak_fraction"] == 1 else f" Only {boot['peak_fraction']:.0%} of the resamples have a peak."
+    return f"α = {_ci_text(boot['alpha'])}, β = {_ci_text(boot['beta'])}, peak d* = {d_star}; R² = {r2}.{rare}"
+
+
+def _fit_note(fits: dict[str, dict]) -> str:
+    """How the brackets of the Gao fits were made (one sentence per section; "" for fits without CIs)."""
+    boot = next((f["gao_fit_bootstrap"] for f in fits.values() if f["gao_fit_bootstrap"] is not None), None)
+    if boot is None:
+        return ""
+    return (f" Gao fits: {boot['ci']:.0%} CIs in brackets from {boot['n_boot']} bootstrap resamples of the prompts, "
+            f"each resample's mean curve refitted; R² of the fit on the mean curve.")
+
+
+def _made_with(env: dict) -> list[str]:
+    packages = ", ".join(f"{p} {env[p]}" for p in ("torch", "transformers", "trl", "accelerate", "deepspeed", "numpy",
+                                                    "pandas"))
+    return ["## Made with", "",
+            f"- Python {env['python']}; {packages}.",
+            f"- CPU: {env['cpu']}; {env['logical_cpus']} logical CPUs; {env['torch_threads']} torch threads.",
+            f"- Date: {env['date']}.", "",
+            "Exact figures vary across CPUs (float kernels differ); conclusions aggregated over seeds should not.", ""]
 
 
 ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
@@ -127,7 +171,8 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
     parts = [f"## {name}", "", f"{name} of the base policy against each proxy; at every exported step the policy is "
              "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
              "on those samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI "
-             "over prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound).", "",
+             "over prompts; best-of-n dashed, on the same axes (its KL is the analytic upper bound)."
+             + _fit_note({r: fits[(arm, r)] for rs in by_proxy.values() for r in rs}), "",
              f"![{name} and best-of-n]({figure})", ""]
     if any(len(rs) > 1 for rs in by_proxy.values()):
         parts += ["### Over seeds", "", f"Mean ± standard deviation over {name} seeds (each run's empirical gold peak "
@@ -153,10 +198,7 @@ def _rl_sentence(c: pd.DataFrame, fit: dict) -> str:
     if gao is None:
         fit_text = "No Gao fit (fewer than two exports with KL > 0)."
     else:
-        d_star = ("none within the fit (β ≤ 0)" if gao["d_star"] is None
-                  else f"{gao['d_star']:.2f} (KL {gao['d_star'] ** 2:.2f})")
-        fit_text = (f"Gao RL fit of relative gold R(d) = d(α − β log d): α = {gao['alpha']:.3f}, "
-                    f"β = {gao['beta']:.3f}, peak d* = {d_star}.")
+        fit_text = f"Gao RL fit of relative gold R(d) = d(α − β log d): {_gao_text(fit['gao_fit_bootstrap'])}"
     return (f"Gold peaks at step {peak['step']} (KL {peak['kl']:.2f}) at {peak['gold']:.3f}; at the last step "
             f"({int(c.step.iloc[-1])}, KL {fit['kl_at_last_step']:.2f}) it is {fit['gold_at_last_step']:.3f} "
             f"(initial policy: {fit['gold_at_step0']:.3f}). {fit_text}")

@@ -259,7 +259,15 @@ def test_bon_curve_table_fit_and_plot(smoke, members, gold_scores):
 
     fit = json.loads((out / "fit.json").read_text())
     assert set(fit) == {"prompts", "samples_per_prompt", "gao_fit_gold_rel", "empirical_peak", "gold_at_max_n",
-                        "gold_at_n1"}
+                        "gold_at_n1", "at_max_kl", "gao_fit_bootstrap"}
+    assert fit["at_max_kl"] == {"n": 8, "kl_bound": pytest.approx(curve.kl_bound.iloc[-1]),
+                                "gold": pytest.approx(curve.gold.iloc[-1])}
+    boot = fit["gao_fit_bootstrap"]  # the same fit, with CIs from resampled prompts
+    assert (boot["form"], boot["n_boot"], boot["ci"], boot["prompts"]) == ("bon", 50, 0.9, fit["prompts"])
+    for key in ("alpha", "beta"):
+        assert boot[key]["estimate"] == pytest.approx(fit["gao_fit_gold_rel"][key])
+        assert boot[key]["lo"] <= boot[key]["estimate"] <= boot[key]["hi"]
+    assert boot["r2"] <= 1.0
     assert set(fit["gao_fit_gold_rel"]) == {"alpha", "beta", "alpha_se", "beta_se", "d_star", "r_star"}
     assert set(fit["empirical_peak"]) == {"n", "kl_bound", "gold"}
     assert fit["prompts"] == gold_scores.prompt_id.nunique() and fit["samples_per_prompt"] == N_SAMPLES

@@ -95,13 +95,56 @@ def test_ppo_curve_and_report_tables(study):
     assert curve.proxy.to_numpy() == pytest.approx(by_step.proxy_score.to_numpy())
     assert curve.gold.to_numpy() == pytest.approx(by_step.score.to_numpy())
     assert curve.gold_rel.iloc[0] == 0 and (curve.gold_lo <= curve.gold).all() and (curve.gold <= curve.gold_hi).all()
+    fit = json.loads((study["art"]["ppo_curve[bt]"] / "fit.json").read_text())
+    far = curve.loc[curve.kl_k1.idxmax()]
+    assert fit["at_max_kl"] == {"step": int(far.step), "kl": pytest.approx(far.kl_k1), "gold": pytest.approx(far.gold)}
+    boot = fit["gao_fit_bootstrap"]  # Gao's RL fit with CIs over prompts, beside the plain fit (kept for old readers)
+    assert (boot["form"], boot["n_boot"], boot["prompts"]) == ("rl", 50, fit["prompts"])
+    assert boot["points"] == int((curve.sqrt_kl > 0).sum())
+    for key in ("alpha", "beta"):
+        assert boot[key]["estimate"] == pytest.approx(fit["gao_fit_gold_rel"][key])
+        assert boot[key]["lo"] <= boot[key]["estimate"] <= boot[key]["hi"]
     report = study["root"] / "report"
     table = pd.read_csv(report / "ppo_curves.csv")
     assert set(table.proxy_name) == {"bt"}
     assert set(table.run) == {"bt"}
     pd.testing.assert_frame_equal(table.drop(columns=["proxy_name", "run"]), curve, check_dtype=False)
     assert (report / "gold_vs_kl.png").stat().st_size > 1000
-    assert "## PPO" in (report / "README.md").read_text()
+    readme = (report / "README.md").read_text()
+    assert "## PPO" in readme and "## Made with" in readme and "torch threads" in readme
+    # report.html is the README as one page: tables, both plots embedded, no local file referenced
+    from tests.test_report import check_self_contained
+
+    check_self_contained((report / "report.html").read_text(), report, readme)
+
+
+def test_run_ends_with_a_summary_of_every_curve(study, capsys, tmp_path):
+    """`overopt run` ends with one table: per proxy and arm, peak gold, KL at the peak, gold at the largest KL."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(SMOKE), *study["overrides"]]) == 0  # cached: nothing runs, the summary still reads
+    out = capsys.readouterr().out
+    assert "gold of the over-optimization curves" in out
+    rows = {tuple(cell.strip() for cell in line.strip("│ ").split("│")[:2]): line
+            for line in out.splitlines() if line.startswith("│")}
+    assert set(rows) == {("bt", "best-of-n"), ("grm_sft", "best-of-n"), ("bt", "PPO")}
+    for (proxy, arm), line in rows.items():
+        key = f"bon_curve[{proxy}]" if arm == "best-of-n" else f"ppo_curve[{proxy}]"
+        fit = json.loads((study["art"][key] / "fit.json").read_text())
+        peak, far = fit["empirical_peak"], fit["at_max_kl"]
+        kl = (f"≤ {peak['kl_bound']:.2f}", f"≤ {far['kl_bound']:.2f}") if arm == "best-of-n" else (
+            f"{peak['kl']:.2f}", f"{far['kl']:.2f}")
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        assert cells[2:] == [f"{peak['gold']:.3f}", kl[0], f"{far['gold']:.3f}", kl[1]], line
+
+    # a run that covers no curve, or a study without curves, prints no table
+    assert main(["run", str(SMOKE), *study["overrides"], "--until", "gold_label"]) == 0
+    assert "over-optimization curves" not in capsys.readouterr().out
+    assert main(["run", str(SMOKE), *study["overrides"], "bon=null", "ppo=null", f"run.reports_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "✓ report" in out and "over-optimization curves" not in out
+    assert (tmp_path / "README.md").exists() and not (tmp_path / "bon_curves.csv").exists()
 
 
 def test_fast_scoring_paths_equal_the_text_path(study):
