@@ -97,9 +97,9 @@ def _fit(path: Path, *keys: str):
 
 def summary_rows(runner, plan) -> list[tuple[str, ...]]:
     """One row per proxy and arm whose curve the run just covered (selected, or upstream of what was selected) and
-    that is cached: best-of-n from `bon_curve[p]/fit.json`, each RL arm from `<arm>_curve[run]/fit.json`, as the report's
-    inputs name them. Columns: proxy (the run, for PPO), arm, peak gold, KL at the peak, gold at the largest KL, the
-    largest KL."""
+    that is cached: best-of-n from `bon_curve[p]/fit.json`, each RL arm from `<arm>_curve[run]/fit.json`, as the
+    report's inputs name them. Columns: proxy (the run, for RL arms), arm, peak gold, KL at the peak, gold at the
+    largest KL, the largest KL."""
     report = runner.by_key.get("report")
     if report is None:
         return []
