@@ -138,7 +138,7 @@ def print_summary(study: str, runner, plan) -> None:
     if not rows:
         return
     table = Table(title=f"study {escape(study)}: gold of the over-optimization curves",
-                  caption="KL in nats: best-of-n's the bound log n − (n−1)/n, PPO's measured (k1)")
+                  caption="KL in nats: best-of-n's the bound log n − (n−1)/n, RL arms' measured on samples (k1)")
     table.add_column("proxy", no_wrap=True)
     table.add_column("arm", no_wrap=True)
     for col in ("peak\ngold", "KL at\npeak", "gold at\nlargest KL", "largest\nKL"):
