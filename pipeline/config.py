@@ -360,6 +360,11 @@ class PPOEvalConfig(Section):
     ci: float = Field(0.95, gt=0, lt=1)
 
 
+def seed_runs(proxy: str, seed: int, seeds: int) -> list[tuple[str, int]]:
+    """(run name, seed) of each RL run against `proxy`: `bt` for the first seed, `bt@seed1`, ... after it."""
+    return [(proxy if i == 0 else f"{proxy}@seed{seed + i}", seed + i) for i in range(seeds)]
+
+
 def log_spaced_steps(total: int) -> list[int]:
     """0, 1, 2, 4, 8, ... below `total`, and `total`: where PPO exports its policy."""
     steps, s = [0], 1
@@ -430,8 +435,8 @@ class PPOConfig(Section):
         return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1})
 
     def runs(self, proxy: str) -> list[tuple[str, int]]:
-        """(run name, seed) of each PPO run against `proxy`: `bt` for the first seed, `bt@seed1`, ... after it."""
-        return [(proxy if i == 0 else f"{proxy}@seed{self.seed + i}", self.seed + i) for i in range(self.seeds)]
+        """(run name, seed) of each PPO run against `proxy`."""
+        return seed_runs(proxy, self.seed, self.seeds)
 
 
 class GroupRLConfig(Section):
@@ -479,7 +484,7 @@ class GroupRLConfig(Section):
                                        "algos": ["grpo"]})
 
     def runs(self, proxy: str) -> list[tuple[str, int]]:
-        return [(proxy if i == 0 else f"{proxy}@seed{self.seed + i}", self.seed + i) for i in range(self.seeds)]
+        return seed_runs(proxy, self.seed, self.seeds)
 
 
 class DistributedSmokeConfig(Section):
@@ -520,21 +525,16 @@ class StudyConfig(Section):
             raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
         if self.gold.type == "world" and self.policy.source != "tiny":
             raise ValueError("gold.type 'world' only exists in the tiny world (policy.source: tiny)")
-        if self.ppo is not None:
-            unknown = sorted(set(self.ppo.proxies or []) - {p.name for p in self.proxies})
+        for arm, section in (("ppo", self.ppo), ("rl", self.rl)):
+            if section is None:
+                continue
+            unknown = sorted(set(section.proxies or []) - {p.name for p in self.proxies})
             if unknown:
-                raise ValueError(f"ppo.proxies names {unknown}, which are not proxies of this study "
+                raise ValueError(f"{arm}.proxies names {unknown}, which are not proxies of this study "
                                  f"({[p.name for p in self.proxies]})")
             if self.bon is None:
-                raise ValueError("ppo evaluates on the best-of-n evaluation prompts and beside the best-of-n curves: "
-                                 "it needs the bon section")
-        if self.rl is not None:
-            unknown = sorted(set(self.rl.proxies or []) - {p.name for p in self.proxies})
-            if unknown:
-                raise ValueError(f"rl.proxies names {unknown}, which are not proxies of this study "
-                                 f"({[p.name for p in self.proxies]})")
-            if self.bon is None:
-                raise ValueError("rl evaluates on the best-of-n evaluation prompts: it needs the bon section")
+                raise ValueError(f"{arm} evaluates on the best-of-n evaluation prompts and beside the best-of-n "
+                                 f"curves: it needs the bon section")
         return self
 
 
