@@ -1,5 +1,6 @@
 """What every multi-process stage shares: the Accelerator set-up (DeepSpeed ZeRO on CPU or GPU), sums over ranks,
-loading frozen models outside ZeRO-3's partitioning, and gathering ZeRO-3 parameters for generation.
+loading frozen models outside ZeRO-3's partitioning, gathering ZeRO-3 parameters for generation, saving a trained
+policy, and the memory a rank holds.
 
 Stages launched by `pipeline.runner.launch_stage` (`accelerate launch --use_deepspeed --deepspeed_config_file ...`)
 call `make_accelerator()` first; launched without DeepSpeed (or run inline in one process) they get a plain
@@ -126,17 +127,29 @@ def gathered_for_generation(engine, accelerator) -> Iterator[torch.nn.Module]:
             offload.setup_zero_stage3_hooks()
 
 
-@contextmanager
-def gathered_parameters(engine, accelerator) -> Iterator[torch.nn.Module]:
-    """The trained module with every parameter whole on every rank (for saving); a plain unwrap without ZeRO-3."""
-    module = accelerator.unwrap_model(engine)
-    if zero_stage(accelerator) != 3:
-        yield module
-        return
-    import deepspeed
+def save_causal_lm(lm, accelerator, tokenizer, directory) -> None:
+    """A trained policy as a plain HF causal LM directory (LoRA deltas merged, safetensors) with its tokenizer.
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters())):
-        yield module
+    `lm` is the unwrapped policy (a transformers model, or a peft model around one). Under ZeRO-3 its shards are
+    gathered first — a collective every rank joins; rank 0 writes.
+    """
+    from contextlib import nullcontext
+
+    from pipeline.models import merged_state_dict
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(lm.parameters()))
+    else:
+        gathered = nullcontext()
+    with gathered:
+        if accelerator.is_main_process:
+            state = {k: v.detach().cpu().clone() for k, v in merged_state_dict(base).items()}
+            base.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()
 
 
 def state_bytes(model, optimizer) -> dict[str, int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import GroupRLStageConfig
-from pipeline.distributed import make_accelerator, zero_stage
+from pipeline.distributed import make_accelerator, save_causal_lm, zero_stage
 from pipeline.generation import stop_token_ids
 from pipeline.models import DTYPES, build_scorer, checked_local, load_tokenizer
 from pipeline.records import messages, training_prompts
@@ -60,22 +60,6 @@ def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int):
     return args
 
 
-def export_policy(model, accelerator, tokenizer, directory: Path) -> None:
-    """The policy as a plain HF causal LM; under ZeRO-3 its shards are gathered (a collective every rank joins)."""
-    if zero_stage(accelerator) == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            if accelerator.is_main_process:
-                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-    elif accelerator.is_main_process:
-        model.save_pretrained(directory, safe_serialization=True)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(directory)
-    accelerator.wait_for_everyone()
-
-
 def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -104,7 +88,7 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     data = Dataset.from_dict({"prompt": [messages(p) for p in prompts.prompt], "prompt_id": list(prompts.prompt_id)})
     exports = rl.export_steps()
     (out / "exports").mkdir(parents=True, exist_ok=True)
-    export_policy(policy, accelerator, tokenizer, out / "exports" / "step_00000")  # the initial policy
+    save_causal_lm(policy, accelerator, tokenizer, out / "exports" / "step_00000")  # the initial policy
 
     per_update = rl.optimizer_steps_per_update()
 
@@ -114,8 +98,8 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
         def on_step_end(self, args, state, control, model=None, **kwargs):
             update, rest = divmod(state.global_step, per_update)
             if rest == 0 and update in exports:
-                export_policy(accelerator.unwrap_model(model), accelerator, tokenizer,
-                              out / "exports" / f"step_{update:05d}")
+                save_causal_lm(accelerator.unwrap_model(model), accelerator, tokenizer,
+                               out / "exports" / f"step_{update:05d}")
 
     trainer_class = GRPOTrainer if cfg.algo == "grpo" else RLOOTrainer
     with tempfile.TemporaryDirectory(prefix="overopt-trl-") as scratch:  # TRL's output_dir; nothing in it is kept

@@ -39,14 +39,14 @@ from pipeline.distributed import (
     all_reduce_sum,
     frozen_model_loading,
     gathered_for_generation,
-    gathered_parameters,
     make_accelerator,
     peak_rss_bytes,
+    save_causal_lm,
     state_bytes,
     zero_stage,
 )
 from pipeline.generation import stop_token_ids
-from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer, merged_state_dict
+from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
 from pipeline.ppo.rollout import sample_rollout
@@ -195,19 +195,6 @@ class Checkpointer:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def export_policy(model, accelerator, tokenizer, directory: Path) -> None:
-    """The policy as a plain HF causal LM (LoRA merged). Under ZeRO-3 its shards are gathered first — a collective
-    that every rank joins; rank 0 writes."""
-    with gathered_parameters(model, accelerator) as unwrapped:
-        if accelerator.is_main_process:
-            policy = unwrapped.policy
-            lm = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-            state = {k: v.detach().cpu().clone() for k, v in merged_state_dict(lm).items()}
-            lm.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(directory)
-    accelerator.wait_for_everyone()
-
-
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -274,7 +261,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         torch.manual_seed(sampling_seed(ppo.seed, rank))  # each rank draws its own rollouts
         if main:
             metrics_file.write_text("")
-        export_policy(model, accelerator, tokenizer, out / "exports" / "step_00000")
+        save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer, out / "exports" / "step_00000")
     accelerator.wait_for_everyone()
     if ppo.report_to:
         accelerator.init_trackers("overopt-ppo")  # needs Accelerator(log_with=...); see make_accelerator
@@ -339,7 +326,8 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         controller.update(means[2], ppo.rollout_batch_size)
         t = time.perf_counter()
         if step + 1 in exports:
-            export_policy(model, accelerator, tokenizer, out / "exports" / f"step_{step + 1:05d}")
+            save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer,
+                           out / "exports" / f"step_{step + 1:05d}")
         if (step + 1) % ppo.checkpoint_every == 0 or step + 1 in exports:
             if step + 1 < ppo.steps:
                 checkpointer.save({"step": step + 1, "kl_controller": controller.state_dict(),
