@@ -71,10 +71,14 @@ def make_accelerator(require_deepspeed: bool = False, gradient_clipping: float |
     return accelerator
 
 
+def uses_deepspeed(accelerator) -> bool:
+    """Whether the stage's model is a DeepSpeed engine (which clips, steps and checkpoints itself)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
 def zero_stage(accelerator) -> int:
     """The ZeRO stage in use (0 without DeepSpeed)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return int(plugin.zero_stage) if plugin is not None else 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage) if uses_deepspeed(accelerator) else 0
 
 
 def all_reduce_sum(accelerator):

@@ -43,6 +43,7 @@ from pipeline.distributed import (
     peak_rss_bytes,
     save_causal_lm,
     state_bytes,
+    uses_deepspeed,
     zero_stage,
 )
 from pipeline.generation import stop_token_ids
@@ -143,7 +144,7 @@ class Checkpointer:
     def __init__(self, out: Path, accelerator, model, optimizer):
         self.dir, self.tmp = out / "checkpoint", out / "checkpoint.tmp"
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.deepspeed = hasattr(model, "save_checkpoint")
+        self.deepspeed = uses_deepspeed(accelerator)
         self.rank = accelerator.process_index
 
     def save(self, state: dict) -> None:
@@ -212,7 +213,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
                                    log_with=list(ppo.report_to), project_dir=str(out / "tracking"))
     rank, main = accelerator.process_index, accelerator.is_main_process
     all_reduce = all_reduce_sum(accelerator)
-    use_deepspeed = hasattr(accelerator.state, "deepspeed_plugin") and accelerator.state.deepspeed_plugin is not None
+    use_deepspeed = uses_deepspeed(accelerator)
 
     # ---- models: the trained policy + value (one engine), and the frozen reference policy and proxy
     policy_path = checked_local(cfg.policy.model_id or inputs["policy"] / "model")

@@ -38,12 +38,14 @@ def per_prompt_means(samples: pd.DataFrame) -> dict[str, np.ndarray]:
     return {q: means[q].unstack("prompt_id").sort_index().to_numpy() for q in QUANTITIES}
 
 
-def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int) -> pd.DataFrame:
+def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
+                   source: Path | str = "RL samples") -> pd.DataFrame:
     """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs."""
     m = per_prompt_means(samples)
     steps = np.sort(samples.step.unique())
     if steps[0] != 0:
-        raise RecordError("RL samples have no step-0 export (the initial policy) to measure gains against")
+        raise RecordError(f"{source}: no samples of the step-0 export (the initial policy) to measure gains against; "
+                          f"steps present: {steps.tolist()}")
     blocks = {**m, "proxy_rel": m["proxy"] - m["proxy"][0], "gold_rel": m["gold"] - m["gold"][0]}
     S = len(steps)
     # one bootstrap over prompts for every quantity and step: columns are (quantity, step) pairs
@@ -65,7 +67,7 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if merged.score.isna().any():
         raise RecordError(f"{gold_file}: no gold score for {int(merged.score.isna().sum())} RL samples")
     merged = merged.rename(columns={"proxy_score": "proxy", "score": "gold"})
-    table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed)
+    table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed, source=inputs["samples"] / "shards")
     table.to_parquet(out / "curve.parquet", index=False)
 
     peak, far = table.loc[table.gold.idxmax()], table.loc[table.kl_k1.idxmax()]

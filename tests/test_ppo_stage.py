@@ -279,3 +279,13 @@ def test_a_non_finite_proxy_score_stops_ppo_and_commits_nothing(study, monkeypat
     with pytest.raises(NonFiniteScoreError, match=r"scorer 'bt' returned a non-finite score \(nan\) for prompt_id="):
         runner.run(until={"ppo[bt]"})
     assert next(p for p in runner.plan() if p.node.key == "ppo[bt]").status != "cached"
+
+
+def test_a_curve_without_the_initial_policy_names_the_samples(study):
+    from pipeline.records import RecordError
+    from stages.ppo_curve import rl_curve_table
+
+    samples = read_sample_shards(study["art"]["ppo_sample[bt]"]).rename(columns={"proxy_score": "proxy"})
+    later = samples[samples.step > 0].assign(gold=0.0)
+    with pytest.raises(RecordError, match=r"where/shards: no samples of the step-0 .*steps present: \[1, 2, 3\]"):
+        rl_curve_table(later, n_boot=10, ci=0.9, seed=0, source="where/shards")
