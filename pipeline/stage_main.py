@@ -66,7 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
     module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
     module.run(cfg, inputs, out)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down while the interpreter is still whole. Left to interpreter exit, gloo's worker
+    threads can be destroyed while still joinable, and a rank that has finished its work aborts ("terminate called
+    without an active exception", SIGABRT), failing a stage that had completed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while another is still in a collective
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
