@@ -23,7 +23,7 @@ from pipeline.models import build_scorer
 from pipeline.records import PAIR_COLUMNS, read_records
 from pipeline.scoring import check_finite, over_length_check
 
-VERSION = "1"
+VERSION = "2"
 log = logging.getLogger("overopt")
 
 
@@ -60,6 +60,9 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     rows = []
     for name, frame in sets.items():
+        if frame.empty:  # an accuracy of nothing would be NaN, which is not JSON; say so instead
+            log.warning("eval_proxy[%s]: evaluation set %r has no pairs; skipped", cfg.scorer.name, name)
+            continue
         prompts_c, prompts_r = pair_prompts(frame)  # MT-Bench turn 2: each side in its own model's conversation
         r_c = scorer.score(prompts_c, list(frame.chosen))
         r_r = scorer.score(prompts_r, list(frame.rejected))
@@ -73,7 +76,9 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
                          **pairwise_accuracy(r_c, r_r, frame.label_noisy.to_numpy())})
     table = pd.DataFrame(rows)
     table.to_parquet(out / "accuracy.parquet", index=False)
-    (out / "accuracy.json").write_text(json.dumps(rows, indent=2))
+    # every pair over the length limit leaves accuracy NaN: null in strict JSON
+    (out / "accuracy.json").write_text(json.dumps(
+        [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in r.items()} for r in rows], indent=2))
     for r in rows:
         log.info("  %-12s %-10s %-6s accuracy %.3f (%d pairs, %d ties)", r["proxy"], r["set"], r["labels"],
                  r["accuracy"], r["pairs"], r["ties"])

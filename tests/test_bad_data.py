@@ -238,6 +238,23 @@ def test_eval_proxy_refuses_a_nan_proxy_score_naming_the_pair(tmp_path, monkeypa
     assert not any(out.iterdir())
 
 
+def test_eval_proxy_skips_an_empty_set_instead_of_writing_nan(tmp_path, monkeypatch):
+    pairs = pd.DataFrame([{"pair_id": f"p{i}", "prompt_id": "q", "prompt": [{"role": "user", "content": "x"}],
+                           "chosen": "a", "rejected": "b", "gold_chosen": 1.0, "gold_rejected": 0.0,
+                           "label_clean": 1, "label_noisy": 1, "split": "test"} for i in range(2)])
+    (tmp_path / "pairs").mkdir()
+    write_records(pairs, tmp_path / "pairs" / "pairs.parquet", PAIR_COLUMNS)
+    write_records(pairs.iloc[:0], tmp_path / "pairs" / "ood_pairs.parquet", PAIR_COLUMNS)  # an empty OOD set
+    monkeypatch.setattr(eval_proxy, "build_scorer", lambda *a, **k: FixedScorer([1, 2], [0, 3]))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = EvalProxyStageConfig(eval=EvalProxyConfig(), scorer=ScorerStageConfig(
+        name="bt", proxy=ProxyConfig(name="bt", type="bt")))
+    eval_proxy.run(cfg, {"pairs": tmp_path / "pairs"}, out)
+    rows = json.loads((out / "accuracy.json").read_text())  # strict JSON: no bare NaN
+    assert [(r["set"], r["accuracy"]) for r in rows] == [("id_test", 0.5)]
+
+
 def test_check_finite_allows_only_over_length_nan():
     check_finite([1.0, np.nan], "s", ["a", "b"], over_length=lambda i: i == 1)
     with pytest.raises(NonFiniteScoreError, match="pair_id='b'"):
