@@ -186,3 +186,47 @@ def test_a_config_reads_its_curves_from_the_cache_and_never_runs(tmp_path, capsy
         load_studies([str(config), "gold_label.noise_rate=0.25", f"run.cache_root={tmp_path / 'cache'}",
                       str(config), f"run.cache_root={tmp_path / 'cache'}"], ["noisy", "clean"])
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_a_config_with_overrides_reads_the_curves_cached_at_its_own_fingerprints(tmp_path, monkeypatch):
+    """Curve artifacts committed by hand at the fingerprints of tiny.yaml with and without label noise: each study
+    reads its own, and nothing else is needed (no upstream artifact, no run)."""
+    from pipeline.cache import ArtifactCache
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    monkeypatch.chdir(Path(__file__).parents[1])  # tiny.yaml's DeepSpeed config path is relative to the repo
+    config = "configs/tiny.yaml"
+    cache = [f"run.cache_root={tmp_path / 'cache'}"]
+    variants = {"clean": cache, "noisy": ["gold_label.noise_rate=0.25", *cache]}
+    peak = {"clean": 1.5, "noisy": 1.3}
+    for name, overrides in variants.items():
+        runner = Runner(build_stages(load_config(config, overrides)), ArtifactCache(tmp_path / "cache"))
+        fps = runner.fingerprints()
+        for key in fps:
+            if key.startswith("bon_curve["):
+                table = bon_rows("x", [1.0, peak[name], 1.2, 0.5]).drop(columns="proxy_name")
+            elif key.startswith("ppo_curve["):
+                table = rl_rows("x", "x", [0, .1, .4, 1.0], [1.0, peak[name] - .2, 1.1, 0.0]).drop(
+                    columns=["proxy_name", "run"])
+            else:
+                continue
+            staged = tmp_path / "staged" / name / key
+            staged.mkdir(parents=True)
+            table.to_parquet(staged / "curve.parquet", index=False)
+            runner.cache.commit(key, fps[key], staged, {"stage": "hand-made"})
+    studies = load_studies([config, *variants["clean"], config, *variants["noisy"]], ["clean", "noisy"])
+    assert [s.source for s in studies] == [" ".join([config, *o]) for o in variants.values()]
+    assert studies[0].proxies() == ["bt", "grm_sft", "label_smoothing", "ensemble"]
+    ppo = studies[1].curves["ppo"]
+    assert sorted(ppo.proxy_name.unique()) == ["bt", "grm_sft"] and set(ppo.run) == {"bt", "grm_sft"}
+    for s in studies:
+        assert s.curves["bon"].gold.max() == peak[s.label]
+    assert main(["compare", config, *variants["clean"], config, *variants["noisy"], "--label", "clean", "--label",
+                 "noisy", "--proxies", "bt", "--out", str(tmp_path / "out")]) == 0
+    assert table_rows((tmp_path / "out" / "README.md").read_text(), "bt") == [
+        f"| best-of-n | clean | 1 | 1.000 | 1.500 | — | {math.log(2) - .5:.3f} | +0.000 |",
+        f"| best-of-n | noisy | 1 | 1.000 | 1.300 | — | {math.log(2) - .5:.3f} | -0.200 |",
+        "| PPO | clean | 1 | 1.000 | 1.300 | — | 0.100 | +0.000 |",
+        "| PPO | noisy | 1 | 1.000 | 1.100 | — | 0.100 | -0.200 |"]
