@@ -182,6 +182,23 @@ def unbiased_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarra
     return sorted_proxy @ W.T, _unwrap(res, others, was_dict)
 
 
+def nested_picks(proxy: np.ndarray, ns) -> np.ndarray:
+    """(P, len(ns)) sample indices: entry [p, k] is the sample best-of-ns[k] picks for prompt p when the draw is the
+    first ns[k] samples, i.e. the proxy argmax among samples 0..ns[k]−1 (ties to the lowest index).
+
+    The picks are nested (each n's draw extends the previous one), so they show one concrete best-of-n draw growing
+    with n: the nested estimator's selections, and the responses a report shows as examples.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    if np.isnan(proxy).any():
+        raise ValueError("proxy scores contain NaN; best-of-n cannot rank them")
+    ns = _check_ns(ns, proxy.shape[1])
+    idx = np.empty((proxy.shape[0], len(ns)), dtype=np.intp)
+    for k, n in enumerate(ns):  # loop over n values, not prompts
+        idx[:, k] = np.argmax(proxy[:, :n], axis=1)
+    return idx
+
+
 def nested_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray | None, ns):
     """The reference code's naive estimator: per prompt, the sample with the highest proxy among the first n.
 
@@ -196,10 +213,7 @@ def nested_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray 
     other_map, was_dict = _others_as_dict(others, proxy.shape)
     ns = _check_ns(ns, N)
 
-    # idx[p, k]: index of the selected sample of prompt p for ns[k].
-    idx = np.empty((P, len(ns)), dtype=np.intp)
-    for k, n in enumerate(ns):  # loop over n values, not prompts
-        idx[:, k] = np.argmax(proxy[:, :n], axis=1)
+    idx = nested_picks(proxy, ns)
     res = {name: np.take_along_axis(o, idx, axis=1) for name, o in other_map.items()}
     return np.take_along_axis(proxy, idx, axis=1), _unwrap(res, others, was_dict)
 

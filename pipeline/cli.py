@@ -1,4 +1,5 @@
-"""`overopt run|status|show CONFIG [section.key=value ...]`, `overopt gc CONFIG... [--yes]`."""
+"""`overopt run|status|show CONFIG [section.key=value ...]`, `overopt gc CONFIG... [--yes]`, `overopt compare STUDY
+STUDY... [--proxies a,b] [--label NAME ...] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -227,6 +228,23 @@ def cmd_gc(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args, extra: list[str]) -> int:
+    """Curves of several studies (report directories, or configs with overrides) on shared axes; see
+    `pipeline.compare`."""
+    from pipeline.compare import CompareError, choose_proxies, compare, default_out, load_studies
+
+    try:
+        studies = load_studies(list(args.studies) + extra, args.label)
+        proxies = choose_proxies(studies, [p for p in (args.proxies or "").split(",") if p])
+        readme = compare(studies, proxies, args.out or default_out(studies))
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"compared {len(proxies)} prox{'y' if len(proxies) == 1 else 'ies'} across "
+          f"{', '.join(s.label for s in studies)}: {readme}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="overopt", description="Reward-model over-optimization studies.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,15 +265,25 @@ def main(argv: list[str] | None = None) -> int:
                                   "studies reference")
     p.add_argument("configs", nargs="+", help="study configs to keep; section.key=value overrides apply to all")
     p.add_argument("--yes", action="store_true", help="remove what is listed")
+    p = sub.add_parser("compare", help="over-optimization curves of several studies on shared axes")
+    p.add_argument("studies", nargs="+", help="report directories, or study configs each followed by its "
+                                              "section.key=value overrides (curves read from the cache)")
+    p.add_argument("--proxies", help="comma-separated proxies to compare (default: those common to all studies)")
+    p.add_argument("--label", action="append", help="a study's name in plots and tables, once per study in order "
+                                                    "(default: the report directory's name or the config's study)")
+    p.add_argument("--out", type=Path, help="output directory (default: reports/compare/<a>_vs_<b>)")
     # overrides may come after options (`run CONFIG --only x a.b=1`): collect the leftovers that look like overrides
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    # compare's studies may come after its options too: every leftover that is no option is one of them
+    unknown = [e for e in extra if e.startswith("-") or ("=" not in e and args.command != "compare")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging()
     try:
         if args.command == "gc":
             return cmd_gc(args, extra)
+        if args.command == "compare":
+            return cmd_compare(args, extra)
         args.overrides = list(args.overrides) + extra
         cfg = load_config(args.config, args.overrides)
         return {"run": cmd_run, "status": cmd_status, "show": cmd_show}[args.command](cfg, args)

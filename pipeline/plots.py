@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +34,8 @@ def _finish(fig, axes, ylabels: tuple[str, str], xlabel: str, legend_size: int, 
     for ax in axes:
         ax.set_xlabel(xlabel)
         ax.axhline(0, color="gray", lw=0.5)
-        ax.legend(fontsize=legend_size)
+        if ax.get_legend() is None:  # a plot that built its own legend (plot_overlay) keeps it
+            ax.legend(fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,3 +67,47 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
         axes[1].plot(table.sqrt_kl_bound, table.proxy_rel, "--", color=colors[label], alpha=0.7, label=name)
     _finish(fig, axes, ("gold score − initial policy's", "proxy score − initial policy's"),
             "√KL to the initial policy (RL: measured; best-of-n: upper bound)", 7, title, path)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """One curve of `plot_overlay`: its table, the column of its x-axis, its colour key (a proxy) and its line-style
+    key (a study)."""
+
+    table: pd.DataFrame
+    x: str
+    colour: str
+    style: str
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_overlay(curves: list[Overlay], path: Path, title: str, xlabel: str) -> None:
+    """Curves of several studies on shared axes: gold with its CI band (left) and gold relative to the initial policy
+    (right), against each curve's x column. One colour per proxy, one line style per study; the legends name the
+    colours (left) and the styles (right) once each instead of every pair. Absolute gold is drawn as well as the
+    relative: studies with different base policies start from different gold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    colour_keys = list(dict.fromkeys(c.colour for c in curves))
+    style_keys = list(dict.fromkeys(c.style for c in curves))
+    cmap = plt.get_cmap("tab10" if len(colour_keys) <= 10 else "tab20")
+    colours = {k: cmap(i % cmap.N) for i, k in enumerate(colour_keys)}
+    styles = {k: LINE_STYLES[i % len(LINE_STYLES)] for i, k in enumerate(style_keys)}
+    per_pair = pd.Series([(c.colour, c.style) for c in curves]).value_counts()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for c in curves:
+        x, colour, style = c.table[c.x], colours[c.colour], styles[c.style]
+        axes[0].plot(x, c.table.gold, style, marker="o", ms=2.5, color=colour, alpha=0.85)
+        axes[1].plot(x, c.table.gold_rel, style, marker="o", ms=2.5, color=colour, alpha=0.85)
+        if per_pair[(c.colour, c.style)] == 1 and len(curves) <= 8:  # more bands than that blur into one
+            axes[0].fill_between(x, c.table.gold_lo, c.table.gold_hi, color=colour, alpha=0.12)
+    axes[0].legend(handles=[Line2D([], [], color=colours[k], label=k) for k in colour_keys], fontsize=7,
+                   ncol=2 if len(colour_keys) > 8 else 1)
+    axes[1].legend(handles=[Line2D([], [], color="black", ls=styles[k], label=k) for k in style_keys], fontsize=7)
+    _finish(fig, axes, ("gold score", "gold score − initial policy's"), xlabel, 7, title, path)

@@ -184,7 +184,8 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
         curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
                                     nested_estimator=bon.nested_estimator, seed=bon.seed)
         nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,
-                               {"proxy_scores": f"bon_score[{proxy.name}]", "gold_scores": "bon_score[gold]"}))
+                               {"proxy_scores": f"bon_score[{proxy.name}]", "gold_scores": "bon_score[gold]",
+                                "samples": "bon_sample"}))  # the samples: text of the example responses
     return nodes
 
 

@@ -8,7 +8,11 @@ fitted to the relative gold against d = √KL (k1; a negative estimate near 0 co
 over prompts (each resample's mean per-prompt relative gold refitted at the measured d) gives CIs of α, β and the peak
 d*, and its R² on the mean curve (`gao_fit_bootstrap`).
 
-Writes curve.parquet, fit.json and curve.png.
+Examples (`examples.json`, see `pipeline.examples`): for the same few evaluation prompts as best-of-n's, one sample
+(the lowest sample_idx) of the step-0 export, the export of the empirical gold peak and the last export, with its
+proxy and gold scores and its KL, from the sample records.
+
+Writes curve.parquet, fit.json, curve.png and examples.json.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import pandas as pd
 
 from pipeline.bon import bootstrap_ci
 from pipeline.config import PPOCurveStageConfig
+from pipeline.examples import example, example_prompt_ids, lookup, write_examples
 from pipeline.gao import bootstrap_fit, fit_rl
 from pipeline.plots import plot_rl_curves
 from pipeline.records import SCORE_COLUMNS, RecordError, finite_or_none, read_records, read_sample_shards
 
-VERSION = "2"
+VERSION = "3"
 log = logging.getLogger("overopt")
 
 QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
@@ -88,6 +93,7 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         summary["gao_fit_bootstrap"] = bootstrap_fit("rl", (g - g[0]).T, table.sqrt_kl.to_numpy(),
                                                      n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
+    write_rl_examples(cfg, merged, table, int(peak.step), inputs["samples"] / "shards", out / "examples.json")
     bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
     plot_rl_curves({cfg.proxy: [table]}, {cfg.proxy: bon} if bon is not None else {}, out / "curve.png",
                    f"RL and best-of-n against proxy {cfg.proxy}")
@@ -96,3 +102,21 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
              float(table.kl_k1.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),
              float(table.proxy.iloc[-1]))
 
+
+
+def write_rl_examples(cfg: PPOCurveStageConfig, merged: pd.DataFrame, table: pd.DataFrame, peak_step: int,
+                      source: Path, path: Path) -> None:
+    """examples.json: per example prompt, the sample of lowest sample_idx at step 0, the peak step and the last step
+    (every export samples with the same seed, so these are the same draw of each policy: the change is the
+    policy's, not the sampler's)."""
+    chosen = example_prompt_ids(merged.prompt_id)
+    first = merged.sort_values("sample_idx").drop_duplicates(["step", "prompt_id"]).set_index(["step", "prompt_id"])
+    kl = dict(zip(table.step.astype(int), table.kl_k1))
+    points = []
+    for point, step in (("low", 0), ("peak", peak_step), ("high", int(table.step.iloc[-1]))):
+        examples = []
+        for pid in chosen:
+            r = lookup(first, (step, pid), source)
+            examples.append(example(pid, r.sample_idx, r, r.proxy, r.gold, kl_k1=float(r.kl_k1)))
+        points.append({"point": point, "step": step, "kl": float(kl[step]), "examples": examples})
+    write_examples(path, cfg.proxy, "rl", chosen, points)

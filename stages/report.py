@@ -1,7 +1,8 @@
 """report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
 
 Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
-gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), and report.html: the README as one self-contained
+gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), examples.csv (example responses at low, peak
+and high KL of every curve), and report.html: the README as one self-contained
 page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a
 `proxy_name` column (`proxy` is the proxy's mean score). The README ends with what it was made with (package versions,
 CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
@@ -17,10 +18,11 @@ import pandas as pd
 
 from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
+from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_rl_curves
 
-VERSION = "4"
+VERSION = "5"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -77,6 +79,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       f"Gao fit of relative gold R(d) = d(α − βd): "
                       f"{_gao_text(fit['gao_fit_bootstrap'], 'KL ≤')}", ""]
     parts += _rl_sections(cfg, inputs, curves, out)
+    parts += _examples_section(cfg, inputs, out)
     parts += _made_with(describe())
     readme = "\n".join(parts)
     (out / "README.md").write_text(readme)
@@ -233,3 +236,45 @@ def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None,
         peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
         row["best-of-n peak gold (KL bound)"] = f"{peak['gold']:.3f} ({peak['kl_bound']:.2f})"
     return row
+
+
+def _cell(text: str, limit: int) -> str:
+    """Text as one markdown table cell: on one line, `|` escaped, cut at `limit` characters (examples.csv has it
+    whole)."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return text.replace("|", "\\|") if text else "(empty)"
+
+
+def _examples_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> list[str]:
+    """"Example responses": per proxy, what best-of-n and each RL arm's first run produce on the same few evaluation
+    prompts at low KL (n = 1 / step 0), at the gold peak and at the largest KL. examples.csv holds every curve's
+    examples (every seed) with full text."""
+    frames = []
+    for p in cfg.proxies:
+        if f"bon[{p}]" in inputs and (inputs[f"bon[{p}]"] / "examples.json").is_file():
+            frames.append(examples_frame(inputs[f"bon[{p}]"] / "examples.json", p, "best-of-n"))
+        for arm, by_proxy in cfg.rl_runs.items():
+            for r in by_proxy.get(p, []):
+                if f"{arm}[{r}]" in inputs and (inputs[f"{arm}[{r}]"] / "examples.json").is_file():
+                    frames.append(examples_frame(inputs[f"{arm}[{r}]"] / "examples.json", p, ARM_NAMES[arm]))
+    if not frames:
+        return []
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(out / "examples.csv", index=False)
+    parts = ["## Example responses", "", "The same evaluation prompts for every proxy and arm, at low KL (best-of-n "
+             "n = 1, RL step 0), at the curve's empirical gold peak and at its largest KL. Best-of-n: the response the "
+             "proxy picks among the first n samples of the prompt; RL: the export's first sample. KL: the curve's "
+             "(best-of-n: the bound at n; RL: measured, k1). With several seeds, the first run's; every run's, "
+             "untruncated, in [the examples table](examples.csv).", ""]
+    for p, group in table.groupby("proxy_name", sort=False):
+        first_runs = group.groupby("arm", sort=False).run.transform("first")
+        shown = group[group.run == first_runs]
+        where = [f"{pt} (n = {n})" if pd.notna(n) else f"{pt} (step {st})"
+                 for pt, n, st in zip(shown.point, shown.n, shown.step)]
+        rows = pd.DataFrame({"arm": shown.arm.to_numpy(), "point": where, "KL": shown.kl.to_numpy(),
+                             "prompt": [_cell(t, 60) for t in shown.prompt],
+                             "response": [_cell(t, 120) for t in shown.response],
+                             "proxy": shown.proxy.to_numpy(), "gold": shown.gold.to_numpy()})
+        parts += [f"### Examples: {p}", "", _md(rows), ""]
+    return parts

@@ -233,7 +233,7 @@ def run_curve(smoke, proxy_scores: Path, gold_scores: Path, **kw) -> Path:
     cfg = BonCurveStageConfig(**({"proxy": "p", "ns": [1, 2, 4, 8], "bootstrap": 50, "ci": 0.9,
                                   "nested_estimator": False, "seed": 0} | kw))
     out = smoke.tmp.mktemp("curve")
-    bon_curve.run(cfg, {"proxy_scores": proxy_scores, "gold_scores": gold_scores}, out)
+    bon_curve.run(cfg, {"proxy_scores": proxy_scores, "gold_scores": gold_scores, "samples": smoke.samples}, out)
     return out
 
 

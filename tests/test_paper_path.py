@@ -105,7 +105,7 @@ def test_paper_config_builds_the_paper_dag():
         ev = nodes[f"eval_proxy[{name}]"].config.eval
         assert (ev.hhh_path, ev.mt_bench_path) == ("HuggingFaceH4/hhh_alignment", "lmsys/mt_bench_human_judgments")
         assert nodes[f"bon_curve[{name}]"].inputs == {"proxy_scores": f"bon_score[{name}]",
-                                                      "gold_scores": "bon_score[gold]"}
+                                                      "gold_scores": "bon_score[gold]", "samples": "bon_sample"}
     assert nodes["bon_score[ens_bt_mean]"].config.proxy.combine == "mean"
 
     from pipeline.bon import kl_bon_bound
