@@ -156,8 +156,9 @@ def print_summary(study: str, runner, plan) -> None:
     table.add_column("arm", no_wrap=True)
     for col in ("peak\ngold", "KL at\npeak", "gold at\nlargest KL", "largest\nKL"):
         table.add_column(col, justify="right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(escape(c) for c in row))
+    for name, *cells in rows:
+        # a seed aggregate's "(K seeds)" and "± sd" on a second line keep the table within one 80-column screen
+        table.add_row(escape(name).replace(" (", "\n("), *(escape(c).replace(" ± ", "\n± ") for c in cells))
     Console().print(table)
 
 
