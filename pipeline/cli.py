@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 import traceback
@@ -100,29 +101,41 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
     """One row per proxy and arm whose curve the run just covered (selected, or upstream of what was selected) and
     that is cached: best-of-n from `bon_curve[p]/fit.json`, each RL arm from `<arm>_curve[run]/fit.json`, as the
     report's inputs name them. Columns: proxy (the run, for RL arms), arm, peak gold, KL at the peak, gold at the
-    largest KL, the largest KL."""
+    largest KL, the largest KL. Several seeds of one proxy (its `seeds:` copies) or of one RL arm against it make one
+    row, `name (K seeds)`, with mean ± sd over the seeds, when the run covered all of them; otherwise a row each."""
     report = runner.by_key.get("report")
     if report is None:
         return []
     covered = runner.ancestors(runner.selected)
     cached = {p.node.key: p.fingerprint for p in plan if p.status == "cached" and p.node.key in covered}
+
+    def fits(names: list[str], role: str) -> list[tuple[str, Path]]:
+        keys = [(name, report.inputs.get(role.format(name))) for name in names]
+        return [(name, runner.cache.path(key, cached[key]) / "fit.json") for name, key in keys if key in cached]
+
+    groups = report.config.groups or {p: [p] for p in report.config.proxies}
     rows = []
-    for proxy in report.config.proxies:
-        key = report.inputs.get(f"bon[{proxy}]")
-        if key in cached:
-            f = runner.cache.path(key, cached[key]) / "fit.json"
-            peak, far = _fit(f, "empirical_peak"), _fit(f, "at_max_kl")
-            rows.append((proxy, "best-of-n", f"{peak['gold']:.3f}", f"≤ {peak['kl_bound']:.2f}", f"{far['gold']:.3f}",
-                         f"≤ {far['kl_bound']:.2f}"))
+    for group, proxies in groups.items():
+        rows += _summary_group(group, "best-of-n", fits(proxies, "bon[{}]"), len(proxies), "kl_bound", "≤ ")
         for arm, by_proxy in report.config.rl_runs.items():
-            for run in by_proxy.get(proxy, []):
-                key = report.inputs.get(f"{arm}[{run}]")
-                if key in cached:
-                    f = runner.cache.path(key, cached[key]) / "fit.json"
-                    peak, far = _fit(f, "empirical_peak"), _fit(f, "at_max_kl")
-                    rows.append((run, arm.upper(), f"{peak['gold']:.3f}", f"{peak['kl']:.2f}", f"{far['gold']:.3f}",
-                                 f"{far['kl']:.2f}"))
+            runs = by_proxy.get(group, [])
+            rows += _summary_group(group, arm.upper(), fits(runs, f"{arm}[{{}}]"), len(runs), "kl", "")
     return rows
+
+
+def _summary_group(group: str, arm: str, fits: list[tuple[str, Path]], seeds: int, kl: str,
+                   kl_prefix: str) -> list[tuple[str, ...]]:
+    """Summary rows of one proxy's (or RL arm's) seeds: `fits` are the cached (name, fit.json) of `seeds` runs."""
+    values = [(name, _fit(f, "empirical_peak"), _fit(f, "at_max_kl")) for name, f in fits]
+    if seeds > 1 and len(values) == seeds:
+        def ms(xs: list[float], fmt: str) -> str:
+            return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
+
+        return [(f"{group} ({seeds} seeds)", arm, ms([p["gold"] for _, p, _ in values], ".3f"),
+                 kl_prefix + ms([p[kl] for _, p, _ in values], ".2f"), ms([f["gold"] for _, _, f in values], ".3f"),
+                 kl_prefix + ms([f[kl] for _, _, f in values], ".2f"))]
+    return [(name, arm, f"{peak['gold']:.3f}", f"{kl_prefix}{peak[kl]:.2f}", f"{far['gold']:.3f}",
+             f"{kl_prefix}{far[kl]:.2f}") for name, peak, far in values]
 
 
 def print_summary(study: str, runner, plan) -> None:
@@ -144,8 +157,9 @@ def print_summary(study: str, runner, plan) -> None:
     table.add_column("arm", no_wrap=True)
     for col in ("peak\ngold", "KL at\npeak", "gold at\nlargest KL", "largest\nKL"):
         table.add_column(col, justify="right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(escape(c) for c in row))
+    for name, *cells in rows:
+        # a seed aggregate's "(K seeds)" and "± sd" on a second line keep the table within one 80-column screen
+        table.add_row(escape(name).replace(" (", "\n("), *(escape(c).replace(" ± ", "\n± ") for c in cells))
     Console().print(table)
 
 

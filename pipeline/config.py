@@ -223,6 +223,16 @@ class RMTrainingOverrides(Section):
     labels: Literal["noisy", "clean"] | None = None
 
 
+def seed_runs(name: str, seed: int, seeds: int) -> list[tuple[str, int]]:
+    """(name, seed) of each seed of a proxy or RL run: `bt` for the first seed, `bt@seed1`, ... after it."""
+    return [(name if i == 0 else f"{name}@seed{seed + i}", seed + i) for i in range(seeds)]
+
+
+# A proxy name a user writes; `@seed<k>` (and an ensemble member's `-m<i>`) is appended to name a proxy's extra seeds.
+PROXY_NAME = r"[A-Za-z0-9_\-]+"
+SEED_COPY_NAME = PROXY_NAME + r"(@seed\d+(-m\d+)?)?"
+
+
 # Both built from the one table of proxy types (`pipeline.proxy_types`).
 ProxyType = Literal[ALL_PROXY_TYPES]  # type: ignore[valid-type]
 TrainedType = Literal[TRAINED_PROXY_TYPES]  # type: ignore[valid-type]
@@ -234,6 +244,11 @@ class ProxyConfig(Section):
     name: str
     type: ProxyType
     seed: int = 0
+    # Independent copies of this proxy, trained with seeds seed, seed + 1, ...: proxies `name`, `name@seed<seed+1>`,
+    # ... (`seed_copies`), each with its own stages; the report aggregates them. An ensemble's copy i draws its
+    # members' seeds from seed + i·members, so copies share no member. Not fingerprinted: it says how many copies,
+    # not what one is, so the first copy is the single-seed proxy and shares its artifacts.
+    seeds: int = Field(1, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     # reward head (paper default: Dropout(0.1) -> Linear(H, width) -> ReLU -> Linear(width, 1))
     head: Literal["mlp", "linear"] = "mlp"
     head_width: int = Field(1024, ge=1)
@@ -264,7 +279,9 @@ class ProxyConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_identifier(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", v) or v == "gold":
+        # a seed copy's name passes here (stage configs are re-validated in launched processes); a study's own
+        # entries are held to PROXY_NAME by StudyConfig
+        if not re.fullmatch(SEED_COPY_NAME, v) or v == "gold":
             raise ValueError(f"proxy name {v!r} must match [A-Za-z0-9_-]+ and not be 'gold'")
         return v
 
@@ -274,6 +291,9 @@ class ProxyConfig(Section):
             raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
         if self.double_bos and self.type != "checkpoint":
             raise ValueError(f"proxy {self.name!r}: double_bos is only for type 'checkpoint' (a released reward model)")
+        if self.seeds > 1 and self.type == "checkpoint":
+            raise ValueError(f"proxy {self.name!r}: seeds ({self.seeds}) is only for trained proxies; a type "
+                             f"'checkpoint' proxy is one fixed model (set proxies.{self.name}.seeds to 1)")
         return self
 
     def canonical(self) -> "ProxyConfig":
@@ -284,6 +304,15 @@ class ProxyConfig(Section):
     def resolved_training(self, shared: RMTrainingConfig) -> RMTrainingConfig:
         """The shared training settings with this proxy's explicit overrides applied."""
         return shared.model_copy(update=self.training.model_dump(exclude_none=True))
+
+    def seed_copies(self) -> list["ProxyConfig"]:
+        """The concrete proxies of this entry, one per seed (`seeds` of them, each with seeds 1), named by
+        `seed_runs`. The first is this proxy itself; an ensemble's copies are strided by `members` so that no two
+        copies train a member with the same seed."""
+        stride = self.members if self.type == "ensemble" else 1
+        base = self.model_dump(exclude={"name", "seed", "seeds"})
+        return [ProxyConfig(**base, name=name, seed=self.seed + i * stride)
+                for i, (name, _) in enumerate(seed_runs(self.name, self.seed, self.seeds))]
 
     def member_specs(self) -> list["ProxyConfig"]:
         """The trained members of an ensemble, each its own seeded proxy."""
@@ -358,11 +387,6 @@ class PPOEvalConfig(Section):
     batch_size: int = Field(512, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
-
-
-def seed_runs(proxy: str, seed: int, seeds: int) -> list[tuple[str, int]]:
-    """(run name, seed) of each RL run against `proxy`: `bt` for the first seed, `bt@seed1`, ... after it."""
-    return [(proxy if i == 0 else f"{proxy}@seed{seed + i}", seed + i) for i in range(seeds)]
 
 
 def log_spaced_steps(total: int) -> list[int]:
@@ -512,12 +536,22 @@ class StudyConfig(Section):
     rl: GroupRLConfig | None = None
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
 
+    @field_validator("proxies")
+    @classmethod
+    def _entry_names(cls, proxies: list[ProxyConfig]) -> list[ProxyConfig]:
+        for i, p in enumerate(proxies):
+            if not re.fullmatch(PROXY_NAME, p.name):  # `@seed<k>` is kept for the copies `seeds:` makes
+                raise ValueError(f"proxy name {p.name!r} (proxies.{i}.name) must match [A-Za-z0-9_-]+ (several "
+                                 f"seeds of a proxy are one entry with seeds: K)")
+        return proxies
+
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
         if not self.proxies:
             raise ValueError("proxies: a study needs at least one proxy (e.g. proxies: [{name: bt, type: bt}])")
-        names = [p.name for p in self.proxies]
-        names += [m.name for p in self.proxies if p.type == "ensemble" for m in p.member_specs()]
+        expanded = self.expanded_proxies()
+        names = [p.name for p in expanded]
+        names += [m.name for p in expanded if p.type == "ensemble" for m in p.member_specs()]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"proxies: duplicate names {dup} (an ensemble's members are named <name>-m<i>)")
@@ -536,6 +570,15 @@ class StudyConfig(Section):
                 raise ValueError(f"{arm} evaluates on the best-of-n evaluation prompts and beside the best-of-n "
                                  f"curves: it needs the bon section")
         return self
+
+    def expanded_proxies(self) -> list[ProxyConfig]:
+        """Every concrete proxy of the study: each entry's seed copies, in the study's order. Stages are built per
+        expanded proxy."""
+        return [c for p in self.proxies for c in p.seed_copies()]
+
+    def proxy_groups(self) -> dict[str, list[str]]:
+        """Entry name -> the names of its seed copies (`[name]` for a single-seed entry)."""
+        return {p.name: [c.name for c in p.seed_copies()] for p in self.proxies}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -738,7 +781,9 @@ class BonCurveStageConfig(Section):
 
 class ReportStageConfig(Section):
     study: str
-    proxies: list[str]
+    proxies: list[str]  # every expanded proxy (seed copies included), in the study's order
+    # entry name -> its seed copies; an entry with several is aggregated over seeds (empty: each proxy its own)
+    groups: dict[str, list[str]] = {}
     # arm ("ppo", "grpo", "rloo") -> proxy -> its runs (one per seed)
     rl_runs: dict[str, dict[str, list[str]]] = {}
 

@@ -7,22 +7,52 @@ from pathlib import Path
 
 import pandas as pd
 
+BON_XLABEL = "√KL  (KL = log n − (n−1)/n, an upper bound)"
 
-def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str) -> None:
-    """Gold (solid, with CI band) and proxy (dashed) relative to n = 1 against √KL, one colour per proxy."""
+
+def plot_bon_curves(curves: dict[str, pd.DataFrame], path: Path, title: str,
+                    groups: dict[str, list[str]] | None = None) -> None:
+    """Gold (solid, with CI band) and proxy (dashed) relative to n = 1 against √KL, one colour per proxy. With
+    `groups` (label -> proxies of `curves`, e.g. the seeds of one proxy), one colour per group: a group of several
+    runs is drawn as thinner lines without CI bands (its spread over seeds is what to read), labelled once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = groups or {name: [name] for name in curves}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, names) in enumerate(groups.items()):
+        color, runs = f"C{i}", [n for n in names if n in curves]
+        for j, name in enumerate(runs):
+            c, single = curves[name], len(runs) == 1
+            tag = (label if single else f"{label} ({len(runs)} seeds)") if j == 0 else None
+            style = {} if single else {"alpha": 0.7, "lw": 1.0}  # a single run is drawn exactly as before groups
+            axes[0].plot(c.sqrt_kl_bound, c.gold_rel, "-o", ms=3, color=color, label=tag and f"{tag}: gold", **style)
+            if single:
+                axes[0].fill_between(c.sqrt_kl_bound, c.gold_rel_lo, c.gold_rel_hi, color=color, alpha=0.2)
+            axes[1].plot(c.sqrt_kl_bound, c.proxy_rel, "--s", ms=3, color=color, label=tag and f"{tag}: proxy",
+                         **style)
+    _finish(fig, axes, ("gold score − gold at n=1", "proxy score − proxy at n=1"), BON_XLABEL, 8, title, path)
+
+
+def plot_bon_seed_bands(bands: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    """Per proxy trained with several seeds: the mean best-of-n curve over its seeds (gold left, proxy right, both
+    relative to n = 1) with a band from the seeds' minimum to their maximum at each n. A band table has the columns
+    sqrt_kl_bound, seeds, {gold_rel,proxy_rel}_{mean,min,max} (the report's bon_curves_over_seeds.csv)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (name, c) in enumerate(curves.items()):
+    for i, (label, b) in enumerate(bands.items()):
         color = f"C{i}"
-        axes[0].plot(c.sqrt_kl_bound, c.gold_rel, "-o", ms=3, color=color, label=f"{name}: gold")
-        axes[0].fill_between(c.sqrt_kl_bound, c.gold_rel_lo, c.gold_rel_hi, color=color, alpha=0.2)
-        axes[1].plot(c.sqrt_kl_bound, c.proxy_rel, "--s", ms=3, color=color, label=f"{name}: proxy")
-    _finish(fig, axes, ("gold score − gold at n=1", "proxy score − proxy at n=1"),
-            "√KL  (KL = log n − (n−1)/n, an upper bound)", 8, title, path)
+        for ax, col, style in ((axes[0], "gold_rel", "-o"), (axes[1], "proxy_rel", "--s")):
+            ax.plot(b.sqrt_kl_bound, b[f"{col}_mean"], style, ms=3, color=color,
+                    label=f"{label}: mean of {int(b.seeds.iloc[0])} seeds, band min–max")
+            ax.fill_between(b.sqrt_kl_bound, b[f"{col}_min"], b[f"{col}_max"], color=color, alpha=0.2)
+    _finish(fig, axes, ("gold score − gold at n=1", "proxy score − proxy at n=1"), BON_XLABEL, 8, title, path)
 
 
 def _finish(fig, axes, ylabels: tuple[str, str], xlabel: str, legend_size: int, title: str, path: Path) -> None:

@@ -131,9 +131,9 @@ def _base_and_labels(cfg: StudyConfig) -> list[StageNode]:
 
 def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
     """One train_proxy per trained model (ensemble members are trained models of their own), one eval_proxy per
-    proxy."""
+    proxy; a proxy with `seeds: K` is K proxies here (`StudyConfig.expanded_proxies`)."""
     nodes: list[StageNode] = []
-    for proxy in cfg.proxies:
+    for proxy in cfg.expanded_proxies():
         for member in proxy.member_specs():
             if member.type in ("checkpoint", "ensemble"):
                 continue
@@ -164,7 +164,7 @@ def _gold_scorer(cfg: StudyConfig) -> ScorerStageConfig:
 
 
 def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
-    """bon_sample (proxy-independent), bon_score[gold], and per proxy bon_score[p] and bon_curve[p]."""
+    """bon_sample (proxy-independent), bon_score[gold], and per expanded proxy bon_score[p] and bon_curve[p]."""
     bon = cfg.bon
     nodes = [StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
         n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
@@ -172,7 +172,7 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
         external=_local(cfg.policy.model_id))]
     nodes.append(StageNode("bon_score[gold]", "bon_score", _gold_scorer(cfg), {"samples": "bon_sample"},
                            external=_local(cfg.gold.model_id)))
-    for proxy in cfg.proxies:
+    for proxy in cfg.expanded_proxies():
         inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
         if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
             inputs.update({f"member{i}_scores": f"bon_score[{m.name}]" for i, m in enumerate(proxy.member_specs())})
@@ -190,8 +190,10 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
 
 
 def arm_proxies(cfg: StudyConfig, wanted: list[str] | None) -> list[ProxyConfig]:
-    """The proxies an RL arm optimises (its `proxies`, default every proxy), in the study's order."""
-    return [p for p in cfg.proxies if wanted is None or p.name in wanted]
+    """The proxies an RL arm optimises (its `proxies`, entry names; default every entry), in the study's order: each
+    entry's first seed copy, the proxy named like the entry. An arm's own `seeds` repeat its runs against that one
+    proxy, so RL seeds and proxy seeds stay separate factors (and a seeds: K proxy adds no RL stage)."""
+    return [p.seed_copies()[0] for p in cfg.proxies if wanted is None or p.name in wanted]
 
 
 def rl_runs(cfg: StudyConfig) -> dict[str, dict[str, list[str]]]:
@@ -264,14 +266,15 @@ def _group_rl_stages(cfg: StudyConfig) -> list[StageNode]:
 
 
 def _report(cfg: StudyConfig) -> StageNode:
-    inputs = {f"eval[{p.name}]": f"eval_proxy[{p.name}]" for p in cfg.proxies}
+    names = [p.name for p in cfg.expanded_proxies()]
+    inputs = {f"eval[{p}]": f"eval_proxy[{p}]" for p in names}
     if cfg.bon is not None:
-        inputs |= {f"bon[{p.name}]": f"bon_curve[{p.name}]" for p in cfg.proxies}
+        inputs |= {f"bon[{p}]": f"bon_curve[{p}]" for p in names}
     arms = rl_runs(cfg)
     inputs |= {f"{arm}[{run}]": f"{arm}_curve[{run}]" for arm, by_proxy in arms.items()
                for runs in by_proxy.values() for run in runs}
     if cfg.policy.source == "tiny":
         inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
-    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=[p.name for p in cfg.proxies],
-                                                           rl_runs=arms),
+    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=names,
+                                                           groups=cfg.proxy_groups(), rl_runs=arms),
                      inputs, publish_to=Path(cfg.run.reports_dir))

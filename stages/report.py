@@ -1,11 +1,14 @@
 """report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
 
-Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
-gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), examples.csv (example responses at low, peak
-and high KL of every curve), and report.html: the README as one self-contained
-page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a
-`proxy_name` column (`proxy` is the proxy's mean score). The README ends with what it was made with (package versions,
-CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
+Writes README.md, accuracy.csv, bon_curves.csv, bon_peaks.csv, bon_gold_vs_kl.png and, when the study runs PPO,
+ppo_curves.csv and gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), examples.csv (example responses
+at low, peak and high KL of every curve), and report.html: the README as one self-contained page with the plots
+embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a `proxy_name` column (`proxy`
+is the proxy's mean score) and its config entry in `group`: a proxy with `seeds: K` is K proxies (`bt`, `bt@seed1`,
+...) of one group. Groups of several seeds get an "Over seeds" section: accuracy_over_seeds.csv,
+bon_peaks_over_seeds.csv (mean, sd and a 95 % Student-t interval over seeds) and bon_curves_over_seeds.csv with
+bon_over_seeds.png (the mean curve and its min–max band over seeds). The README ends with what it was made with
+(package versions, CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
 from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
-from pipeline.plots import plot_bon_curves, plot_rl_curves
+from pipeline.plots import plot_bon_curves, plot_bon_seed_bands, plot_rl_curves
 
 VERSION = "5"
 
@@ -50,40 +53,142 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                   f"{g['ties_dropped']} ties dropped, {g['noisy_flips']} labels flipped by noise.",
                   f"- OOD set: {g.get('ood', {}).get('pairs', 0)} pairs.", ""]
 
+    groups = cfg.groups or {p: [p] for p in cfg.proxies}
+    group_of = {p: g for g, ps in groups.items() for p in ps}
     acc = pd.concat([pd.read_parquet(inputs[f"eval[{p}]"] / "accuracy.parquet") for p in cfg.proxies
                      if f"eval[{p}]" in inputs], ignore_index=True) if cfg.proxies else pd.DataFrame()
     if len(acc):
+        acc.insert(0, "group", acc.proxy.map(group_of))
         acc.to_csv(out / "accuracy.csv", index=False)
         wide = acc.pivot_table(index="proxy", columns=["set", "labels"], values="accuracy").reindex(cfg.proxies)
         wide.columns = [f"{s} ({labels})" for s, labels in wide.columns]
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
 
     curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
+    bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
+    bon_groups = {g: ps for g, ps in bon_groups.items() if ps}
     if curves:
-        all_curves = pd.concat([c.assign(proxy_name=p) for p, c in curves.items()], ignore_index=True)
+        all_curves = pd.concat([c.assign(proxy_name=p, group=group_of[p]) for p, c in curves.items()],
+                               ignore_index=True)
         all_curves.to_csv(out / "bon_curves.csv", index=False)
-        plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization")
+        pd.DataFrame([{"group": group_of[p], "proxy_name": p, **bon_peak(c)} for p, c in curves.items()]).to_csv(
+            out / "bon_peaks.csv", index=False)
+        plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization", bon_groups)
         fits = {p: json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text()) for p in curves}
+        several = " Runs of one proxy trained with several seeds share a colour." if any(
+            len(ps) > 1 for ps in bon_groups.values()) else ""
         parts += ["## Best-of-n", "",
-                  "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts." + _fit_note(fits),
-                  "", "![best-of-n](bon_gold_vs_kl.png)", ""]
-        for p, c in curves.items():
-            fit = fits[p]
+                  "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts." + _fit_note(fits)
+                  + several, "", "![best-of-n](bon_gold_vs_kl.png)", ""]
+        for ps in bon_groups.values():
+            # a group of several seeds shows its first seed's table here; the others are in bon_curves.csv and
+            # every seed enters the "Over seeds" aggregate
+            p, c, fit = ps[0], curves[ps[0]], fits[ps[0]]
             t = pd.DataFrame({"n": c.n, "KL bound": c.kl_bound, "proxy": c.proxy,
                               "gold": [f"{g:.3f} [{lo:.3f}, {hi:.3f}]"
                                        for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
             peak = fit["empirical_peak"]
-            parts += [f"### {p}", "", _md(t), "",
+            # (the README names no file: report.html stands alone)
+            others = ("" if len(ps) == 1 else f"The first of {len(ps)} seeds; the curves of "
+                      f"{', '.join(f'`{o}`' for o in ps[1:])} are in the CSV table bon_curves beside this report, all "
+                      f"seeds aggregated under *Over seeds*.\n\n")
+            parts += [f"### {p}", "", others + _md(t), "",
                       f"Gold peaks at n = {peak['n']} (KL ≤ {peak['kl_bound']:.2f}) at {peak['gold']:.3f}; "
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
                       f"Gao fit of relative gold R(d) = d(α − βd): "
                       f"{_gao_text(fit['gao_fit_bootstrap'], 'KL ≤')}", ""]
+    parts += _over_seeds_section(cfg, groups, acc, curves, out)
     parts += _rl_sections(cfg, inputs, curves, out)
     parts += _examples_section(cfg, inputs, out)
     parts += _made_with(describe())
     readme = "\n".join(parts)
     (out / "README.md").write_text(readme)
     (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+
+
+def seed_stats(values) -> dict:
+    """Over the seeds of one proxy: their number, mean, sample standard deviation and a 95 % Student-t interval for
+    the mean (mean ± t(0.975, k−1)·sd/√k); sd and interval are NaN for a single seed."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"seeds": len(v), "mean": mean, "sd": float("nan"), "ci_lo": float("nan"), "ci_hi": float("nan")}
+    sd = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(v) - 1)) * sd / np.sqrt(len(v))
+    return {"seeds": len(v), "mean": mean, "sd": sd, "ci_lo": mean - half, "ci_hi": mean + half}
+
+
+def _stats_text(st: dict, fmt: str = ".3f") -> str:
+    """`mean ± sd [lo, hi]` of `seed_stats`."""
+    return f"{st['mean']:{fmt}} ± {st['sd']:{fmt}} [{st['ci_lo']:{fmt}}, {st['ci_hi']:{fmt}}]"
+
+
+def bon_peak(c: pd.DataFrame) -> dict:
+    """One best-of-n curve's empirical gold peak and its end, as bon_curve's fit.json has them (the first maximum)."""
+    peak, last = c.loc[c.gold.idxmax()], c.iloc[-1]
+    return {"peak_n": int(peak.n), "peak_kl_bound": float(peak.kl_bound), "peak_gold": float(peak.gold),
+            "max_n": int(last.n), "kl_bound_at_max_n": float(last.kl_bound), "gold_at_max_n": float(last.gold)}
+
+
+def seed_band(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """The best-of-n curves of one proxy's seeds, per n: mean, minimum and maximum of gold and proxy relative to
+    n = 1 (the KL bound depends on n only)."""
+    both = pd.concat(runs, ignore_index=True)
+    by_n = both.groupby("n", sort=True)
+    band = by_n[["kl_bound", "sqrt_kl_bound"]].first()
+    for col in ("gold_rel", "proxy_rel"):
+        band[[f"{col}_mean", f"{col}_min", f"{col}_max"]] = by_n[col].agg(["mean", "min", "max"]).to_numpy()
+    return band.reset_index().assign(seeds=len(runs))
+
+
+def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], acc: pd.DataFrame,
+                        curves: dict[str, pd.DataFrame], out: Path) -> list[str]:
+    """Accuracy and best-of-n of every proxy trained with several seeds, aggregated over its seeds (nothing when no
+    proxy has several)."""
+    evaluated = set(acc.proxy) if len(acc) else set()
+    acc_groups = {g: ps for g, ps in groups.items() if len(evaluated.intersection(ps)) > 1}
+    bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
+    bon_groups = {g: ps for g, ps in bon_groups.items() if len(ps) > 1}
+    if not acc_groups and not bon_groups:
+        return []
+    parts = ["## Over seeds", "", "Proxies trained with several seeds (`seeds:` in the config; the copies are named "
+             "`<proxy>@seed<k>`): mean ± standard deviation over seeds, with a 95 % Student-t interval for the mean in "
+             "brackets.", ""]
+    if acc_groups:
+        rows = []
+        for g, ps in acc_groups.items():
+            sub = acc[acc.proxy.isin(ps)]
+            rows += [{"group": g, "set": s, "labels": lab, **seed_stats(grp.accuracy)}
+                     for (s, lab), grp in sub.groupby(["set", "labels"], sort=False)]
+        table = pd.DataFrame(rows)
+        table.to_csv(out / "accuracy_over_seeds.csv", index=False)
+        wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {f"{r.set} ({r.labels})": _stats_text(r._asdict())
+                                                                  for r in t.itertuples()}
+                for g, t in table.groupby("group", sort=False)}
+        parts += ["### Pairwise accuracy", "", _md(pd.DataFrame(list(wide.values()))), ""]
+    if bon_groups:
+        peaks = {g: pd.DataFrame([bon_peak(curves[p]) for p in ps]) for g, ps in bon_groups.items()}
+        quantities = {"peak_gold": "gold at the peak", "peak_kl_bound": "KL bound at the peak",
+                      "gold_at_max_n": "gold at the largest n"}
+        pd.DataFrame([{"group": g, "quantity": q, **seed_stats(t[q])} for g, t in peaks.items() for q in quantities]
+                     ).to_csv(out / "bon_peaks_over_seeds.csv", index=False)
+        max_n = {int(t.max_n.iloc[0]) for t in peaks.values()}
+        last = f"gold at n = {max_n.pop()}" if len(max_n) == 1 else quantities["gold_at_max_n"]
+        rows = [{"proxy": g, "seeds": len(t), "gold at the peak": _stats_text(seed_stats(t.peak_gold)),
+                 "KL bound at the peak": _stats_text(seed_stats(t.peak_kl_bound), ".2f"),
+                 last: _stats_text(seed_stats(t.gold_at_max_n))} for g, t in peaks.items()]
+        bands = {g: seed_band([curves[p] for p in ps]) for g, ps in bon_groups.items()}
+        pd.concat([b.assign(group=g)[["group", *b.columns]] for g, b in bands.items()], ignore_index=True).to_csv(
+            out / "bon_curves_over_seeds.csv", index=False)
+        plot_bon_seed_bands(bands, out / "bon_over_seeds.png", f"{cfg.study}: best-of-n over seeds")
+        parts += ["### Best-of-n", "", "Each seed's empirical gold peak over n (its KL bound) and its gold at the "
+                  "largest n (per seed in the CSV table bon_peaks). The plot: the mean curve over seeds, the band "
+                  "spans the seeds' minimum to maximum at each n (every point in bon_curves_over_seeds).", "",
+                  _md(pd.DataFrame(rows)), "",
+                  "![best-of-n over seeds](bon_over_seeds.png)", ""]
+    return parts
 
 
 def _ci_text(entry: dict, fmt: str = ".3f") -> str:
@@ -209,13 +314,8 @@ def _rl_sentence(c: pd.DataFrame, fit: dict) -> str:
 
 def _t_interval(values) -> str:
     """ [lo, hi]: a 95 % Student-t interval for the mean over seeds (empty for a single seed)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return ""
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return f" [{v.mean() - half:.3f}, {v.mean() + half:.3f}]"
+    st = seed_stats(values)
+    return "" if st["seeds"] < 2 else f" [{st['ci_lo']:.3f}, {st['ci_hi']:.3f}]"
 
 
 def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None, inputs: dict[str, Path]) -> dict:
@@ -265,9 +365,13 @@ def _examples_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path
     parts = ["## Example responses", "", "The same evaluation prompts for every proxy and arm, at low KL (best-of-n "
              "n = 1, RL step 0), at the curve's empirical gold peak and at its largest KL. Best-of-n: the response the "
              "proxy picks among the first n samples of the prompt; RL: the export's first sample. KL: the curve's "
-             "(best-of-n: the bound at n; RL: measured, k1). With several seeds, the first run's; every run's, "
+             "(best-of-n: the bound at n; RL: measured, k1). With several seeds, the first seed's; every seed's, "
              "untruncated, in [the examples table](examples.csv).", ""]
+    groups = cfg.groups or {p: [p] for p in cfg.proxies}
+    first_seeds = {ps[0] for ps in groups.values()}  # a group's other seeds are in examples.csv
     for p, group in table.groupby("proxy_name", sort=False):
+        if p not in first_seeds:
+            continue
         first_runs = group.groupby("arm", sort=False).run.transform("first")
         shown = group[group.run == first_runs]
         where = [f"{pt} (n = {n})" if pd.notna(n) else f"{pt} (step {st})"
