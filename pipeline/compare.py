@@ -133,7 +133,7 @@ def read_config_study(path: Path, overrides: list[str], label: str | None) -> St
     fps = runner.fingerprints()
     wanted: dict[str, list[tuple[str, str, str]]] = {}  # arm -> (stage key, proxy, run)
     if cfg.bon is not None:
-        wanted["bon"] = [(f"bon_curve[{p.name}]", p.name, p.name) for p in cfg.proxies]
+        wanted["bon"] = [(f"bon_curve[{p.name}]", p.name, p.name) for p in cfg.expanded_proxies()]
     for arm, by_proxy in rl_runs(cfg).items():
         wanted[arm] = [(f"{arm}_curve[{r}]", p, r) for p, runs in by_proxy.items() for r in runs]
     if not any(wanted.values()):
