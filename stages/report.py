@@ -1,6 +1,8 @@
-"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
+"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), knowledge use, best-of-n and
+PPO curves.
 
-Writes README.md, accuracy.csv, bon_curves.csv, bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and
+Writes README.md, accuracy.csv, knowledge.csv (with the knowledge diagnostics), bon_curves.csv, bon_gold_vs_kl.png
+and, when the study runs PPO, ppo_curves.csv and
 gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), and report.html: the README as one self-contained
 page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a
 `proxy_name` column (`proxy` is the proxy's mean score). The README ends with what it was made with (package versions,
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import world as W
 from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
 from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_rl_curves
+from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
 
-VERSION = "4"
+VERSION = "5"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -55,6 +59,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         wide = acc.pivot_table(index="proxy", columns=["set", "labels"], values="accuracy").reindex(cfg.proxies)
         wide.columns = [f"{s} ({labels})" for s, labels in wide.columns]
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
+    parts += _knowledge_section(cfg, inputs, out)
 
     curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
     if curves:
@@ -81,6 +86,48 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     readme = "\n".join(parts)
     (out / "README.md").write_text(readme)
     (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+
+
+BASE_SCORER = "base policy log-prob"
+
+
+def _knowledge_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> list[str]:
+    """AUC per scorer (the base policy's log-probability, then each proxy) and kind of minimal pair, written to
+    knowledge.csv; and what decides the study's gold-labelled training pairs (tiny world)."""
+    sources = [(BASE_SCORER, inputs["knowledge_base"])] if "knowledge_base" in inputs else []
+    sources += [(p, inputs[f"knowledge[{p}]"]) for p in cfg.proxies if f"knowledge[{p}]" in inputs]
+    if not sources:
+        return []
+    rows = [{"scorer": name, "kind": kind, **{k: r[k] for k in ("auc", "lo", "hi", "pairs", "ties")}}
+            for name, d in sources for kind, r in json.loads((d / "auc.json").read_text())["kinds"].items()]
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "knowledge.csv", index=False)
+
+    def cell(r) -> str:
+        bounds = "" if r.lo is None or pd.isna(r.lo) else f" [{r.lo:.3f}, {r.hi:.3f}]"
+        return f"{r.auc:.3f}{bounds}"
+
+    wide = table.assign(cell=[cell(r) for r in table.itertuples()]).pivot(index="scorer", columns="kind",
+                                                                           values="cell")
+    wide = wide.reindex([name for name, _ in sources]).reset_index()
+    wide.columns.name = None
+    parts = ["## Knowledge use", "",
+             "How often each scorer ranks a clean response above the same response with one word made wrong, on "
+             "minimal pairs built on the held-out evaluation prompts (same length, one word apart): `intruder` "
+             "replaces one item by a word of another category, `repeat` by a repeat of another item. AUC = "
+             "P(score(clean) > score(flawed)), ties counting ½ (0.5 is chance), with a 95 % percentile bootstrap "
+             f"interval over pairs. The {BASE_SCORER} row is the base policy's summed log-probability log π(y|x): "
+             "the knowledge there was for a proxy to keep.", "", _md(wide), ""]
+    if "pairs" in inputs:
+        pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
+        train = pairs[pairs.split == "train"]
+        if len(train):
+            share = W.deciding_shares([prompt_text(p) for p in train.prompt], train.chosen, train.rejected)
+            parts += [f"Of the {len(train)} gold-labelled training pairs, {share['intruders']:.1%} are decided by an "
+                      f"intruder difference alone (same length and repeats, different numbers of intruders) and "
+                      f"{1 - share['intruders']:.1%} by other differences (count {share['count']:.1%}, repeats "
+                      f"{share['repeats']:.1%}, several at once {share['several']:.1%}).", ""]
+    return parts
 
 
 def _ci_text(entry: dict, fmt: str = ".3f") -> str:
