@@ -263,7 +263,7 @@ def test_knowledge_at_paper_scale_needs_a_pairs_file(tmp_path):
 # end to end on the smoke study (about 20 s): stages, then the report's section
 
 
-def test_knowledge_stages_and_report_on_the_smoke_study(tmp_path):
+def test_knowledge_stages_and_report_on_the_smoke_study(tmp_path, capsys):
     import stages.report as report
     from pipeline.cache import ArtifactCache
     from pipeline.config import ReportStageConfig
@@ -294,3 +294,10 @@ def test_knowledge_stages_and_report_on_the_smoke_study(tmp_path):
     assert list(table.scorer.unique()) == [report.BASE_SCORER, "bt"] and set(table.kind) == {"intruder", "repeat"}
     readme = (out / "README.md").read_text()
     assert "## Knowledge use" in readme and "decided by an intruder difference alone" in readme
+
+    from pipeline.cli import main  # `overopt show` prints the same shares as the report
+
+    capsys.readouterr()
+    assert main(["show", str(SMOKE), f"run.cache_root={tmp_path / 'cache'}", "-n", "1"]) == 0
+    shown = capsys.readouterr().out.splitlines()[-1]
+    assert "decided by an intruder difference alone" in shown and shown.split("%")[0].split()[-1] in readme
