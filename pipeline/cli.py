@@ -205,7 +205,8 @@ def cmd_status(cfg: StudyConfig, args) -> int:
 
 
 def cmd_show(cfg: StudyConfig, args) -> int:
-    """Print a few labeled pairs so a person can check the world and the gold labels by eye."""
+    """Print a few labeled pairs so a person can check the world and the gold labels by eye, and (tiny world) what
+    difference decides the training pairs."""
     import pandas as pd
 
     from pipeline.records import prompt_text
@@ -221,6 +222,14 @@ def cmd_show(cfg: StudyConfig, args) -> int:
         print(f"[{r.pair_id}] prompt: {prompt_text(r.prompt)}")
         print(f"   chosen   ({r.gold_chosen:+.2f}): {r.chosen}")
         print(f"   rejected ({r.gold_rejected:+.2f}): {r.rejected}")
+    train = df[df.split == "train"]
+    if cfg.policy.source == "tiny" and len(train):  # what the proxies can learn from: the tiny world's rules say it
+        from pipeline.world import deciding_shares
+
+        share = deciding_shares([prompt_text(p) for p in train.prompt], train.chosen, train.rejected)
+        print(f"{len(train)} training pairs: {share['intruders']:.1%} decided by an intruder difference alone, "
+              f"count {share['count']:.1%}, repeats {share['repeats']:.1%}, several at once {share['several']:.1%} "
+              f"(pipeline.world.deciding_difference)")
     return 0
 
 

@@ -371,6 +371,26 @@ class BonConfig(Section):
         return ns
 
 
+class KnowledgeConfig(Section):
+    """Knowledge-use diagnostics (stages knowledge_pairs, knowledge_base, knowledge[p]): how often a scorer ranks a
+    clean response above the same response with one word made wrong, as an AUC per kind of flaw. The tiny world makes
+    its minimal pairs on the best-of-n evaluation prompts; at paper scale they come from `pairs_path`."""
+
+    # None: on in tiny-world studies, and at paper scale when pairs_path is set (there is nothing to generate them from)
+    enabled: bool | None = None
+    n_pairs: int = Field(300, ge=1)  # tiny world: minimal pairs per kind (intruder, repeat)
+    seed: int = 0  # the pairs drawn and the bootstrap resamples
+    bootstrap: int = Field(1000, ge=0)  # resamples of the pairs for the AUC's 95 % percentile interval
+    batch_size: int = Field(64, ge=1, json_schema_extra=NOT_FINGERPRINTED)
+    # Token limit of the base policy's log-probabilities (proxies use their training max_length, as eval_proxy does).
+    max_length: int = Field(1024, ge=8)
+    # A jsonl or parquet file with columns prompt, clean, flawed, kind (pair_id, prompt_id optional); used instead of
+    # generated pairs when set. A prompt is a user turn's text or a list of chat messages.
+    pairs_path: str | None = None
+
+    _home = field_validator("pairs_path")(classmethod(lambda cls, v: _expand_home(v)))
+
+
 class AdaptiveKLConfig(Section):
     """Ziegler et al.'s controller: β_KL moves so the policy's KL to the initial policy tracks `target` nats."""
 
@@ -534,6 +554,7 @@ class StudyConfig(Section):
     bon: BonConfig | None = BonConfig()
     ppo: PPOConfig | None = None
     rl: GroupRLConfig | None = None
+    knowledge: KnowledgeConfig = KnowledgeConfig()
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
 
     @field_validator("proxies")
@@ -559,6 +580,9 @@ class StudyConfig(Section):
             raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
         if self.gold.type == "world" and self.policy.source != "tiny":
             raise ValueError("gold.type 'world' only exists in the tiny world (policy.source: tiny)")
+        if self.knowledge.enabled and self.policy.source != "tiny" and not self.knowledge.pairs_path:
+            raise ValueError("knowledge.enabled is true at paper scale but knowledge.pairs_path is not set (minimal "
+                             "pairs are generated only in the tiny world)")
         for arm, section in (("ppo", self.ppo), ("rl", self.rl)):
             if section is None:
                 continue
@@ -579,6 +603,12 @@ class StudyConfig(Section):
     def proxy_groups(self) -> dict[str, list[str]]:
         """Entry name -> the names of its seed copies (`[name]` for a single-seed entry)."""
         return {p.name: [c.name for c in p.seed_copies()] for p in self.proxies}
+
+    def knowledge_enabled(self) -> bool:
+        """Whether the study runs the knowledge-use diagnostics (`knowledge.enabled`, resolved)."""
+        if self.knowledge.enabled is not None:
+            return self.knowledge.enabled
+        return self.policy.source == "tiny" or self.knowledge.pairs_path is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -776,6 +806,32 @@ class BonCurveStageConfig(Section):
     bootstrap: int
     ci: float
     nested_estimator: bool
+    seed: int
+
+
+class KnowledgePairsStageConfig(Section):
+    """knowledge_pairs: minimal pairs on the evaluation prompts (tiny world) or read from a file."""
+
+    n_pairs: int
+    seed: int
+    pairs_path: str | None = None
+
+
+class KnowledgeBaseStageConfig(Section):
+    """knowledge_base: the base policy's summed response log-probability as a reference reward on the minimal pairs."""
+
+    policy: BaseModelRef
+    batch_size: int = Field(64, json_schema_extra=NOT_FINGERPRINTED)
+    max_length: int
+    bootstrap: int
+    seed: int
+
+
+class KnowledgeStageConfig(Section):
+    """knowledge[p]: one proxy's rewards on the minimal pairs."""
+
+    scorer: ScorerStageConfig
+    bootstrap: int
     seed: int
 
 

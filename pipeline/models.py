@@ -117,6 +117,17 @@ def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_lengt
                        double_bos=double_bos)
 
 
+def load_policy_logprob_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024,
+                               dtype: str = "float32", trust_remote_code: bool = False, strict_length: bool = False):
+    """A `PolicyLogProbScorer`: a causal LM's summed response log-probability log π(y|x) through the one scoring
+    path (the policy's own tokenizer and chat template)."""
+    from pipeline.scoring import PolicyLogProbScorer
+
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    model = load_causal_lm(name_or_path, dtype, trust_remote_code)
+    return PolicyLogProbScorer(model, tokenizer, batch_size, max_length, strict_length=strict_length)
+
+
 def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
     """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
 

@@ -23,6 +23,12 @@ SCORE_COLUMNS = ["prompt_id", "sample_idx", "score"]
 # Samples of RL-trained policies (ppo_sample output) carry the export they came from and the KL measured on them.
 RL_SAMPLE_COLUMNS = ["step", *SAMPLE_COLUMNS, "kl_k1", "kl_k3", "proxy_score"]
 
+# One row per minimal pair of the knowledge diagnostics (knowledge_pairs output): a clean response and the same
+# response with one word made wrong, of a named `kind` ("intruder", "repeat" in the tiny world).
+KNOWLEDGE_PAIR_COLUMNS = ["pair_id", "prompt_id", "kind", "prompt", "clean", "flawed"]
+# One scorer's rewards of both sides of every minimal pair (knowledge_base and knowledge[p] output).
+KNOWLEDGE_SCORE_COLUMNS = ["pair_id", "prompt_id", "kind", "score_clean", "score_flawed"]
+
 
 def sample_keys(frame: pd.DataFrame) -> list[str]:
     """The columns that key a sample: (step,) prompt_id, sample_idx."""

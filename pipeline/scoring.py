@@ -3,6 +3,7 @@
 RM evaluation, gold labeling, best-of-n and PPO all score through this. Implementations:
 - `ModelScorer`: any neural reward model (a Hugging Face sequence classifier, a GRM); batched, length-sorted, no
   grad, eval mode, chat template applied with the scorer's own tokenizer, reward read at the last real token;
+- `PolicyLogProbScorer`: a policy's summed log-probability of the response, log π(y|x), through the same path;
 - `WorldGoldScorer`: the tiny world's programmatic gold;
 - `EnsembleScorer`: members standardised on a reference set, combined by mean, min (WCO) or mean - λ·var (UWO).
 """
@@ -95,9 +96,34 @@ class ModelScorer:
             for s in range(0, len(keep), self.batch_size):
                 idx = keep[s:s + self.batch_size]
                 batch = collate([encoded[i] for i in idx], self.pad_id, self.padding_side)
-                rewards = self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-                out[idx] = rewards.float().cpu().numpy()
+                out[idx] = self.batch_rewards(batch).float().cpu().numpy()
         return out
+
+    def batch_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) rewards of one collated batch (`pipeline.tokenization.collate`)."""
+        return self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+
+class PolicyLogProbScorer(ModelScorer):
+    """A causal LM's summed log-probability of the response given the prompt, log π(y|x), as a reward: teacher-forced
+    through the same chat template, response span, batching and length checks as every reward model (the span
+    includes the template's closing tokens, e.g. EOS: the probability of writing this response and stopping).
+
+    A reference "reward" for diagnostics (how much a base policy's knowledge separates two responses); no length
+    normalisation, as in GRM's regulariser (`pipeline.losses.response_logprobs`)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 32, max_length: int = 1024,
+                 strict_length: bool = False):
+        # right padding: positions count from the first real token without position ids
+        super().__init__(None, model, tokenizer, batch_size, max_length, padding_side="right",
+                         strict_length=strict_length)
+
+    def batch_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from pipeline.losses import response_logprobs
+
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        logits = self.module(input_ids=ids, attention_mask=mask).logits
+        return response_logprobs(logits, ids, batch["response_mask"].to(self.device))
 
 
 class WorldGoldScorer:

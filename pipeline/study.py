@@ -5,6 +5,8 @@
                  ├─► bon_sample ─────────────────┼─────────────────────► bon_score[gold] ┘     │       │
                  │                               │          └─► ppo[p] ─► ppo_sample[p] ─► ppo_gold[p] │
                  └───────────────────────────────┴───────────────┘              └─► ppo_curve[p] ◄────┴► report
+    world ─► knowledge_pairs ─┬─► knowledge_base (with sft_policy) ───────────────────────────────────────────► report
+                              └─► knowledge[p] (with train_proxy[p]) ─────────────────────────────────────────► report
 
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
@@ -24,6 +26,9 @@ from pipeline.config import (
     GoldLabelStageConfig,
     GoldScoreStageConfig,
     GroupRLStageConfig,
+    KnowledgeBaseStageConfig,
+    KnowledgePairsStageConfig,
+    KnowledgeStageConfig,
     PPOCurveStageConfig,
     PPOSampleStageConfig,
     PPOStageConfig,
@@ -67,6 +72,7 @@ def check_local_paths(cfg: StudyConfig) -> None:
     wanted = {"policy.model_id": cfg.policy.model_id, "gold.model_id": cfg.gold.model_id,
               "gold_label.dataset_path": cfg.gold_label.dataset_path, "eval_proxy.hhh_path": cfg.eval_proxy.hhh_path,
               "eval_proxy.mt_bench_path": cfg.eval_proxy.mt_bench_path,
+              "knowledge.pairs_path": cfg.knowledge.pairs_path,
               **{f"proxies.{p.name}.path": p.path for p in cfg.proxies}}
     missing = [f"{key}: {path}" for key, path in wanted.items()
                if path and looks_local(path) and not Path(path).expanduser().exists()]
@@ -83,6 +89,8 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes += _ppo_stages(cfg)
     if cfg.rl is not None:
         nodes += _group_rl_stages(cfg)
+    if cfg.knowledge_enabled():
+        nodes += _knowledge_stages(cfg)
     if cfg.distributed_smoke.enabled:
         ds = cfg.distributed_smoke
         nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
@@ -265,9 +273,35 @@ def _group_rl_stages(cfg: StudyConfig) -> list[StageNode]:
     return nodes
 
 
+def _knowledge_stages(cfg: StudyConfig) -> list[StageNode]:
+    """knowledge_pairs (minimal pairs, proxy-independent), knowledge_base (the base policy's log-probability on them)
+    and per proxy knowledge[p] (its rewards on them)."""
+    kn = cfg.knowledge
+    generated = cfg.policy.source == "tiny" and not kn.pairs_path  # else read from the file
+    nodes = [StageNode("knowledge_pairs", "knowledge_pairs",
+                       KnowledgePairsStageConfig(n_pairs=kn.n_pairs, seed=kn.seed, pairs_path=kn.pairs_path),
+                       {"world": "world"} if generated else {}, external=_local(kn.pairs_path)),
+             StageNode("knowledge_base", "knowledge_base",
+                       KnowledgeBaseStageConfig(policy=_base_ref(cfg), batch_size=kn.batch_size,
+                                                max_length=kn.max_length, bootstrap=kn.bootstrap, seed=kn.seed),
+                       {"pairs": "knowledge_pairs", **_policy_input(cfg)}, external=_local(cfg.policy.model_id))]
+    for proxy in cfg.expanded_proxies():
+        scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=kn.batch_size,
+                                   max_length=proxy.resolved_training(cfg.proxy_training).max_length,
+                                   dtype=cfg.policy.dtype)
+        nodes.append(StageNode(f"knowledge[{proxy.name}]", "knowledge",
+                               KnowledgeStageConfig(scorer=scorer, bootstrap=kn.bootstrap, seed=kn.seed),
+                               {"pairs": "knowledge_pairs", **_scorer_inputs(proxy, "train_proxy")},
+                               external=_local(proxy.path)))
+    return nodes
+
+
 def _report(cfg: StudyConfig) -> StageNode:
     names = [p.name for p in cfg.expanded_proxies()]
     inputs = {f"eval[{p}]": f"eval_proxy[{p}]" for p in names}
+    if cfg.knowledge_enabled():  # the base policy's role is not bracketed: no proxy name can collide with it
+        inputs |= {"knowledge_base": "knowledge_base"}
+        inputs |= {f"knowledge[{p}]": f"knowledge[{p}]" for p in names}
     if cfg.bon is not None:
         inputs |= {f"bon[{p}]": f"bon_curve[{p}]" for p in names}
     arms = rl_runs(cfg)

@@ -179,3 +179,65 @@ def ood_response(spec: PromptSpec, rng: random.Random) -> list[str]:
             other = rng.choice([c for c in CATEGORIES if c != spec.category])
             words.insert(rng.randint(0, len(words)), rng.choice(CATEGORIES[other]))
     return words
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# knowledge diagnostics: minimal pairs, and what decides a preference pair
+
+MINIMAL_PAIR_KINDS = ("intruder", "repeat")
+
+
+def minimal_pair(spec: PromptSpec, kind: str, rng: random.Random) -> tuple[list[str], list[str]]:
+    """A correct list for `spec` (k distinct items of its category) and the same list with one word made wrong:
+
+    - "intruder": one item replaced by a word of another category (only knowing the category tells them apart);
+    - "repeat":   one item replaced by a repeat of another item of the list (needs k ≥ 2).
+
+    Both lists have k words and differ in exactly one position; the gold prefers the clean one by 2.
+    """
+    if kind not in MINIMAL_PAIR_KINDS:
+        raise ValueError(f"unknown minimal-pair kind {kind!r} (expected one of {', '.join(MINIMAL_PAIR_KINDS)})")
+    if kind == "repeat" and spec.k < 2:
+        raise ValueError(f"a 'repeat' minimal pair needs k >= 2 (prompt {spec.render()!r})")
+    clean = correct_response(spec, rng)
+    flawed = list(clean)
+    pos = rng.randrange(spec.k)
+    if kind == "intruder":
+        other = rng.choice([c for c in CATEGORIES if c != spec.category])
+        flawed[pos] = rng.choice(CATEGORIES[other])
+    else:
+        flawed[pos] = clean[rng.choice([i for i in range(spec.k) if i != pos])]
+    return clean, flawed
+
+
+# What can differ between two responses to one prompt: the gold is a function of (k, length, repeats, intruders)
+# alone (the distinct in-category items are length − repeats − intruders, the first k of them correct).
+DECIDING_DIFFERENCES = ("intruders", "repeats", "count", "several", "none")
+
+
+def deciding_difference(prompt: str, chosen: str, rejected: str) -> str:
+    """Which difference between two responses to `prompt` decides their gold preference (for a pair the gold does
+    not tie), read from `gold_breakdown`:
+
+    - "intruders": same length and same number of repeats, different numbers of intruders — only knowing which
+      words belong to the asked category orders the pair (a proxy reading counts and repeats sees two equals);
+    - "repeats":   same length and intruders, different repeats;
+    - "count":     same repeats and intruders, different length (fewer or more distinct items than the other);
+    - "several":   more than one of length, repeats and intruders differ;
+    - "none":      same length, repeats and intruders (hence the same gold).
+    """
+    a, b = gold_breakdown(prompt, chosen), gold_breakdown(prompt, rejected)
+    differs = [name for name, field in (("count", "length"), ("repeats", "repeats"), ("intruders", "intruders"))
+               if a[field] != b[field]]
+    if not differs:
+        return "none"
+    return differs[0] if len(differs) == 1 else "several"
+
+
+def deciding_shares(prompts, chosen, rejected) -> dict[str, float]:
+    """Share of the pairs (prompt texts, chosen and rejected responses) that each `deciding_difference` decides;
+    every entry of `DECIDING_DIFFERENCES` is present, shares sum to 1 (an empty input raises)."""
+    labels = [deciding_difference(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
+    if not labels:
+        raise ValueError("deciding_shares: no pairs")
+    return {d: labels.count(d) / len(labels) for d in DECIDING_DIFFERENCES}

@@ -1,14 +1,16 @@
-"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), best-of-n and PPO curves.
+"""report: one page per study — base policy, gold labels, proxy accuracies (ID / OOD), knowledge use, best-of-n and
+PPO curves.
 
-Writes README.md, accuracy.csv, bon_curves.csv, bon_peaks.csv, bon_gold_vs_kl.png and, when the study runs PPO,
-ppo_curves.csv and gold_vs_kl.png (PPO and best-of-n of every proxy on shared axes), examples.csv (example responses
-at low, peak and high KL of every curve), and report.html: the README as one self-contained page with the plots
-embedded; the runner copies them to `run.reports_dir`. Curve tables name their proxy in a `proxy_name` column (`proxy`
-is the proxy's mean score) and its config entry in `group`: a proxy with `seeds: K` is K proxies (`bt`, `bt@seed1`,
-...) of one group. Groups of several seeds get an "Over seeds" section: accuracy_over_seeds.csv,
-bon_peaks_over_seeds.csv (mean, sd and a 95 % Student-t interval over seeds) and bon_curves_over_seeds.csv with
-bon_over_seeds.png (the mean curve and its min–max band over seeds). The README ends with what it was made with
-(package versions, CPU, threads, date), so it differs between machines: exact figures vary across CPUs.
+Writes README.md, accuracy.csv, knowledge.csv (the knowledge diagnostics), bon_curves.csv, bon_peaks.csv,
+bon_gold_vs_kl.png and, when the study runs PPO, ppo_curves.csv and gold_vs_kl.png (PPO and best-of-n of every proxy
+on shared axes), examples.csv (example responses at low, peak and high KL of every curve), and report.html: the README
+as one self-contained page with the plots embedded; the runner copies them to `run.reports_dir`. Curve tables name
+their proxy in a `proxy_name` column (`proxy` is the proxy's mean score) and its config entry in `group`: a proxy with
+`seeds: K` is K proxies (`bt`, `bt@seed1`, ...) of one group. Groups of several seeds get an "Over seeds" section:
+accuracy_over_seeds.csv, bon_peaks_over_seeds.csv (mean, sd and a 95 % Student-t interval over seeds) and
+bon_curves_over_seeds.csv with bon_over_seeds.png (the mean curve and its min–max band over seeds). The README ends
+with what it was made with (package versions, CPU, threads, date), so it differs between machines: exact figures vary
+across CPUs.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import world as W
 from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
 from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_bon_seed_bands, plot_rl_curves
+from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
 
 VERSION = "5"
 
@@ -63,6 +67,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         wide = acc.pivot_table(index="proxy", columns=["set", "labels"], values="accuracy").reindex(cfg.proxies)
         wide.columns = [f"{s} ({labels})" for s, labels in wide.columns]
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
+    parts += _knowledge_section(cfg, inputs, out)
 
     curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
     bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
@@ -188,6 +193,64 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
                   "spans the seeds' minimum to maximum at each n (every point in bon_curves_over_seeds).", "",
                   _md(pd.DataFrame(rows)), "",
                   "![best-of-n over seeds](bon_over_seeds.png)", ""]
+BASE_SCORER = "base policy log-prob"
+
+
+def _knowledge_over_seeds(groups: dict[str, list[str]], table: pd.DataFrame, out: Path) -> pd.DataFrame | None:
+    """The knowledge AUC of each proxy trained with several seeds, aggregated over its seeds per kind of pair:
+    written to knowledge_over_seeds.csv, returned as the README's table (None without such a proxy)."""
+    if not groups:
+        return None
+    rows = [{"group": g, "kind": kind, **seed_stats(sub.auc)}
+            for g, ps in groups.items() for kind, sub in table[table.scorer.isin(ps)].groupby("kind", sort=False)]
+    stats = pd.DataFrame(rows)
+    stats.to_csv(out / "knowledge_over_seeds.csv", index=False)
+    wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {r.kind: _stats_text(r._asdict()) for r in t.itertuples()}
+            for g, t in stats.groupby("group", sort=False)}
+    return pd.DataFrame(list(wide.values()))
+
+
+def _knowledge_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> list[str]:
+    """AUC per scorer (the base policy's log-probability, then each proxy) and kind of minimal pair, written to
+    knowledge.csv; and what decides the study's gold-labelled training pairs (tiny world)."""
+    sources = [(BASE_SCORER, inputs["knowledge_base"])] if "knowledge_base" in inputs else []
+    sources += [(p, inputs[f"knowledge[{p}]"]) for p in cfg.proxies if f"knowledge[{p}]" in inputs]
+    if not sources:
+        return []
+    rows = [{"scorer": name, "kind": kind, **{k: r[k] for k in ("auc", "lo", "hi", "pairs", "ties")}}
+            for name, d in sources for kind, r in json.loads((d / "auc.json").read_text())["kinds"].items()]
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "knowledge.csv", index=False)
+
+    def cell(r) -> str:
+        bounds = "" if r.lo is None or pd.isna(r.lo) else f" [{r.lo:.3f}, {r.hi:.3f}]"
+        return f"{r.auc:.3f}{bounds}"
+
+    wide = table.assign(cell=[cell(r) for r in table.itertuples()]).pivot(index="scorer", columns="kind",
+                                                                           values="cell")
+    wide = wide.reindex([name for name, _ in sources]).reset_index()
+    wide.columns.name = None
+    groups = {g: [p for p in ps if p in set(table.scorer)] for g, ps in (cfg.groups or {}).items()}
+    over_seeds = _knowledge_over_seeds({g: ps for g, ps in groups.items() if len(ps) > 1}, table, out)
+    parts = ["## Knowledge use", "",
+             "How often each scorer ranks a clean response above the same response with one word made wrong, on "
+             "minimal pairs built on the held-out evaluation prompts (same length, one word apart): `intruder` "
+             "replaces one item by a word of another category, `repeat` by a repeat of another item. AUC = "
+             "P(score(clean) > score(flawed)), ties counting ½ (0.5 is chance), with a 95 % percentile bootstrap "
+             f"interval over pairs. The {BASE_SCORER} row is the base policy's summed log-probability log π(y|x): "
+             "the knowledge there was for a proxy to keep.", "", _md(wide), ""]
+    if over_seeds is not None:
+        parts += ["Over the seeds of each proxy trained with several: mean ± sd of the AUC, with a 95 % Student-t "
+                  "interval for the mean (knowledge_over_seeds.csv).", "", _md(over_seeds), ""]
+    if "pairs" in inputs:
+        pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
+        train = pairs[pairs.split == "train"]
+        if len(train):
+            share = W.deciding_shares([prompt_text(p) for p in train.prompt], train.chosen, train.rejected)
+            parts += [f"Of the {len(train)} gold-labelled training pairs, {share['intruders']:.1%} are decided by an "
+                      f"intruder difference alone (same length and repeats, different numbers of intruders) and "
+                      f"{1 - share['intruders']:.1%} by other differences (count {share['count']:.1%}, repeats "
+                      f"{share['repeats']:.1%}, several at once {share['several']:.1%}).", ""]
     return parts
 
 

@@ -50,7 +50,8 @@ def test_smoke_study_end_to_end(tmp_path, capsys):
     new = {k for k, s in states.items() if s != "cached"}
     assert new == {"train_proxy[ls]", "eval_proxy[ls]", "bon_score[ls]", "bon_curve[ls]",
                    "train_proxy[ens-m0]", "train_proxy[ens-m1]", "eval_proxy[ens]", "bon_score[ens-m0]",
-                   "bon_score[ens-m1]", "bon_score[ens]", "bon_curve[ens]", "report"}
+                   "bon_score[ens-m1]", "bon_score[ens]", "bon_curve[ens]", "knowledge[ls]", "knowledge[ens]",
+                   "report"}
     assert main(["run", str(bigger), *overrides]) == 0
     assert set(plan(bigger, overrides).values()) == {"cached"}
     acc = pd.read_csv(report / "accuracy.csv")
@@ -96,7 +97,8 @@ def test_fingerprints_ignore_what_cannot_change_a_result():
     assert fingerprints(SMOKE, ["proxies.bt.alpha=0.5", "proxies.bt.epsilon=0.2"]) == base  # unused by BT
     changed = fingerprints(SMOKE, ["proxies.grm_sft.alpha=0.5"])
     assert {k for k in base if base[k] != changed[k]} == {"train_proxy[grm_sft]", "eval_proxy[grm_sft]",
-                                                           "bon_score[grm_sft]", "bon_curve[grm_sft]", "report"}
+                                                           "bon_score[grm_sft]", "bon_curve[grm_sft]",
+                                                           "knowledge[grm_sft]", "report"}
 
 
 def test_a_replaced_local_dataset_invalidates_what_reads_it(tmp_path):

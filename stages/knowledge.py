@@ -1,0 +1,24 @@
+"""knowledge[p]: one proxy's rewards on the minimal pairs (clean vs one word made wrong), through the one scoring
+function; the AUC P(r(clean) > r(flawed)) per kind, ties counting ½, with a bootstrap interval over pairs. Compare with
+knowledge_base (the base policy's log-probability on the same pairs).
+
+Writes scores.parquet (pair_id, prompt_id, kind, score_clean, score_flawed) and auc.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import KnowledgeStageConfig
+from pipeline.knowledge import score_minimal_pairs
+from pipeline.models import build_scorer
+from pipeline.records import KNOWLEDGE_PAIR_COLUMNS, read_records
+
+VERSION = "1"
+
+
+def run(cfg: KnowledgeStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    pairs = read_records(inputs["pairs"] / "pairs.parquet", KNOWLEDGE_PAIR_COLUMNS)
+    scorer = build_scorer(cfg.scorer, inputs, strict_length=True)
+    score_minimal_pairs(scorer, cfg.scorer.name, pairs, cfg.bootstrap, cfg.seed, out,
+                        length_hint=f"the max_length of proxy {cfg.scorer.name!r}")
