@@ -193,6 +193,9 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
                   "spans the seeds' minimum to maximum at each n (every point in bon_curves_over_seeds).", "",
                   _md(pd.DataFrame(rows)), "",
                   "![best-of-n over seeds](bon_over_seeds.png)", ""]
+    return parts
+
+
 BASE_SCORER = "base policy log-prob"
 
 
