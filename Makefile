@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/overopt run $(CONFIG)
 
 test: setup
-	$(VENV)/bin/ruff check pipeline stages tests benchmarks
+	$(VENV)/bin/ruff check pipeline stages tests benchmarks scripts
 	$(PY) -m pytest -q tests
 
 bench: setup
