@@ -672,7 +672,13 @@ def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
                 cls = inner[0]
                 break
     fields = list(getattr(cls, "model_fields", {}))
-    match = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.5)
+    typo = str(loc[-1])
+    # a key with something added or cut off (`lr_rate`, `noise`) means that key, though a short key scores low in
+    # difflib's ratio against a long typo
+    affixed = [f for f in fields if min(len(f), len(typo)) >= 2 and (typo.startswith(f) or f.startswith(typo))]
+    if affixed:
+        return max(affixed, key=len)
+    match = difflib.get_close_matches(typo, fields, n=1, cutoff=0.5)
     return match[0] if match else None
 
 

@@ -145,3 +145,10 @@ def test_canonical_proxies_drop_fields_their_type_does_not_use():
     assert ens.canonical() == ProxyConfig(name="e", type="ensemble", combine="mean")
     grm_ens = ProxyConfig(name="e", type="ensemble", member_type="grm", alpha=0.7, combine="uwo", uwo_lambda=3.0)
     assert grm_ens.canonical().alpha == 0.7 and grm_ens.canonical().uwo_lambda == 3.0
+
+
+@pytest.mark.parametrize("typo, hint", [("proxy_training.lr_rate", "lr"), ("gold_label.noise", "noise_rate"),
+                                        ("gold_label.noise_rat", "noise_rate")])
+def test_unknown_key_hint_prefers_a_key_with_something_added_or_cut(typo, hint):
+    with pytest.raises(ConfigError, match=f"unknown key '{typo}' \\(did you mean '{hint}'\\?\\)"):
+        load_config(TINY, [f"{typo}=1"])
