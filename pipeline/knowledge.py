@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.bon import bootstrap_ci
 from pipeline.records import (
     KNOWLEDGE_PAIR_COLUMNS,
     KNOWLEDGE_SCORE_COLUMNS,
@@ -31,7 +32,6 @@ from pipeline.scoring import SequenceTooLongError, check_finite
 log = logging.getLogger("overopt")
 
 FILE_COLUMNS = ("prompt", "clean", "flawed", "kind")  # what a pairs file must have; pair_id, prompt_id optional
-BOOTSTRAP_CHUNK = 100  # resamples drawn at once: bounds memory at BOOTSTRAP_CHUNK × pairs indices
 
 
 def pair_wins(clean: Sequence[float], flawed: Sequence[float]) -> np.ndarray:
@@ -56,11 +56,9 @@ def auc_interval(clean: Sequence[float], flawed: Sequence[float], n_boot: int, s
     wins = pair_wins(clean, flawed)
     estimate = paired_auc(clean, flawed)
     lo = hi = float("nan")
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        means = np.concatenate([wins[rng.integers(0, wins.size, (min(BOOTSTRAP_CHUNK, n_boot - s), wins.size))]
-                               .mean(axis=1) for s in range(0, n_boot, BOOTSTRAP_CHUNK)])
-        lo, hi = (float(v) for v in np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2]))
+    if n_boot > 0:  # the project's one percentile bootstrap (best-of-n's), with pairs in the place of prompts
+        _, lo_, hi_ = bootstrap_ci(wins[:, None], n_boot, ci, seed)
+        lo, hi = float(lo_[0]), float(hi_[0])
     return {"auc": estimate, "lo": lo, "hi": hi, "ci": ci, "n_boot": n_boot, "pairs": int(wins.size),
             "ties": int((wins == 0.5).sum())}
 
