@@ -222,12 +222,18 @@ def test_bon_score_refuses_an_infinite_proxy_score_naming_prompt_and_sample(tmp_
     assert not any(out.iterdir())
 
 
-def test_eval_proxy_refuses_a_nan_proxy_score_naming_the_pair(tmp_path, monkeypatch):
+def _test_pairs(directory: Path, n: int) -> pd.DataFrame:
+    """`n` gold-labelled test pairs p0, p1, ... written as directory/pairs.parquet, as gold_label writes them."""
     pairs = pd.DataFrame([{"pair_id": f"p{i}", "prompt_id": "q", "prompt": [{"role": "user", "content": "x"}],
                            "chosen": "a", "rejected": "b", "gold_chosen": 1.0, "gold_rejected": 0.0,
-                           "label_clean": 1, "label_noisy": 1, "split": "test"} for i in range(3)])
-    (tmp_path / "pairs").mkdir()
-    write_records(pairs, tmp_path / "pairs" / "pairs.parquet", PAIR_COLUMNS)
+                           "label_clean": 1, "label_noisy": 1, "split": "test"} for i in range(n)])
+    directory.mkdir()
+    write_records(pairs, directory / "pairs.parquet", PAIR_COLUMNS)
+    return pairs
+
+
+def test_eval_proxy_refuses_a_nan_proxy_score_naming_the_pair(tmp_path, monkeypatch):
+    _test_pairs(tmp_path / "pairs", 3)
     monkeypatch.setattr(eval_proxy, "build_scorer", lambda *a, **k: FixedScorer([1, 2, 3], [0, np.nan, 0]))
     out = tmp_path / "out"
     out.mkdir()
@@ -239,11 +245,7 @@ def test_eval_proxy_refuses_a_nan_proxy_score_naming_the_pair(tmp_path, monkeypa
 
 
 def test_eval_proxy_skips_an_empty_set_instead_of_writing_nan(tmp_path, monkeypatch):
-    pairs = pd.DataFrame([{"pair_id": f"p{i}", "prompt_id": "q", "prompt": [{"role": "user", "content": "x"}],
-                           "chosen": "a", "rejected": "b", "gold_chosen": 1.0, "gold_rejected": 0.0,
-                           "label_clean": 1, "label_noisy": 1, "split": "test"} for i in range(2)])
-    (tmp_path / "pairs").mkdir()
-    write_records(pairs, tmp_path / "pairs" / "pairs.parquet", PAIR_COLUMNS)
+    pairs = _test_pairs(tmp_path / "pairs", 2)
     write_records(pairs.iloc[:0], tmp_path / "pairs" / "ood_pairs.parquet", PAIR_COLUMNS)  # an empty OOD set
     monkeypatch.setattr(eval_proxy, "build_scorer", lambda *a, **k: FixedScorer([1, 2], [0, 3]))
     out = tmp_path / "out"
