@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 import traceback
@@ -126,14 +125,14 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
 def _summary_group(group: str, arm: str, fits: list[tuple[str, Path]], seeds: int, kl: str,
                    kl_prefix: str) -> list[tuple[str, ...]]:
     """Summary rows of one proxy's (or RL arm's) seeds: `fits` are the cached (name, fit.json) of `seeds` runs."""
+    from pipeline.seed_stats import mean_sd_text
+
     values = [(name, _fit(f, "empirical_peak"), _fit(f, "at_max_kl")) for name, f in fits]
     if seeds > 1 and len(values) == seeds:
-        def ms(xs: list[float], fmt: str) -> str:
-            return f"{statistics.mean(xs):{fmt}} ± {statistics.stdev(xs):{fmt}}"
-
-        return [(f"{group} ({seeds} seeds)", arm, ms([p["gold"] for _, p, _ in values], ".3f"),
-                 kl_prefix + ms([p[kl] for _, p, _ in values], ".2f"), ms([f["gold"] for _, _, f in values], ".3f"),
-                 kl_prefix + ms([f[kl] for _, _, f in values], ".2f"))]
+        peaks, fars = [p for _, p, _ in values], [f for _, _, f in values]
+        return [(f"{group} ({seeds} seeds)", arm, mean_sd_text([p["gold"] for p in peaks]),
+                 kl_prefix + mean_sd_text([p[kl] for p in peaks], ".2f"), mean_sd_text([f["gold"] for f in fars]),
+                 kl_prefix + mean_sd_text([f[kl] for f in fars], ".2f"))]
     return [(name, arm, f"{peak['gold']:.3f}", f"{kl_prefix}{peak[kl]:.2f}", f"{far['gold']:.3f}",
              f"{kl_prefix}{far[kl]:.2f}") for name, peak, far in values]
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.seed_stats import seed_stats
+
 # arm -> (display name, curve table of a report directory, x-axis column, KL column), in report order
 ARMS = {"bon": ("best-of-n", "bon_curves.csv", "sqrt_kl_bound", "kl_bound"),
         "ppo": ("PPO", "ppo_curves.csv", "sqrt_kl", "kl_k1"),
@@ -205,9 +207,9 @@ def _peak(table: pd.DataFrame, arm: str) -> dict:
     runs = [g for _, g in table.groupby("run", sort=False)]
     peaks = [t.loc[t.gold.idxmax()] for t in runs]
     first = [t.sort_values("n" if _kind(arm) == "bon" else "step").iloc[0] for t in runs]
-    gold = np.array([p.gold for p in peaks], dtype=float)
-    return {"runs": len(runs), "initial gold": float(np.mean([f.gold for f in first])), "peak gold": gold.mean(),
-            "sd": gold.std(ddof=1) if len(gold) > 1 else np.nan,
+    gold = seed_stats([p.gold for p in peaks])
+    return {"runs": len(runs), "initial gold": float(np.mean([f.gold for f in first])), "peak gold": gold["mean"],
+            "sd": gold["sd"],
             "KL at the peak": float(np.mean([p[kl] for p in peaks]))}
 
 

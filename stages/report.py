@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from pipeline import world as W
@@ -28,6 +27,7 @@ from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
 from pipeline.plots import plot_bon_curves, plot_bon_seed_bands, plot_rl_curves
 from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
+from pipeline.seed_stats import mean_sd_text, seed_stats, stats_text
 
 VERSION = "5"
 
@@ -111,25 +111,6 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
 
 
-def seed_stats(values) -> dict:
-    """Over the seeds of one proxy: their number, mean, sample standard deviation and a 95 % Student-t interval for
-    the mean (mean ± t(0.975, k−1)·sd/√k); sd and interval are NaN for a single seed."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    mean = float(v.mean())
-    if len(v) < 2:
-        return {"seeds": len(v), "mean": mean, "sd": float("nan"), "ci_lo": float("nan"), "ci_hi": float("nan")}
-    sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(v) - 1)) * sd / np.sqrt(len(v))
-    return {"seeds": len(v), "mean": mean, "sd": sd, "ci_lo": mean - half, "ci_hi": mean + half}
-
-
-def _stats_text(st: dict, fmt: str = ".3f") -> str:
-    """`mean ± sd [lo, hi]` of `seed_stats`."""
-    return f"{st['mean']:{fmt}} ± {st['sd']:{fmt}} [{st['ci_lo']:{fmt}}, {st['ci_hi']:{fmt}}]"
-
-
 def bon_peak(c: pd.DataFrame) -> dict:
     """One best-of-n curve's empirical gold peak and its end, as bon_curve's fit.json has them (the first maximum)."""
     peak, last = c.loc[c.gold.idxmax()], c.iloc[-1]
@@ -169,7 +150,7 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
                      for (s, lab), grp in sub.groupby(["set", "labels"], sort=False)]
         table = pd.DataFrame(rows)
         table.to_csv(out / "accuracy_over_seeds.csv", index=False)
-        wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {f"{r.set} ({r.labels})": _stats_text(r._asdict())
+        wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {f"{r.set} ({r.labels})": stats_text(r._asdict())
                                                                   for r in t.itertuples()}
                 for g, t in table.groupby("group", sort=False)}
         parts += ["### Pairwise accuracy", "", _md(pd.DataFrame(list(wide.values()))), ""]
@@ -181,9 +162,9 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
                      ).to_csv(out / "bon_peaks_over_seeds.csv", index=False)
         max_n = {int(t.max_n.iloc[0]) for t in peaks.values()}
         last = f"gold at n = {max_n.pop()}" if len(max_n) == 1 else quantities["gold_at_max_n"]
-        rows = [{"proxy": g, "seeds": len(t), "gold at the peak": _stats_text(seed_stats(t.peak_gold)),
-                 "KL bound at the peak": _stats_text(seed_stats(t.peak_kl_bound), ".2f"),
-                 last: _stats_text(seed_stats(t.gold_at_max_n))} for g, t in peaks.items()]
+        rows = [{"proxy": g, "seeds": len(t), "gold at the peak": stats_text(seed_stats(t.peak_gold)),
+                 "KL bound at the peak": stats_text(seed_stats(t.peak_kl_bound), ".2f"),
+                 last: stats_text(seed_stats(t.gold_at_max_n))} for g, t in peaks.items()]
         bands = {g: seed_band([curves[p] for p in ps]) for g, ps in bon_groups.items()}
         pd.concat([b.assign(group=g)[["group", *b.columns]] for g, b in bands.items()], ignore_index=True).to_csv(
             out / "bon_curves_over_seeds.csv", index=False)
@@ -208,7 +189,7 @@ def _knowledge_over_seeds(groups: dict[str, list[str]], table: pd.DataFrame, out
             for g, ps in groups.items() for kind, sub in table[table.scorer.isin(ps)].groupby("kind", sort=False)]
     stats = pd.DataFrame(rows)
     stats.to_csv(out / "knowledge_over_seeds.csv", index=False)
-    wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {r.kind: _stats_text(r._asdict()) for r in t.itertuples()}
+    wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {r.kind: stats_text(r._asdict()) for r in t.itertuples()}
             for g, t in stats.groupby("group", sort=False)}
     return pd.DataFrame(list(wide.values()))
 
@@ -385,19 +366,16 @@ def _t_interval(values) -> str:
 
 
 def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None, inputs: dict[str, Path]) -> dict:
-    def ms(values) -> str:
-        v = np.asarray(values, dtype=float)
-        return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-
     drops = [(f["empirical_peak"]["gold"] - f["gold_at_last_step"]) / (f["kl_at_last_step"] - f["empirical_peak"]["kl"])
              for f in (fits[r] for r in runs) if f["kl_at_last_step"] > f["empirical_peak"]["kl"]]
     row = {"proxy": proxy, "seeds": len(runs),
-           "gold at step 0": ms([fits[r]["gold_at_step0"] for r in runs]),
-           "peak gold": ms([fits[r]["empirical_peak"]["gold"] for r in runs]),
-           "KL at the peak": ms([fits[r]["empirical_peak"]["kl"] for r in runs]),
-           "gold at last step": ms([fits[r]["gold_at_last_step"] for r in runs]),
-           "KL at last step": ms([fits[r]["kl_at_last_step"] for r in runs]),
-           "gold lost per nat past the peak": (ms(drops) + _t_interval(drops)) if drops else "no peak before the end"}
+           "gold at step 0": mean_sd_text([fits[r]["gold_at_step0"] for r in runs]),
+           "peak gold": mean_sd_text([fits[r]["empirical_peak"]["gold"] for r in runs]),
+           "KL at the peak": mean_sd_text([fits[r]["empirical_peak"]["kl"] for r in runs]),
+           "gold at last step": mean_sd_text([fits[r]["gold_at_last_step"] for r in runs]),
+           "KL at last step": mean_sd_text([fits[r]["kl_at_last_step"] for r in runs]),
+           "gold lost per nat past the peak":
+               (mean_sd_text(drops) + _t_interval(drops)) if drops else "no peak before the end"}
     if bon is not None and f"bon[{proxy}]" in inputs:
         peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
         row["best-of-n peak gold (KL bound)"] = f"{peak['gold']:.3f} ({peak['kl_bound']:.2f})"

@@ -195,7 +195,7 @@ def seeded_report(tmp_path_factory):
 
 
 def test_seed_stats_by_hand():
-    from stages.report import seed_stats
+    from pipeline.seed_stats import seed_stats
 
     st = seed_stats([0.70, 0.72, 0.74])
     half = T95_2DF * 0.02 / math.sqrt(3)
