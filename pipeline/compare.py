@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import proxy_family
 from pipeline.seed_stats import seed_stats
 
 # arm -> (display name, curve table of a report directory, x-axis column, KL column), in report order
@@ -70,11 +71,6 @@ def split_studies(tokens: list[str]) -> list[tuple[str, list[str]]]:
         else:
             studies.append((tok, []))
     return studies
-
-
-def proxy_family(name: str) -> str:
-    """The proxy a `seeds: K` entry is a seed of: `bt@seed2` -> `bt` (other names are their own family)."""
-    return re.sub(r"@seed\d+$", "", name)
 
 
 def _kind(arm: str) -> str:

@@ -228,6 +228,11 @@ def seed_runs(name: str, seed: int, seeds: int) -> list[tuple[str, int]]:
     return [(name if i == 0 else f"{name}@seed{seed + i}", seed + i) for i in range(seeds)]
 
 
+def proxy_family(name: str) -> str:
+    """The entry a `seed_runs` name belongs to: `bt@seed2` -> `bt` (other names are their own family)."""
+    return re.sub(r"@seed\d+$", "", name)
+
+
 # A proxy name a user writes; `@seed<k>` (and an ensemble member's `-m<i>`) is appended to name a proxy's extra seeds.
 PROXY_NAME = r"[A-Za-z0-9_\-]+"
 SEED_COPY_NAME = PROXY_NAME + r"(@seed\d+(-m\d+)?)?"

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from pipeline.config import proxy_family
+
 
 def welch(a, b) -> dict:
     """Mean of b minus mean of a, and the Welch 95 % interval of that difference."""
@@ -29,7 +31,7 @@ def welch(a, b) -> dict:
 
 def _seeds_of(group: str, names) -> list[str]:
     """The proxies of one config entry: `name` and its copies `name@seedK`."""
-    return [n for n in names if n == group or n.startswith(f"{group}@seed")]
+    return [n for n in names if proxy_family(n) == group]
 
 
 def differences(report: Path, a: str, b: str) -> pd.DataFrame:
