@@ -3,6 +3,9 @@
 A stage writes into a private temporary directory; only after every file is hashed, the manifest written and all of it
 fsynced is the directory renamed into place. A process killed at any moment therefore leaves either nothing or a
 temporary directory that no later run mistakes for a result (stale ones are swept).
+
+The cache root holds a marker file (`MARKER`) written when overopt makes it. Nothing is ever deleted under a root
+without one (a `cache_root` pointed at a user's own folder), and nothing is deleted through a symbolic link.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ from typing import Iterator
 
 import filelock
 
+from pipeline.config import ConfigError
+from pipeline.durable import fsync_path, fsync_tree
+
 MANIFEST = "manifest.json"
+MARKER = ".overopt-cache"  # written into every cache root overopt makes; deletion is refused without it
 
 
 class CacheLockedError(RuntimeError):
     """Another `overopt run` holds the cache root's lock."""
+
+
+class UnmarkedCacheError(ConfigError):
+    """The cache root is a non-empty folder that overopt did not make: nothing is deleted in it."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -35,21 +46,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -98,6 +94,21 @@ class ArtifactState:
     manifest: dict | None = None
 
 
+def _under(path: Path, scratch: tuple[str, ...]) -> bool:
+    """Is the relative `path` one of the `scratch` folders or inside one?"""
+    return bool(scratch) and PurePosixPath(path).parts[0] in scratch
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, never through a symbolic link: a link itself is unlinked, its target left alone
+    (shutil.rmtree refuses links and does not follow those inside)."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class ArtifactCache:
     def __init__(self, root: Path, verify: str = "checksum"):
         self.root = Path(root)
@@ -113,6 +124,38 @@ class ArtifactCache:
         inside a stage's output (DeepSpeed's checkpoint loader does) would read `ppo[bt]` as a character class."""
         return self.root / ".partial" / partial_name(key, fingerprint)
 
+    # ---------------------------------------------------------------------------------------------- ownership
+
+    def is_marked(self) -> bool:
+        return (self.root / MARKER).is_file()
+
+    def claim(self) -> None:
+        """Make the root an overopt cache (write its marker) if it is missing or empty, or is a cache of an earlier
+        overopt (which wrote `.lock` and `runs/` but no marker). Raise UnmarkedCacheError for any other folder."""
+        if self.is_marked():
+            return
+        if self.root.is_symlink() and not self.root.exists():
+            raise UnmarkedCacheError(f"cache root {self.root} is a broken symbolic link")
+        self.root.mkdir(parents=True, exist_ok=True)
+        entries = {p.name for p in self.root.iterdir()} - {".lock", ".lock.holder"}
+        legacy = "runs" in entries and (self.root / ".lock").is_file() and (self.root / "runs").is_dir()
+        if entries and not legacy:
+            raise UnmarkedCacheError(
+                f"cache root {self.root} is a non-empty folder that overopt did not make (no {MARKER} file in it; "
+                f"holds e.g. {sorted(entries)[:3]}); overopt deletes temporary folders in its cache root, so it "
+                f"will not use this one: set run.cache_root to a new or empty folder")
+        (self.root / MARKER).write_text("This folder is an overopt artifact cache; `overopt gc` may delete in it.\n")
+
+    def require_marked(self, what: str) -> None:
+        """Refuse `what` (a deletion) unless overopt made this root."""
+        if not self.is_marked():
+            raise UnmarkedCacheError(
+                f"{what} refused: {self.root} has no {MARKER} file, so overopt did not make it (or it predates the "
+                f"marker); nothing is deleted in it. An `overopt run` on a cache of an earlier overopt adds the "
+                f"marker")
+
+    # ----------------------------------------------------------------------------------------------- checking
+
     def check(self, key: str, fingerprint: str) -> ArtifactState:
         """Is a committed, intact artifact there? Checks every file listed in the manifest.
 
@@ -123,6 +166,10 @@ class ArtifactCache:
         d = self.path(key, fingerprint)
         if not d.exists():
             return ArtifactState("missing")
+        return self._verify(d, fingerprint)
+
+    def _verify(self, d: Path, fingerprint: str, scratch: tuple[str, ...] = ()) -> ArtifactState:
+        """The `check` of directory `d`; files under the `scratch` folders are not counted as unexpected."""
         try:
             manifest = json.loads((d / MANIFEST).read_bytes().decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON and UTF-8 decoding errors
@@ -143,10 +190,12 @@ class ArtifactCache:
             extra = [p.relative_to(d).as_posix() for p in d.rglob("*") if not p.is_dir()]
         except (OSError, ValueError) as e:
             return ArtifactState("corrupt", f"unreadable: {type(e).__name__}: {e}", manifest)
-        extra = sorted(set(extra) - listed)
+        extra = sorted(r for r in set(extra) - listed if not _under(r, scratch))
         if extra:
             return ArtifactState("corrupt", f"unexpected files: {extra[:3]}", manifest)
         return ArtifactState("cached", manifest=manifest)
+
+    # ----------------------------------------------------------------------------------------------- staging
 
     @contextmanager
     def staging(self, key: str, fingerprint: str, resumable: bool = False) -> Iterator[Path]:
@@ -169,41 +218,77 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def commit(self, key: str, fingerprint: str, staged: Path, record: dict) -> dict:
-        """Hash the staged files, write the manifest, fsync, and rename into place. Returns the manifest."""
+    def set_aside(self, key: str, fingerprint: str, why: str) -> Path | None:
+        """Move a resumable stage's partial output out of the way (kept for inspection; `gc` lists it), so the
+        stage starts afresh. Returns where it went, or None when there was none."""
+        partial = self.partial_path(key, fingerprint)
+        if not partial.exists() and not partial.is_symlink():
+            return None
+        aside = partial.with_name(f"{partial.name}.aside-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+        os.rename(partial, aside)
+        aside.with_name(aside.name + ".why").write_text(why + "\n")
+        return aside
+
+    def finish_interrupted_commit(self, key: str, fingerprint: str, scratch: tuple[str, ...] = ()) -> dict | None:
+        """A resumable stage's partial output that already holds its manifest was killed inside `commit`: finish the
+        commit (its files verify) and return the manifest. A manifest whose files do not verify is removed, so the
+        stage resumes. None when there is nothing to finish."""
+        partial = self.partial_path(key, fingerprint)
+        if not (partial / MANIFEST).is_file():
+            return None
+        state = self._verify(partial, fingerprint, scratch)
+        if state.status != "cached":
+            (partial / MANIFEST).unlink()
+            return None
+        self._move_into_place(key, fingerprint, partial, scratch)
+        return state.manifest
+
+    def commit(self, key: str, fingerprint: str, staged: Path, record: dict, scratch: tuple[str, ...] = ()) -> dict:
+        """Hash the staged files, write the manifest, fsync, and rename into place. Returns the manifest.
+
+        Files under the `scratch` folders (a resumable stage's checkpoints) are not part of the artifact: they are
+        removed only after the manifest is durable, so a kill before that leaves them to resume from, and a kill
+        after it leaves a partial output that `finish_interrupted_commit` completes."""
         files = {}
         for p in sorted(staged.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(staged).as_posix()
+            rel = p.relative_to(staged).as_posix()
+            if p.is_file() and not _under(rel, scratch):
                 if rel == MANIFEST:
                     raise RuntimeError(f"stage {key} wrote a file named {MANIFEST}, which the cache reserves")
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {**record, "key": key, "fingerprint": fingerprint, "files": files,
                     "size_bytes": sum(f["size"] for f in files.values()), "committed_at": time.time()}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        _fsync_tree(staged)
+        fsync_tree(staged)
+        self._move_into_place(key, fingerprint, staged, scratch)
+        return manifest
+
+    def _move_into_place(self, key: str, fingerprint: str, staged: Path, scratch: tuple[str, ...]) -> None:
+        for name in scratch:
+            remove_tree(staged / name)
         final = self.path(key, fingerprint)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a corrupt artifact being replaced: move it aside first, never delete in place
             self.trash_root.mkdir(parents=True, exist_ok=True)
             os.rename(final, self.trash_root / f"{key}.{fingerprint}.{uuid.uuid4().hex[:8]}")
         os.rename(staged, final)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        shutil.rmtree(self.trash_root, ignore_errors=True)
-        return manifest
+        fsync_path(final.parent)
+        if self.is_marked():
+            remove_tree(self.trash_root)
 
     def sweep_stale(self) -> list[Path]:
         """Remove temporary directories left by runs that died (only call while holding the lock). Resumable partial
-        outputs in `.partial/` stay: another study sharing this cache may resume them; a commit moves them away."""
+        outputs in `.partial/` stay: another study sharing this cache may resume them; a commit moves them away.
+        Refused (UnmarkedCacheError) in a root overopt did not make; links are unlinked, never followed."""
+        self.require_marked(f"removing the temporary folders in {self.tmp_root}")
         removed = []
         for root in (self.tmp_root, self.trash_root):
-            if root.exists():
+            if root.is_symlink():
+                root.unlink()
+                removed.append(root)
+            elif root.exists():
                 for d in root.iterdir():
-                    shutil.rmtree(d, ignore_errors=True)
+                    remove_tree(d)
                     removed.append(d)
         return removed
 

@@ -1,6 +1,6 @@
 """What every multi-process stage shares: the Accelerator set-up (DeepSpeed ZeRO on CPU or GPU), sums over ranks,
 loading frozen models outside ZeRO-3's partitioning, gathering ZeRO-3 parameters for generation, saving a trained
-policy, and the memory a rank holds.
+policy, the memory a rank holds, and the atomic checkpoints of resumable stages.
 
 Stages launched by `pipeline.runner.launch_stage` (`accelerate launch --use_deepspeed --deepspeed_config_file ...`)
 call `make_accelerator()` first; launched without DeepSpeed (or run inline in one process) they get a plain
@@ -9,12 +9,18 @@ Accelerator and the same code runs.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from pipeline.durable import fsync_tree, write_text_atomically
 
 
 def _process_group_kwargs() -> list:
@@ -187,3 +193,133 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+RESUME_DIR = "resume"  # a resumable RL stage's checkpoints: scratch, never part of its artifact
+_STEP_DIR = re.compile(r"step_\d{5,}")
+
+
+class ResumeError(RuntimeError):
+    """A killed run's checkpoint cannot be resumed (damaged, incomplete, or of an older layout)."""
+
+
+def checkpoint_problem(out: Path) -> str | None:
+    """Why the checkpoint under `out/resume/` cannot be resumed, or None (sound, or none there: a fresh start).
+
+    Reads only small JSON files and file sizes, so the runner calls it before launching a stage: a partial output
+    that cannot be resumed is moved aside instead of failing every later run.
+    """
+    out = Path(out)
+    if (out / "checkpoint").exists():
+        return "a checkpoint/ folder of an older overopt layout, which this version does not resume"
+    pointer = out / RESUME_DIR / "latest.json"
+    if not pointer.exists():
+        return None
+    try:
+        latest = json.loads(pointer.read_text())
+        name, step = latest["dir"], int(latest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{pointer} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(name, str) or not _STEP_DIR.fullmatch(name):
+        return f"{pointer} names no checkpoint folder (dir: {name!r})"
+    d = out / RESUME_DIR / name
+    try:
+        files = json.loads((d / "files.json").read_text())
+        for rel, size in files.items():
+            f = d / rel
+            if not f.is_file():
+                return f"checkpoint {d} lacks {rel}"
+            if f.stat().st_size != size:
+                return f"checkpoint {d}: {rel} has {f.stat().st_size} bytes, {size} when it was written"
+        if json.loads((d / "state.json").read_text())["step"] != step:
+            return f"checkpoint {d}: state.json is not of update {step}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"checkpoint {d} is incomplete ({type(e).__name__}: {e})"
+    return None
+
+
+class Checkpointer:
+    """A resumable stage's checkpoints under `out/resume/`, each replaced atomically.
+
+    A save writes `step_N.tmp/` (every rank its part: under DeepSpeed the engine's partitioned model and optimizer
+    states, else the module as safetensors and the optimizer state as a `torch.save` file read back with
+    `weights_only=True`; each rank's RNG), then rank 0 adds `state.json` and `files.json` (every file's size), fsyncs,
+    renames it to `step_N/` and points `latest.json` at it (write, fsync, rename). Only then is the previous checkpoint
+    removed. A kill at any moment leaves `latest.json` naming a complete checkpoint, or no `latest.json` at all.
+    """
+
+    def __init__(self, out: Path, accelerator, model, optimizer):
+        self.root = Path(out) / RESUME_DIR
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.deepspeed = uses_deepspeed(accelerator)
+        self.rank = accelerator.process_index
+
+    def _optimizer(self):
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
+    def save(self, state: dict) -> None:
+        """Checkpoint the engine, optimizer and every rank's RNG with `state` (JSON; must hold "step")."""
+        from safetensors.torch import save_file, save_model
+
+        acc = self.accelerator
+        name = f"step_{state['step']:05d}"
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if self.deepspeed:
+            self.model.save_checkpoint(str(tmp / "engine"), tag="ckpt")  # a collective: every rank
+        elif acc.is_main_process:
+            save_model(acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
+            torch.save(self._optimizer().state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / f"rng_rank{self.rank}.safetensors"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "state.json").write_text(json.dumps(state))
+            sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "files.json").write_text(json.dumps(sizes))
+            fsync_tree(tmp)
+            if final.exists():  # left by a save whose pointer update was killed: latest.json names an older one
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            write_text_atomically(self.root / "latest.json", json.dumps({"step": state["step"], "dir": name}))
+            for old in self.root.iterdir():
+                if old.is_dir() and old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load(self) -> dict | None:
+        """Restore the latest checkpoint into the engine, optimizer and this rank's RNG; return its state, or None
+        when there is none. Raises ResumeError naming what is wrong with a damaged one."""
+        from safetensors.torch import load_file, load_model
+
+        out = self.root.parent
+        problem = checkpoint_problem(out)
+        if problem:
+            raise ResumeError(f"cannot resume from {out}: {problem}; remove the folder to start afresh")
+        pointer = self.root / "latest.json"
+        if not pointer.exists():
+            return None
+        d = self.root / json.loads(pointer.read_text())["dir"]
+        if self.deepspeed:
+            # DeepSpeed's own checkpoint format (its loader unpickles its optimizer states: files this stage wrote)
+            self.model.load_checkpoint(str(d / "engine"), tag="ckpt")
+        else:
+            load_model(self.accelerator.unwrap_model(self.model), str(d / "model.safetensors"))
+            self._optimizer().load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        rng = load_file(str(d / f"rng_rank{self.rank}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return json.loads((d / "state.json").read_text())
+
+    def clear(self) -> None:
+        """Forget every checkpoint (a fresh start); rank 0 only."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.root, ignore_errors=True)

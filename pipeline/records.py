@@ -55,6 +55,27 @@ def write_records(df: pd.DataFrame, path: Path, columns: Iterable[str]) -> None:
     df.to_parquet(path, index=False)
 
 
+def write_shard(df: pd.DataFrame, path: Path, columns: Iterable[str]) -> None:
+    """One shard of a resumable stage, atomically (write, fsync, rename): a resumed run trusts every shard it finds,
+    and a killed or full-disk write leaves only a `*.tmp` file, which the stage removes before resuming."""
+    from pipeline.durable import replace_atomically
+
+    replace_atomically(path, lambda tmp: write_records(df, tmp, columns))
+
+
+def shards_problem(out: Path) -> str | None:
+    """Why the shards a killed run of a sharded stage left in `out/shards/` cannot be resumed from (a shard whose
+    parquet footer does not read), or None. The runner calls it before resuming (a stage's `resume_problem`)."""
+    import pyarrow.parquet as pq
+
+    for f in sorted((Path(out) / "shards").glob("shard_*.parquet")):
+        try:
+            pq.read_metadata(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
+            return f"shard {f.name} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def read_records(path: Path, columns: Iterable[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():

@@ -145,8 +145,25 @@ def _matches(node: StageNode, names: set[str]) -> bool:
     return node.key in names or node.stage in names
 
 
+# The longest name the cache makes from a stage key: `.partial/<key>.<fingerprint>.aside-<time>-<id>.why` when a
+# partial output is set aside (key + 48 bytes); the longest a file system allows for one name is 255 bytes.
+NAME_MAX = 255
+_CACHE_NAME_OVERHEAD = 48
+
+
+def check_key_lengths(nodes: list[StageNode]) -> None:
+    """Raise ConfigError for a stage key (a proxy or run name inside it) too long to name the cache's folders."""
+    longest = max(nodes, key=lambda n: len(n.key.encode()), default=None)
+    if longest is not None and len(longest.key.encode()) + _CACHE_NAME_OVERHEAD > NAME_MAX:
+        raise ConfigError(
+            f"stage {longest.key[:60]}... has a key of {len(longest.key.encode())} bytes: the cache names folders "
+            f"after it with up to {_CACHE_NAME_OVERHEAD} more, over the file system's {NAME_MAX}-byte limit for a "
+            f"name; shorten the proxy name in it (keys may be at most {NAME_MAX - _CACHE_NAME_OVERHEAD} bytes)")
+
+
 class Runner:
     def __init__(self, nodes: list[StageNode], cache: ArtifactCache):
+        check_key_lengths(nodes)
         self.nodes = toposort(nodes)
         self.by_key = {n.key: n for n in self.nodes}
         self.cache = cache
@@ -190,6 +207,7 @@ class Runner:
             force: set[str] = frozenset()) -> list[PlannedStage]:
         """Run the DAG (or the part selected by `only` / `until`); return the plan with final states."""
         self.check_names(set(only) | set(until) | set(force))
+        self.cache.claim()
         plan = self.plan()
         selected = {p.node.key for p in plan}
         if until:
@@ -217,7 +235,7 @@ class Runner:
             inputs = {role: self.cache.path(up, fps[up]) for role, up in n.inputs.items()}
             log.info("▶ %-28s running (%s)", n.key, p.fingerprint)
             try:
-                manifest = self._execute(n, p.fingerprint, inputs)
+                manifest = self._execute(n, p.fingerprint, inputs, fresh=rerun)
             except BaseException:
                 self.failed_stage = n.key
                 raise
@@ -227,18 +245,46 @@ class Runner:
             self._publish(n, p.fingerprint)
         return plan
 
-    def _execute(self, node: StageNode, fp: str, inputs: dict[str, Path]) -> dict:
-        with self.cache.staging(node.key, fp, resumable=getattr(node.module, "RESUMABLE", False)) as out:
+    def _execute(self, node: StageNode, fp: str, inputs: dict[str, Path], fresh: bool = False) -> dict:
+        resumable = getattr(node.module, "RESUMABLE", False)
+        scratch = tuple(getattr(node.module, "SCRATCH", ()))
+        if resumable:
+            manifest = self._prepare_partial(node, fp, fresh, scratch)
+            if manifest is not None:
+                return manifest
+        with self.cache.staging(node.key, fp, resumable=resumable) as out:
             t0 = time.time()
             if node.launcher == "accelerate":
-                launch_stage(node, inputs, out)
+                launch_stage(node, inputs, out, scratch_root=self.cache.tmp_root)
             else:
                 node.module.run(node.config, inputs, out)
             wall = time.time() - t0
             record = {"stage": node.stage, "version": str(node.module.VERSION), "wall_time_s": round(wall, 3),
                       "config": node.config.model_dump(mode="json"),
                       "inputs": {r: str(p) for r, p in inputs.items()}}
-            return self.cache.commit(node.key, fp, out, record)
+            return self.cache.commit(node.key, fp, out, record, scratch=scratch)
+
+    def _prepare_partial(self, node: StageNode, fp: str, fresh: bool, scratch: tuple[str, ...]) -> dict | None:
+        """Before a resumable stage runs: `--force` sets its partial output aside; a run killed inside the commit is
+        finished (its manifest is returned); a partial output the stage's `resume_problem` finds unusable is set
+        aside with a warning naming where it went, and the stage starts afresh."""
+        if fresh:
+            aside = self.cache.set_aside(node.key, fp, "set aside by --force")
+            if aside is not None:
+                log.warning("  %s: --force starts afresh; its partial output was moved to %s", node.key, aside)
+            return None
+        manifest = self.cache.finish_interrupted_commit(node.key, fp, scratch)
+        if manifest is not None:
+            log.info("  %s had finished; completed its interrupted commit", node.key)
+            return manifest
+        partial = self.cache.partial_path(node.key, fp)
+        problem_of = getattr(node.module, "resume_problem", None)
+        problem = problem_of(partial) if problem_of is not None and partial.is_dir() else None
+        if problem:
+            aside = self.cache.set_aside(node.key, fp, problem)
+            log.warning("! %s cannot resume its partial output (%s): moved it to %s, starting afresh",
+                        node.key, problem, aside)
+        return None
 
     def _publish(self, node: StageNode, fp: str) -> None:
         if node.publish_to is None:
@@ -326,11 +372,13 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
+def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_root: Path | None = None) -> None:
     """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails.
 
     Every rank runs `python -m pipeline.stage_main JOBFILE`. The rendezvous port is a free one picked by accelerate
-    (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one.
+    (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one. The job folder
+    is made under `scratch_root` (the cache's `.tmp/`, which the next run sweeps, so a killed launch leaves nothing
+    behind elsewhere). A rank that fails writes its error there; the exception raised here carries the first one.
     """
     gpus = _visible_cuda_devices()
     if 0 < gpus < node.num_processes:
@@ -345,7 +393,9 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
     job = {"stage": node.stage, "config_class": f"{type(node.config).__module__}.{type(node.config).__qualname__}",
            "config": node.config.model_dump(mode="json"), "inputs": {r: str(p) for r, p in inputs.items()},
            "out": str(Path(out).resolve())}
-    with tempfile.TemporaryDirectory(prefix=f"overopt-launch-{node.key}-") as tmp:
+    if scratch_root is not None:
+        Path(scratch_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"overopt-launch-{node.key}-", dir=scratch_root) as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(json.dumps(job))
         acc_file = Path(tmp) / "accelerate.json"
@@ -367,5 +417,25 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path) -> None:
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         log.info("  launching: %s", " ".join(cmd))
         proc = subprocess.run(cmd, env=env, preexec_fn=die_with_parent)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})")
+        if proc.returncode != 0:
+            first = first_rank_error(Path(tmp))
+            message = f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})"
+            if first is not None:
+                rank, line, trace = first
+                log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
+                message += f": rank {rank}: {line}"
+            raise RuntimeError(message)
+
+
+RANK_ERROR = "error_rank{rank}.txt"  # written by pipeline.stage_main beside the job file when a rank's stage raises
+
+
+def first_rank_error(job_dir: Path) -> tuple[str, str, str] | None:
+    """(rank, "ExceptionType: message" line, traceback) of the rank that failed first, from the error files in
+    `job_dir`; None when no rank wrote one (killed, or failed before the stage started)."""
+    files = sorted(job_dir.glob(RANK_ERROR.format(rank="*")), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    if not files:
+        return None
+    text = files[0].read_text(errors="replace")
+    line, _, trace = text.partition("\n")
+    return files[0].stem.removeprefix("error_rank"), line, trace

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.runner import die_with_parent
+from pipeline.runner import RANK_ERROR, die_with_parent
 
 log = logging.getLogger("overopt")
 
@@ -65,9 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     stage, cfg, inputs, out = load_job(argv[0])
     # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
     module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
-    module.run(cfg, inputs, out)
+    try:
+        module.run(cfg, inputs, out)
+    except BaseException as e:
+        _record_error(Path(argv[0]).parent, rank, e)
+        raise
     _close_process_group()
     return 0
+
+
+def _record_error(job_dir: Path, rank: str, error: BaseException) -> None:
+    """Leave this rank's error beside the job file (first line "Type: message", then the traceback), for the
+    launcher's one-line failure message. Best effort: a full disk may refuse it too."""
+    import traceback
+
+    first = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    try:
+        (job_dir / RANK_ERROR.format(rank=rank)).write_text(first + "\n" + traceback.format_exc())
+    except OSError:
+        pass
 
 
 def _close_process_group() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -20,10 +19,11 @@ from tqdm.auto import tqdm
 from pipeline.config import BonSampleStageConfig
 from pipeline.generation import finish_response, sample_responses, stop_token_ids
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.records import SAMPLE_COLUMNS, messages, write_records
+from pipeline.records import SAMPLE_COLUMNS, messages, shards_problem, write_shard
 
 VERSION = "2"
 RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.ArtifactCache.staging)
+resume_problem = shards_problem  # a killed run's shards are checked before resuming
 log = logging.getLogger("overopt")
 
 
@@ -91,11 +91,7 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame = pd.DataFrame(rows)
         frame["prompt_id"] = chunk.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]
-        tmp = shard_dir / f"shard_{shard:05d}.parquet.tmp"
-        write_records(frame[SAMPLE_COLUMNS], tmp, SAMPLE_COLUMNS)
-        with open(tmp, "rb") as f:  # on disk before it counts as done: a resumed run trusts every shard it finds
-            os.fsync(f.fileno())
-        os.replace(tmp, shard_dir / f"shard_{shard:05d}.parquet")
+        write_shard(frame[SAMPLE_COLUMNS], shard_dir / f"shard_{shard:05d}.parquet", SAMPLE_COLUMNS)
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
                                                   "shards": len(starts)}))
 

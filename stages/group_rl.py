@@ -102,7 +102,9 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
                                out / "exports" / f"step_{update:05d}")
 
     trainer_class = GRPOTrainer if cfg.algo == "grpo" else RLOOTrainer
-    with tempfile.TemporaryDirectory(prefix="overopt-trl-") as scratch:  # TRL's output_dir; nothing in it is kept
+    # TRL's output_dir; nothing in it is kept. Made inside the stage's own staging folder (under the cache's .tmp/),
+    # so a killed run leaves nothing in the system's temp folder: the next run sweeps .tmp/
+    with tempfile.TemporaryDirectory(prefix="trl-scratch-", dir=out) as scratch:
         trainer = trainer_class(model=policy, reward_funcs=reward, args=trl_config(cfg, scratch, per_device),
                                 train_dataset=data, processing_class=tokenizer, callbacks=[ExportAtUpdates()])
         trainer.train()

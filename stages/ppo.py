@@ -18,8 +18,11 @@ Rank 0 writes:
   metrics.jsonl         one line per update: proxy score, KL penalty, losses, clip fractions, approx-KL, entropy,
                         response length, seconds per phase
   summary.json          settings actually used (world size, ZeRO stage), prompts, exports
-A `checkpoint/` (policy, value, optimizer, RNG of every rank, KL controller, reward statistics) is kept while the
-stage runs, so a killed run resumes where it stopped; it is removed once the stage completes.
+Checkpoints under `resume/` (policy, value, optimizer, RNG of every rank, KL controller, reward statistics and the
+metrics rows so far; `pipeline.distributed.Checkpointer`) let a killed run resume where it stopped. Update N's metrics
+row is appended before checkpoint N is taken and is inside it, so a resumed run ends with the metrics of an
+uninterrupted one. The last update is checkpointed too, and `resume/` is scratch (`SCRATCH`): the runner removes it
+only once the artifact is committed, so a kill after the last update does not restart training.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ import torch
 
 from pipeline.config import PPOConfig, PPOStageConfig
 from pipeline.distributed import (
+    RESUME_DIR,
+    Checkpointer,
     all_reduce_sum,
+    checkpoint_problem,
     frozen_model_loading,
     gathered_for_generation,
     make_accelerator,
@@ -46,6 +52,7 @@ from pipeline.distributed import (
     uses_deepspeed,
     zero_stage,
 )
+from pipeline.durable import append_jsonl, read_jsonl, write_jsonl_atomically, write_text_atomically
 from pipeline.generation import stop_token_ids
 from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
@@ -57,7 +64,9 @@ from pipeline.scoring import check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
-RESUMABLE = True  # checkpoint/ survives a killed run (see pipeline.cache.ArtifactCache.staging)
+RESUMABLE = True  # resume/ survives a killed run (see pipeline.cache.ArtifactCache.staging)
+SCRATCH = (RESUME_DIR,)  # resumption state, not artifact: removed by the runner after the commit
+resume_problem = checkpoint_problem  # the runner sets aside a partial output whose checkpoint cannot be resumed
 log = logging.getLogger("overopt")
 
 
@@ -133,69 +142,6 @@ def sampling_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-class Checkpointer:
-    """Atomic checkpoints under `out/checkpoint/`: every rank writes its part into `checkpoint.tmp/`, then rank 0
-    swaps it in. Under DeepSpeed the engine writes its own (partitioned) model and optimizer states; without it, the
-    module goes to safetensors and the optimizer state to a `torch.save` file read back with `weights_only=True`."""
-
-    def __init__(self, out: Path, accelerator, model, optimizer):
-        self.dir, self.tmp = out / "checkpoint", out / "checkpoint.tmp"
-        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.deepspeed = uses_deepspeed(accelerator)
-        self.rank = accelerator.process_index
-
-    def save(self, state: dict) -> None:
-        from safetensors.torch import save_file, save_model
-
-        acc = self.accelerator
-        if acc.is_main_process:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if self.deepspeed:
-            self.model.save_checkpoint(str(self.tmp / "engine"), tag="ckpt")  # a collective: every rank
-        elif acc.is_main_process:
-            save_model(acc.unwrap_model(self.model), str(self.tmp / "model.safetensors"))
-            torch.save(self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
-                       else self.optimizer.state_dict(), self.tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(self.tmp / f"rng_rank{self.rank}.safetensors"))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (self.tmp / "state.json").write_text(json.dumps(state))
-            shutil.rmtree(self.dir, ignore_errors=True)
-            os.replace(self.tmp, self.dir)
-        acc.wait_for_everyone()
-
-    def load(self) -> dict | None:
-        from safetensors.torch import load_file, load_model
-
-        if not (self.dir / "state.json").is_file():
-            return None
-        if self.deepspeed:
-            # DeepSpeed's own checkpoint format (its loader unpickles its optimizer states: files this stage wrote)
-            self.model.load_checkpoint(str(self.dir / "engine"), tag="ckpt")
-        else:
-            load_model(self.accelerator.unwrap_model(self.model), str(self.dir / "model.safetensors"))
-            opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            opt.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
-        rng = load_file(str(self.dir / f"rng_rank{self.rank}.safetensors"))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        return json.loads((self.dir / "state.json").read_text())
-
-    def remove(self) -> None:
-        if self.accelerator.is_main_process:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -243,25 +189,32 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     (out / "exports").mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
 
-    # ---- resume from the last checkpoint of a killed run, or start
+    # ---- resume from the last checkpoint of a killed run, or start afresh
     checkpointer = Checkpointer(out, accelerator, model, optimizer)
     state = checkpointer.load()
     if state is not None:
-        start = state["step"]
+        start, rows = state["step"], state["metrics"]
         controller.load_state_dict(state["kl_controller"])
         normaliser.load_state_dict(state["reward_norm"])
         if main:
             log.info("  resuming PPO from its checkpoint at update %d", start)
-            kept = [ln for ln in metrics_file.read_text().splitlines() if json.loads(ln)["step"] <= start]
-            metrics_file.write_text("".join(ln + "\n" for ln in kept))
+            on_disk = read_jsonl(metrics_file)  # warns about a torn last line
+            if [r["step"] for r in on_disk[:start]] != list(range(1, start + 1)):
+                log.warning("  %s held %d row(s) up to update %d; rewritten from the checkpoint's own record",
+                            metrics_file, len(on_disk), start)
+            write_jsonl_atomically(metrics_file, rows)  # the checkpoint's rows are the record
             for d in (out / "exports").iterdir():
                 if int(d.name.split("_")[1]) > start:
                     shutil.rmtree(d)
     else:
-        start = 0
+        start, rows = 0, []
         torch.manual_seed(sampling_seed(ppo.seed, rank))  # each rank draws its own rollouts
-        if main:
-            metrics_file.write_text("")
+        if main:  # whatever a run killed before its first checkpoint left
+            checkpointer.clear()
+            shutil.rmtree(out / "exports")
+            (out / "exports").mkdir()
+            write_jsonl_atomically(metrics_file, [])
+        accelerator.wait_for_everyone()
         save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer, out / "exports" / "step_00000")
     accelerator.wait_for_everyone()
     if ppo.report_to:
@@ -329,22 +282,20 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         if step + 1 in exports:
             save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer,
                            out / "exports" / f"step_{step + 1:05d}")
-        if (step + 1) % ppo.checkpoint_every == 0 or step + 1 in exports:
-            if step + 1 < ppo.steps:
-                checkpointer.save({"step": step + 1, "kl_controller": controller.state_dict(),
-                                   "reward_norm": normaliser.state_dict()})
         record["time_export_s"] = round(time.perf_counter() - t, 4)
         record["time_total_s"] = round(time.perf_counter() - t0, 4)
-        if main:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        rows.append(record)
+        if main:  # durable before checkpoint N, which holds it too
+            append_jsonl(metrics_file, record)
             log.info("  ppo %d/%d  proxy %.3f  KL %.3f  entropy %.3f  length %.1f  (%.2fs)", step + 1, ppo.steps,
                      record["score"], record["kl_seq_k1"], record["entropy"], record["response_length"],
                      record["time_total_s"])
+        if (step + 1) % ppo.checkpoint_every == 0 or step + 1 in exports:  # the last update is an export
+            checkpointer.save({"step": step + 1, "kl_controller": controller.state_dict(),
+                               "reward_norm": normaliser.state_dict(), "metrics": rows})
         if ppo.report_to:
             accelerator.log(record, step=step + 1)
 
-    checkpointer.remove()
     # memory each rank holds (ZeRO's point), summed into a (ranks, 5) table
     held = state_bytes(model, optimizer)
     mine = torch.zeros(accelerator.num_processes, 5, dtype=torch.float64, device=device)
@@ -358,7 +309,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
                    "per_rank": [dict(zip(["parameter_bytes", "master_copy_bytes", "optimizer_state_bytes",
                                           "parameter_and_optimizer_bytes", "peak_rss_bytes"], map(int, row)))
                                 for row in per_rank.tolist()]}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if ppo.report_to:
         accelerator.end_training()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,13 @@ from pipeline.generation import sample_responses
 from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
 from pipeline.ppo.rollout import sequence_logprobs
-from pipeline.records import RL_SAMPLE_COLUMNS, messages, write_records
+from pipeline.records import RL_SAMPLE_COLUMNS, messages, shards_problem, write_shard
 from pipeline.scoring import check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
 RESUMABLE = True
+resume_problem = shards_problem  # a killed run's shards are checked before resuming
 log = logging.getLogger("overopt")
 
 
@@ -84,11 +84,7 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
         frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
-        tmp = shard_dir / f"shard_{step:05d}.parquet.tmp"
-        write_records(frame[RL_SAMPLE_COLUMNS], tmp, RL_SAMPLE_COLUMNS)
-        with open(tmp, "rb") as f:  # on disk before it counts as done: a resumed run trusts every shard it finds
-            os.fsync(f.fileno())
-        os.replace(tmp, shard_dir / f"shard_{step:05d}.parquet")
+        write_shard(frame[RL_SAMPLE_COLUMNS], shard_dir / f"shard_{step:05d}.parquet", RL_SAMPLE_COLUMNS)
         log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, k1.mean(), k3.mean(),
                  proxy.mean(), frame.n_tokens.mean())
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,

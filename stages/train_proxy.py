@@ -127,7 +127,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
         ref_model = copy.deepcopy(model.causal_lm()).eval().requires_grad_(False)
     model.train()
 
-    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants an output_dir; nothing in it is kept
+    with tempfile.TemporaryDirectory(dir=out) as scratch:  # the Trainer wants an output_dir; nothing in it is kept
         args = TrainingArguments(
             output_dir=scratch, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size,
             gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,

@@ -11,7 +11,7 @@ VERSION = "1"
 
 class FailConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: str = "ok"  # ok | value | nonfinite | multiline | oom | config
+    kind: str = "ok"  # ok | value | nonfinite | multiline | oom | config | full_disk_on_rank1
 
 
 def run(cfg: FailConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -34,4 +34,13 @@ def run(cfg: FailConfig, inputs: dict[str, Path], out: Path) -> None:
         from pipeline.config import ConfigError
 
         raise ConfigError("invalid config (x):\n  a.b: bad\n  c.d: worse")
+    if cfg.kind == "full_disk_on_rank1":  # launched on 2 ranks: rank 1's disk fills, rank 0 finishes
+        import errno
+        import os
+        import time
+
+        if os.environ.get("RANK") == "1":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "shard_00001.parquet"))
+        time.sleep(1)
+        return
     raise AssertionError(cfg.kind)

@@ -75,3 +75,21 @@ def test_a_config_error_keeps_its_key_list(tmp_path, capsys, fake_study):
     code, err, _ = _run(tmp_path, capsys, "gold_label.noise_rat=0.1", "bon.n_samples=many")
     assert code == 2 and "unknown key 'gold_label.noise_rat' (did you mean 'noise_rate'?)" in err
     assert "\n  bon.n_samples:" in err
+
+
+def test_a_failing_rank_names_its_error_in_the_one_line_and_the_log(tmp_path, capsys, monkeypatch):
+    """A full disk on rank 1 of a two-rank stage: the one-line error and run.log carry rank 1's own error (they said
+    only "failed under accelerate launch"), and the launch leaves no folder in the system's temp directory."""
+    import tempfile
+
+    node = StageNode("score[bt]", "tests.failing_stages", FailConfig(kind="full_disk_on_rank1"),
+                     launcher="accelerate", num_processes=2, deepspeed_config=Path("configs/deepspeed/zero2.json"))
+    monkeypatch.setattr(pipeline.study, "build_stages", lambda cfg: [node])
+    system_tmp = set(Path(tempfile.gettempdir()).glob("overopt-*"))
+    code, err, _ = _run(tmp_path, capsys)
+    assert code == 1
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "failed under accelerate launch (exit code 1): rank 1: OSError: [Errno 28] No space left on device" in line
+    assert "rank 1 of stage score[bt] failed" in _log(tmp_path) and "Traceback" in _log(tmp_path)
+    assert set(Path(tempfile.gettempdir()).glob("overopt-*")) == system_tmp
+    assert not list((tmp_path / "cache" / ".tmp").iterdir())

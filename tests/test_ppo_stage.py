@@ -47,7 +47,7 @@ def test_ppo_exports_log_spaced_policies_and_metrics(study):
     art, ppo = study["art"]["ppo[bt]"], study["cfg"].ppo
     steps = sorted(int(d.name.split("_")[1]) for d in (art / "exports").iterdir())
     assert steps == ppo.export_steps() == [0, 1, 2, 3]
-    assert not (art / "checkpoint").exists()  # the resume checkpoint is not part of the artifact
+    assert not (art / "resume").exists()  # the resume checkpoints are not part of the artifact
     records = [json.loads(line) for line in (art / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("score", "kl_penalty", "value_loss", "policy_loss", "clip_fraction", "approx_kl", "entropy",
@@ -196,7 +196,7 @@ def test_killed_ppo_under_zero2_resumes_to_the_uninterrupted_result(study, tmp_p
     killed_at = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        states = list(partial.glob("ppo(bt).*/checkpoint/state.json"))
+        states = list(partial.glob("ppo(bt).*/resume/latest.json"))
         if states and json.loads(states[0].read_text())["step"] >= 4:
             killed_at = json.loads(states[0].read_text())["step"]
             os.killpg(proc.pid, signal.SIGKILL)
@@ -289,3 +289,145 @@ def test_a_curve_without_the_initial_policy_names_the_samples(study):
     later = samples[samples.step > 0].assign(gold=0.0)
     with pytest.raises(RecordError, match=r"where/shards: no samples of the step-0 .*steps present: \[1, 2, 3\]"):
         rl_curve_table(later, n_boot=10, ci=0.9, seed=0, source="where/shards")
+
+
+# ------------------------------------------------------------------------------ kills, full disks and resumption
+# A killed run is simulated in-process: a Checkpointer that raises right after checkpoint k leaves the partial output
+# exactly as SIGKILL at that moment would (the row of update k appended, checkpoint k complete). The damage a kill
+# or a full disk can do to it is then made by hand, and the resumed run must end with the metrics of an
+# uninterrupted one.
+
+RESUME_OVERRIDES = ["ppo.steps=6", "ppo.checkpoint_every=2"]
+
+
+class Killed(Exception):
+    pass
+
+
+def _metrics(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+
+
+def _ppo_runner(study) -> tuple[Runner, str]:
+    cfg = load_config(SMOKE, study["overrides"] + RESUME_OVERRIDES)
+    runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
+    return runner, next(p.fingerprint for p in runner.plan() if p.node.key == "ppo[bt]")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(study):
+    """The metrics of a 6-update PPO run that nothing interrupted."""
+    runner, fp = _ppo_runner(study)
+    runner.run(until={"ppo[bt]"})
+    return _metrics(runner.cache.path("ppo[bt]", fp) / "metrics.jsonl")
+
+
+def _killed_after_checkpoint(study, monkeypatch, step: int) -> Path:
+    """Run ppo[bt] afresh until checkpoint `step` is written, then 'kill' it; return the partial output."""
+    import shutil
+
+    import stages.ppo
+
+    runner, fp = _ppo_runner(study)
+    shutil.rmtree(runner.cache.path("ppo[bt]", fp), ignore_errors=True)
+
+    class KilledAfterCheckpoint(stages.ppo.Checkpointer):
+        def save(self, state):
+            super().save(state)
+            if state["step"] == step:
+                raise Killed(f"killed after checkpoint {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(stages.ppo, "Checkpointer", KilledAfterCheckpoint)
+        with pytest.raises(Killed):
+            runner.run(until={"ppo[bt]"}, force={"ppo[bt]"})
+    partial = runner.cache.partial_path("ppo[bt]", fp)
+    assert json.loads((partial / "resume" / "latest.json").read_text())["step"] == step
+    return partial
+
+
+def _resume(study, caplog) -> tuple[list[dict], str]:
+    runner, fp = _ppo_runner(study)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="overopt"):
+        runner.run(until={"ppo[bt]"})
+    art = runner.cache.path("ppo[bt]", fp)
+    assert runner.cache.check("ppo[bt]", fp).status == "cached"
+    assert not (art / "resume").exists() and not runner.cache.partial_path("ppo[bt]", fp).exists()
+    return _metrics(art / "metrics.jsonl"), caplog.text
+
+
+@pytest.mark.parametrize("damage", ["torn last line", "last row lost"])
+def test_a_damaged_metrics_log_is_rewritten_from_the_checkpoint(study, uninterrupted, monkeypatch, caplog, damage):
+    """A full disk tears the last metrics line; the old code lost the row of a kill just after a checkpoint. Both
+    resume to the uninterrupted run's metrics (the old code failed with a JSONDecodeError, or lacked the row)."""
+    partial = _killed_after_checkpoint(study, monkeypatch, step=4)
+    log_file = partial / "metrics.jsonl"
+    text = log_file.read_text()
+    assert [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3, 4]
+    last = text.splitlines()[-1]
+    log_file.write_text(text[:-len(last) - 1] + (last[:len(last) // 2] if damage == "torn last line" else ""))
+    metrics, logged = _resume(study, caplog)
+    assert "resuming PPO from its checkpoint at update 4" in logged
+    assert ("dropped a torn last line" in logged) == (damage == "torn last line")
+    assert "rewritten from the checkpoint's own record" in logged
+    assert metrics == uninterrupted
+
+
+def test_a_checkpoint_missing_a_file_is_set_aside_and_the_stage_starts_afresh(study, uninterrupted, monkeypatch,
+                                                                               caplog):
+    """A kill inside the old non-atomic swap left a checkpoint every later run failed to load, --force included.
+    Now a checkpoint that lacks a file is found before the stage runs: the partial output is kept aside, named in a
+    warning, and the stage starts afresh."""
+    partial = _killed_after_checkpoint(study, monkeypatch, step=4)
+    next((partial / "resume" / "step_00004").glob("rng_rank0.safetensors")).unlink()
+    metrics, logged = _resume(study, caplog)
+    assert "cannot resume its partial output (checkpoint" in logged and "lacks rng_rank0.safetensors" in logged
+    assert "resuming" not in logged
+    asides = list(partial.parent.glob(partial.name + ".aside-*"))
+    assert any(a.is_dir() and (a / "resume").is_dir() for a in asides)  # kept for inspection
+    assert "lacks rng_rank0.safetensors" in next(a for a in asides if a.suffix == ".why").read_text()
+    assert metrics == uninterrupted
+
+
+def test_a_kill_after_the_last_update_does_not_restart_training(study, uninterrupted, monkeypatch, caplog):
+    """The old code deleted its checkpoint before the commit: a kill in those seconds restarted PPO from update 0."""
+    _killed_after_checkpoint(study, monkeypatch, step=6)
+    metrics, logged = _resume(study, caplog)
+    assert "resuming PPO from its checkpoint at update 6" in logged
+    assert "ppo 6/6" not in logged  # no update ran again
+    assert metrics == uninterrupted
+
+
+def test_a_kill_inside_the_commit_is_finished_without_running_the_stage(study, uninterrupted, monkeypatch, caplog):
+    runner, fp = _ppo_runner(study)
+    import shutil
+
+    shutil.rmtree(runner.cache.path("ppo[bt]", fp))
+    real = ArtifactCache._move_into_place
+
+    def killed(self, *args):
+        raise Killed("killed inside the commit")
+
+    monkeypatch.setattr(ArtifactCache, "_move_into_place", killed)
+    with pytest.raises(Killed):
+        runner.run(until={"ppo[bt]"}, force={"ppo[bt]"})
+    monkeypatch.setattr(ArtifactCache, "_move_into_place", real)
+    partial = runner.cache.partial_path("ppo[bt]", fp)
+    assert (partial / "manifest.json").is_file() and (partial / "resume").is_dir()
+    metrics, logged = _resume(study, caplog)
+    assert "completed its interrupted commit" in logged and "resuming" not in logged
+    assert metrics == uninterrupted
+
+
+def test_force_starts_afresh_even_from_a_sound_checkpoint(study, uninterrupted, monkeypatch, caplog):
+    partial = _killed_after_checkpoint(study, monkeypatch, step=2)
+    runner, _ = _ppo_runner(study)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="overopt"):
+        runner.run(until={"ppo[bt]"}, force={"ppo[bt]"})
+    assert "--force starts afresh" in caplog.text and "resuming" not in caplog.text
+    assert list(partial.parent.glob(partial.name + ".aside-*"))
+    _, fp = _ppo_runner(study)
+    assert _metrics(runner.cache.path("ppo[bt]", fp) / "metrics.jsonl") == uninterrupted

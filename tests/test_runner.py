@@ -125,6 +125,7 @@ KILL_SCRIPT = textwrap.dedent("""
     tmp = Path(sys.argv[1])
     cfg = FakeConfig(value=5, calls_log=str(tmp / "calls.log"), slow_marker=str(tmp / "marker"))
     cache = ArtifactCache(tmp / "cache")
+    cache.claim()  # as `overopt run`: the root is overopt's before anything is swept
     with cache.lock():
         cache.sweep_stale()
         Runner([StageNode("slow", "tests.fake_stages", cfg)], cache).run()
