@@ -57,6 +57,7 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     preflight(cfg)  # before any work: local paths exist, model directories serve their roles
     runner = _runner(cfg)
     runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
+    runner.cache.claim()  # refuses a folder overopt did not make, before writing anything into it
     with runner.cache.lock(cfg.run.lock_timeout_s):
         runner.cache.sweep_stale()
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")

@@ -8,21 +8,22 @@ of runs that died) is listed with its size, and removed with `--yes`. The cache 
 running `overopt run` is never touched: gc refuses while one holds it.
 
 Only directories the cache itself names are candidates (16-hex-digit fingerprints under a stage key, `.partial/`,
-`.tmp/`, `.trash/`, `runs/`), so a cache root pointed at the wrong folder loses nothing else.
+`.tmp/`, `.trash/`, `runs/`), only in a root that holds overopt's marker file (`pipeline.cache.MARKER`: a cache root
+pointed at a user's own folder is refused), and never through a symbolic link: a link in the cache is listed as
+skipped and neither followed nor removed.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.cache import ArtifactCache, partial_name
+from pipeline.cache import ArtifactCache, partial_name, remove_tree
 from pipeline.config import StudyConfig
 
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
@@ -35,6 +36,7 @@ class Garbage:
     items: list[tuple[Path, int, str]] = field(default_factory=list)  # (path, bytes, what)
     kept_artifacts: int = 0
     kept_runs: int = 0
+    links: list[Path] = field(default_factory=list)  # symbolic links met in the cache: never followed or removed
 
     @property
     def total(self) -> int:
@@ -71,32 +73,52 @@ def _run_study(run_dir: Path) -> str | None:
         return None
 
 
+def _dirs(parent: Path, g: Garbage) -> list[Path]:
+    """The real (not linked) directories in `parent`; links are noted in `g.links` and left alone."""
+    out = []
+    for p in sorted(parent.iterdir()):
+        if p.is_symlink():
+            g.links.append(p)
+        elif p.is_dir():
+            out.append(p)
+    return out
+
+
 def find_garbage(root: Path, refs: set[tuple[str, str]], studies: set[str]) -> Garbage:
     """What under `root` the references do not keep. Reads only; call it while holding the cache lock."""
     g = Garbage(root)
     if not root.is_dir():
         return g
-    for key_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in RESERVED
-                          and not p.name.startswith(".")):
-        for fp_dir in sorted(p for p in key_dir.iterdir() if p.is_dir() and FINGERPRINT.fullmatch(p.name)):
+    for key_dir in _dirs(root, g):
+        if key_dir.name in RESERVED or key_dir.name.startswith("."):
+            continue
+        for fp_dir in _dirs(key_dir, g):
+            if not FINGERPRINT.fullmatch(fp_dir.name):
+                continue
             if (key_dir.name, fp_dir.name) in refs:
                 g.kept_artifacts += 1
             else:
                 g.items.append((fp_dir, tree_size(fp_dir), "artifact"))
     partial = root / ".partial"
-    if partial.is_dir():
+    if partial.is_dir() and not partial.is_symlink():
         current = {partial_name(key, fp) for key, fp in refs}
         for d in sorted(partial.iterdir()):
-            if d.name not in current:
+            if d.is_symlink():
+                g.links.append(d)
+            elif d.name not in current:
                 g.items.append((d, tree_size(d), "stale partial output"))
     for name in (".tmp", ".trash"):
-        if (root / name).is_dir():
+        if (root / name).is_symlink():
+            g.links.append(root / name)
+        elif (root / name).is_dir():
             for d in sorted((root / name).iterdir()):
                 g.items.append((d, tree_size(d), "temporary directory of a run that died"))
     runs = root / "runs"
-    if runs.is_dir():
+    if runs.is_symlink():
+        g.links.append(runs)
+    elif runs.is_dir():
         newest: dict[str, Path] = {}
-        run_dirs = sorted(p for p in runs.iterdir() if p.is_dir())
+        run_dirs = _dirs(runs, g)
         for d in run_dirs:  # names are timestamps: the last one of a study is its newest
             study = _run_study(d)
             if study in studies:
@@ -108,23 +130,26 @@ def find_garbage(root: Path, refs: set[tuple[str, str]], studies: set[str]) -> G
 
 
 def remove(g: Garbage) -> None:
-    """Move each item aside into `.trash/` (one rename, so no half-removed artifact is left in place), then delete."""
+    """Move each item aside into `.trash/` (one rename, so no half-removed artifact is left in place), then delete.
+    Every item is checked to lie inside the cache root through no link before it is touched."""
+    root = g.root.resolve()
     trash = g.root / ".trash"
     trash.mkdir(exist_ok=True)
     for path, _, _ in g.items:
-        if not path.exists():
+        if not (path.exists() or path.is_symlink()):
             continue
+        if not path.parent.resolve().is_relative_to(root):
+            raise RuntimeError(f"gc: {path} is reached through a symbolic link or lies outside {root}; not removed")
         if path.parent == trash:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
             continue
         target = trash / f"gc.{uuid.uuid4().hex[:8]}"
         os.rename(path, target)
-        shutil.rmtree(target, ignore_errors=True)
-    for key_dir in g.root.iterdir():  # stage folders left empty
-        if key_dir.is_dir() and key_dir.name not in RESERVED and not key_dir.name.startswith(".") \
-                and not any(key_dir.iterdir()):
+        remove_tree(target)
+    for key_dir in _dirs(g.root, Garbage(g.root)):  # stage folders left empty
+        if key_dir.name not in RESERVED and not key_dir.name.startswith(".") and not any(key_dir.iterdir()):
             key_dir.rmdir()
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_tree(trash)
 
 
 def human(n: int) -> str:
@@ -146,6 +171,7 @@ def collect(configs: list[StudyConfig], yes: bool, lock_timeout_s: float = 0.0, 
         if not root.is_dir():
             out(f"cache {root}: does not exist, nothing to collect")
             continue
+        cache.require_marked(f"gc in {root}")
         with cache.lock(lock_timeout_s):
             refs = set().union(*(referenced(c) for c in cfgs))
             studies = {c.study for c in cfgs}
@@ -155,6 +181,9 @@ def collect(configs: list[StudyConfig], yes: bool, lock_timeout_s: float = 0.0, 
                 f"{names}; {len(g.items)} item(s) referenced by none of them:")
             for path, size, what in g.items:
                 out(f"  {human(size):>10}  {path.relative_to(root)}  ({what})")
+            for link in g.links:
+                out(f"  {'skipped':>10}  {link.relative_to(root)}  (a symbolic link: gc neither follows nor removes "
+                    f"it)")
             if yes and g.items:
                 remove(g)
                 out(f"removed {len(g.items)} item(s), {human(g.total)}")

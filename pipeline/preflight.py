@@ -34,11 +34,12 @@ def model_dirs(cfg: StudyConfig) -> list[tuple[str, str, str]]:
 
 
 def preflight(cfg: StudyConfig) -> None:
-    """Raise ConfigError listing every configured local path that is missing or every model directory that cannot
-    serve its role, each with its config key."""
+    """Raise ConfigError listing every configured local path that is missing, every DeepSpeed config that is not
+    usable, or every model directory that cannot serve its role, each with its config key."""
     from pipeline.study import check_local_paths
 
     check_local_paths(cfg)
+    check_deepspeed_configs(cfg)
     problems = []
     for key, path, role in model_dirs(cfg):
         try:
@@ -47,6 +48,76 @@ def preflight(cfg: StudyConfig) -> None:
             problems.append(f"{key}: {path}: {e}")
     if problems:
         raise ConfigError("model directory check failed (before any stage ran):\n  " + "\n  ".join(problems))
+
+
+def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:
+    """(config key, path) of every DeepSpeed config a stage of the study will launch with."""
+    out = []
+    if cfg.ppo is not None and cfg.ppo.deepspeed_config is not None:
+        out.append(("ppo.deepspeed_config", cfg.ppo.deepspeed_config))
+    if cfg.rl is not None and cfg.rl.deepspeed_config is not None:
+        out.append(("rl.deepspeed_config", cfg.rl.deepspeed_config))
+    if cfg.distributed_smoke.enabled:
+        out.append(("distributed_smoke.deepspeed_config", cfg.distributed_smoke.deepspeed_config))
+    return out
+
+
+def check_deepspeed_configs(cfg: StudyConfig, cuda: bool | None = None) -> None:
+    """Raise ConfigError naming the config key and the file for each DeepSpeed config that would fail at launch
+    (after every upstream stage ran): missing, not JSON, not a JSON object, a ZeRO stage other than 0-3, both fp16
+    and bf16 on, or fp16 without a CUDA GPU; and several CPU processes asked for without one.
+    `cuda` defaults to whether the launched ranks will see a GPU."""
+    from pipeline.runner import _resolve_repo_path, _visible_cuda_devices
+
+    if cuda is None:
+        cuda = _visible_cuda_devices() > 0
+    problems = []
+    for section, arm in (("ppo", cfg.ppo), ("rl", cfg.rl)):
+        if arm is not None and arm.num_processes > 1 and arm.deepspeed_config is None and not cuda:
+            problems.append(f"{section}.num_processes: {arm.num_processes} processes without a DeepSpeed config: on "
+                            f"CPU `accelerate launch --cpu` starts one process; set {section}.deepspeed_config "
+                            f"(e.g. configs/deepspeed/zero2.json) or {section}.num_processes: 1")
+    for key, path in deepspeed_configs(cfg):
+        f = _resolve_repo_path(path)
+        problem = deepspeed_config_problem(f, cuda)
+        if problem:
+            problems.append(f"{key}: {path}: {problem}")
+    if problems:
+        raise ConfigError("DeepSpeed config check failed (before any stage ran):\n  " + "\n  ".join(problems))
+
+
+def deepspeed_config_problem(path: Path, cuda: bool) -> str | None:
+    """What would make DeepSpeed refuse the config file at `path`, or None."""
+    if not path.is_file():
+        return "not found" if not path.exists() else "not a file"
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        return f"not readable ({e})"
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(ds, dict):
+        return f"holds a JSON {type(ds).__name__}, not an object of DeepSpeed settings"
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return "zero_optimization must be an object"
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        return f"zero_optimization.stage is {stage!r}; DeepSpeed's ZeRO stages are 0, 1, 2 and 3"
+    enabled = {}
+    for kind in ("fp16", "bf16"):
+        section = ds.get(kind, {})
+        if not isinstance(section, dict):
+            return f"{kind} must be an object (e.g. {{\"enabled\": true}})"
+        value = section.get("enabled", False)
+        if value not in (True, False, "auto"):
+            return f"{kind}.enabled is {value!r}; expected true, false or \"auto\""
+        enabled[kind] = value is True
+    if enabled["fp16"] and enabled["bf16"]:
+        return "fp16 and bf16 are both enabled; enable one"
+    if enabled["fp16"] and not cuda:
+        return "fp16 is enabled but no CUDA GPU is visible (DeepSpeed's CPU backend has no fp16 training)"
+    return None
 
 
 def _trust_remote_code(cfg: StudyConfig, key: str) -> bool:
