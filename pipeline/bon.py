@@ -279,8 +279,9 @@ def nested_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray 
 def kl_bon_per_prompt(proxy: np.ndarray, ns, response_ids=None) -> np.ndarray:
     """(P, len(ns)) plug-in estimates of each prompt's KL(π_bon(n) ‖ π) from its N samples, in nats.
 
-    The estimate is `kl_bon_exact` applied to the empirical distribution of the prompt's N samples (the plug-in
-    approach of Beirami et al. 2024): each distinct outcome gets its sample frequency as its probability under π.
+    The estimate is `kl_bon_exact` applied to the empirical distribution of the prompt's N samples (a plug-in of the
+    exact formula of Beirami et al. 2024; their Section 4 proposes a closed-form estimator of its own, which this has
+    not been checked against): each distinct outcome gets its sample frequency as its probability under π.
     Outcomes are grouped into reward levels as in `kl_bon_exact`, which matches `unbiased_bon`'s rule for ties
     (uniform among the tied samples), so the estimate is the KL of the policy whose scores that estimator gives.
 
