@@ -12,7 +12,8 @@ so E[score of best-of-n] = Σ_i w_i · score_(i), for the proxy and for any scor
 N samples for every n instead of only the first n ("nested" estimator, kept for comparison).
 
 Distance: d = √KL with KL_bon(n) = log n − (n − 1)/n, which is an *upper bound* on the true KL of best-of-n
-(Beirami et al. 2024), so the x-axis is labelled as a bound.
+(Beirami et al. 2024), so the x-axis is labelled as a bound. The true KL of a discrete policy (`kl_bon_exact`) and its
+plug-in estimate from the N samples (`kl_bon_estimate`) are below it, far below when many samples repeat.
 
 Gao et al.'s functional forms fitted to these curves live in `pipeline.gao` (shared with the RL curves).
 """
@@ -23,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy.special import gammaln
+from scipy.special import gammaln, rel_entr
 
 # Upper limit on the number of entries of one chunk of bootstrap resample indices (n_boot × P), to bound memory.
 _BOOT_CHUNK_ENTRIES = 4_000_000
@@ -42,6 +43,63 @@ def kl_bon_bound(n) -> float | np.ndarray:
     if np.any(~(n_arr >= 1)):  # also rejects NaN
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     kl = np.log(n_arr) - (n_arr - 1.0) / n_arr
+    return float(kl) if kl.ndim == 0 else kl
+
+
+def _bon_level_kl_terms(F: np.ndarray, F_prev: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
+    """Each reward level's term π_bon log(π_bon / p) of KL(best-of-n ‖ base), elementwise.
+
+    A level is a set of outcomes with equal reward; `p` is its probability under the base policy, `F` the base CDF of
+    the reward at the level (including it) and `F_prev` the CDF strictly below it (F − p). Best-of-n lands on the
+    level with probability F^n − F_prev^n, written as F^n · (1 − (F_prev/F)^n) with `expm1` so that a small level
+    high in the distribution (F_prev ≈ F ≈ 1) does not lose its mass to cancellation. Levels with p = 0 give 0.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):  # F_prev = 0 (the lowest level): log 0 = −inf, expm1 → −1
+        ratio_log = np.log(F_prev) - np.log(F)
+        pi = np.where(p > 0, F ** n * -np.expm1(n * ratio_log), 0.0)
+    return rel_entr(pi, p)  # π log(π/p), 0 where π = 0
+
+
+def kl_bon_exact(probs, rewards, n) -> float | np.ndarray:
+    """KL(π_bon(n) ‖ π) in nats of best-of-n over a discrete base policy π, by exact enumeration of its outcomes.
+
+    Args:
+        probs: (K,) probabilities of the K outcomes under π (non-negative, summing to 1; renormalised).
+        rewards: (K,) reward of each outcome; best-of-n keeps the highest of n independent draws.
+        n: a positive integer or an array of them (the result then has its shape).
+
+    With F the CDF of the reward under π and F⁻ the CDF strictly below, best-of-n's maximum reward equals r with
+    probability F(r)^n − F⁻(r)^n (Beirami et al. 2024). Ties: when several of the n draws share the maximum reward,
+    best-of-n returns one of them chosen without looking at which outcome it is (uniformly at random, or the first
+    drawn: both give the same policy). Given the maximum level, the returned outcome then is distributed as π
+    restricted to that level, so π_bon(y) / π(y) is the same for every outcome of a level, and the KL over outcomes
+    equals the KL over reward levels:
+
+        KL = Σ_levels π_bon(level) log(π_bon(level) / π(level)),   π_bon(level) = F^n − F⁻^n.
+
+    This equals the bound log n − (n − 1)/n only in the limit of distinct rewards with vanishing probabilities, and
+    is below it otherwise (for example 0 when all rewards tie). A tie-break that prefers particular outcomes (a
+    total order on outcomes) is a different policy with a larger KL; it is not what `unbiased_bon` estimates.
+    """
+    p = np.asarray(probs, dtype=float).ravel()
+    r = np.asarray(rewards, dtype=float).ravel()
+    if p.shape != r.shape or p.size < 1:
+        raise ValueError(f"probs and rewards must be non-empty and of equal length, got {p.size} and {r.size}")
+    if np.any(~(p >= 0)) or not np.isfinite(r).all():
+        raise ValueError("probs must be non-negative and rewards finite")
+    total = p.sum()
+    if not abs(total - 1.0) <= 1e-9:
+        raise ValueError(f"probs must sum to 1, got {total}")
+    ns = np.asarray(n)
+    for v in ns.ravel():
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"best-of-n needs integer n >= 1, got {v!r}")
+    levels, inverse = np.unique(r, return_inverse=True)  # ascending rewards; equal rewards form one level
+    p_level = np.bincount(inverse, weights=p / total, minlength=levels.size)
+    F = np.minimum(np.cumsum(p_level), 1.0)
+    F_prev = np.concatenate([[0.0], F[:-1]])
+    kl = np.array([_bon_level_kl_terms(F, F_prev, p_level, int(v)).sum() for v in ns.ravel()]).reshape(ns.shape)
+    kl = np.maximum(kl, 0.0)  # n = 1 gives 0 up to rounding (≈ −1e-17)
     return float(kl) if kl.ndim == 0 else kl
 
 
@@ -218,6 +276,72 @@ def nested_bon(proxy: np.ndarray, others: Mapping[str, np.ndarray] | np.ndarray 
     return np.take_along_axis(proxy, idx, axis=1), _unwrap(res, others, was_dict)
 
 
+def kl_bon_per_prompt(proxy: np.ndarray, ns, response_ids=None) -> np.ndarray:
+    """(P, len(ns)) plug-in estimates of each prompt's KL(π_bon(n) ‖ π) from its N samples, in nats.
+
+    The estimate is `kl_bon_exact` applied to the empirical distribution of the prompt's N samples (a plug-in of the
+    exact formula of Beirami et al. 2024; their Section 4 proposes a closed-form estimator of its own, which this has
+    not been checked against): each distinct outcome gets its sample frequency as its probability under π.
+    Outcomes are grouped into reward levels as in `kl_bon_exact`, which matches `unbiased_bon`'s rule for ties
+    (uniform among the tied samples), so the estimate is the KL of the policy whose scores that estimator gives.
+
+    Args:
+        proxy: (P, N) proxy scores, the reward best-of-n selects by. Must not contain NaN.
+        ns: the n values, each in 1..N (as for `unbiased_bon`).
+        response_ids: optional (P, N) identifiers of the sampled responses (e.g. their text or a hash). Samples with
+            the same id in a prompt are one outcome, scored by the mean of their proxy scores, so copies of one
+            response count as a repeat even when batched scoring gave them slightly different floats. Without ids,
+            samples with exactly equal proxy scores are one level, which gives the same KL when identical responses
+            get identical scores.
+
+    Bias: the plug-in distribution has at most N atoms, so the estimate is at most log N; for continuous rewards
+    (no repeats) it underestimates the true KL once n is a sizeable fraction of N. It is always ≤ the bound.
+    Vectorised over prompts: one pass per n over the sorted (P, N) matrix.
+    """
+    proxy = _as_scores(proxy, "proxy")
+    if np.isnan(proxy).any():
+        raise ValueError("proxy scores contain NaN; best-of-n cannot rank them")
+    P, N = proxy.shape
+    ns = _check_ns(ns, N)
+    if response_ids is not None:
+        proxy = _score_per_response(proxy, response_ids)
+    sorted_proxy = np.sort(proxy, axis=1)
+    cols = np.arange(N)
+    starts = np.ones((P, N), dtype=bool)
+    starts[:, 1:] = sorted_proxy[:, 1:] != sorted_proxy[:, :-1]
+    ends = np.ones((P, N), dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    # Each level's terms are evaluated at its last sample: F = (index + 1)/N, F⁻ = (index of its first sample)/N.
+    first = np.maximum.accumulate(np.where(starts, cols, 0), axis=1)
+    F = np.broadcast_to((cols + 1) / N, (P, N))
+    F_prev = first / N
+    p = np.where(ends, (cols - first + 1) / N, 0.0)  # p = 0 elsewhere: one term per level
+    out = np.empty((P, len(ns)))
+    for k, n in enumerate(ns):  # loop over n values, not prompts
+        out[:, k] = _bon_level_kl_terms(F, F_prev, p, n).sum(axis=1)
+    return np.maximum(out, 0.0)  # n = 1 gives 0 up to rounding (≈ −1e-17)
+
+
+def kl_bon_estimate(proxy: np.ndarray, ns, response_ids=None) -> np.ndarray:
+    """(len(ns),) plug-in estimate of KL(π_bon(n) ‖ π) averaged over prompts: the column means of
+    `kl_bon_per_prompt` (see there for the estimator, ties, `response_ids` and its bias)."""
+    return kl_bon_per_prompt(proxy, ns, response_ids).mean(axis=0)
+
+
+def _score_per_response(proxy: np.ndarray, response_ids) -> np.ndarray:
+    """Replace each sample's score by the mean score of the samples with the same response id in its prompt."""
+    ids = np.asarray(response_ids, dtype=object)
+    if ids.shape != proxy.shape:
+        raise ValueError(f"response_ids has shape {ids.shape}, but proxy has shape {proxy.shape}")
+    P, N = proxy.shape
+    codes = pd.factorize(ids.ravel())[0].reshape(P, N)  # ids of any hashable type to integers
+    # One group per (prompt, response): combine the prompt index and the id's code into one key.
+    _, group = np.unique(np.arange(P)[:, None] * (codes.max() + 1) + codes, return_inverse=True)
+    group = group.ravel()
+    mean = np.bincount(group, weights=proxy.ravel()) / np.bincount(group)
+    return mean[group].reshape(P, N)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bootstrap over prompts
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,3 +438,26 @@ def bon_curve_table(proxy: np.ndarray, gold: np.ndarray, ns, n_boot: int = 1000,
         sl = slice(j * K, (j + 1) * K)
         table[name], table[f"{name}_lo"], table[f"{name}_hi"] = mean[sl], lo[sl], hi[sl]
     return pd.DataFrame(table)[BON_CURVE_COLUMNS]
+
+
+KL_ESTIMATED_COLUMNS = ["kl_estimated", "kl_estimated_lo", "kl_estimated_hi", "sqrt_kl_estimated"]
+
+
+def with_kl_estimated(table: pd.DataFrame, proxy: np.ndarray, response_ids=None, n_boot: int = 1000,
+                      ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """A copy of a `bon_curve_table` with the plug-in KL estimate beside the bound.
+
+    Adds `KL_ESTIMATED_COLUMNS` right after sqrt_kl_bound: kl_estimated (`kl_bon_estimate` at the table's n), its
+    percentile-bootstrap CI over prompts (kl_estimated_lo/_hi, `bootstrap_ci` with the given n_boot, ci, seed) and
+    sqrt_kl_estimated, the distance d on that scale. `proxy` (and `response_ids`) must be the matrix the table was
+    computed from. The table passed in is not modified.
+    """
+    if "n" not in table or "sqrt_kl_bound" not in table:
+        raise ValueError("table must be a bon_curve_table (columns n and sqrt_kl_bound)")
+    per_prompt = kl_bon_per_prompt(proxy, table["n"].to_numpy(), response_ids)
+    mean, lo, hi = bootstrap_ci(per_prompt, n_boot, ci, seed)
+    out = table.copy()
+    at = list(out.columns).index("sqrt_kl_bound") + 1
+    for offset, (name, values) in enumerate(zip(KL_ESTIMATED_COLUMNS, (mean, lo, hi, np.sqrt(mean)))):
+        out.insert(at + offset, name, values)
+    return out

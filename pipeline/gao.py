@@ -4,6 +4,9 @@ With d = √KL and scores relative to the initial policy (R(0) = 0):
     R_bon(d) = d(α − β d),        peak d* = α / (2β)
     R_RL(d)  = d(α − β log d),    peak d* = exp(α/β − 1)
 Both are linear in (α, β); the fits use scipy's `curve_fit` started at the linear least-squares solution.
+
+`check_fit` says whether a fit describes its curve: whether the fitted peak agrees with the empirical one
+(`empirical_peak`, bootstrap over prompts) and whether the fitted values pass through the points' CIs.
 """
 
 from __future__ import annotations
@@ -96,6 +99,20 @@ def _peak(form: str, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     return np.where(beta > 0, d_star, math.inf)
 
 
+def _resampled_mean_curves(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, points): the mean curve of each bootstrap resample of the prompts (rows) of `x`.
+
+    Prompts are drawn with replacement by a numpy Generator seeded with `seed`; the draws depend only on (seed,
+    prompts, n_boot), so `bootstrap_fit` and `empirical_peak` with the same seed use the same resamples.
+    """
+    P = x.shape[0]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, P, size=(n_boot, P))
+    # counts[r, p]: how often resample r drew prompt p; one product then gives every resample's mean curve
+    counts = np.bincount((idx + P * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * P)
+    return counts.reshape(n_boot, P) @ x / P
+
+
 def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
     """Gao et al.'s `form` ("bon": d(α − βd), "rl": d(α − β log d)) fitted to the mean over prompts of `per_prompt`,
     with percentile-bootstrap CIs over prompts.
@@ -147,10 +164,7 @@ def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95
     else:
         # Both forms are linear in (α, β), so each resample's least-squares fit (what curve_fit converges to from
         # the linear solution) is one column of a single multi-target lstsq.
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, P, size=(n_boot, P))
-        counts = np.bincount((idx + P * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * P)
-        curves = counts.reshape(n_boot, P) @ x / P  # (n_boot, points): each resample's mean curve
+        curves = _resampled_mean_curves(x, n_boot, seed)
         design = np.stack([model(d, 1.0, 0.0), model(d, 0.0, 1.0)], axis=1)
         (alpha_b, beta_b) = np.linalg.lstsq(design, curves.T, rcond=None)[0]
         d_star_b = _peak(form, alpha_b, beta_b)
@@ -164,3 +178,127 @@ def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95
     # KL = d²; a d* < 0 (BoN with α < 0: gold falls from the start) counts as a peak at KL 0
     out["kl_star"] = {k: max(v, 0.0) ** 2 for k, v in out["d_star"].items()}
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks of a fit against the curve it was fitted to
+# ---------------------------------------------------------------------------------------------------------------------
+
+def empirical_peak(per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+    """The curve's empirical peak (the distance of the first maximum of the mean curve) with a bootstrap CI.
+
+    `per_prompt` is the (prompts, points) matrix of scores at the distances `d` (all points, d = 0 included: a curve
+    that only falls peaks there). Prompts are resampled as in `bootstrap_fit` (same seed, same resamples); the CI is
+    the (1 − ci)/2 and (1 + ci)/2 order statistics of the resamples' peak distances. The peak can only land on a
+    point of the grid, so the CI is a set of grid points; `check_fit` widens it to the neighbouring points.
+
+    Returns {estimate, lo, hi} (distances) and index, the column of the estimate.
+    """
+    x = np.asarray(per_prompt, dtype=float)
+    d = np.asarray(d, dtype=float).ravel()
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != d.size or d.size < 1:
+        raise ValueError(f"per_prompt must be a (prompts, points) matrix with one column per d ({d.size}), "
+                         f"got shape {x.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(d).all()):
+        raise ValueError("per_prompt and d must be finite")
+    if not isinstance(n_boot, (int, np.integer)) or isinstance(n_boot, bool) or n_boot < 0:
+        raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    index = int(np.argmax(x.mean(axis=0)))  # argmax returns the first maximum, as the stages' empirical_peak
+    if n_boot == 0:
+        lo = hi = d[index]
+    else:
+        peaks = d[np.argmax(_resampled_mean_curves(x, n_boot, seed), axis=1)]
+        lo, hi = np.quantile(peaks, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], method="inverted_cdf")
+    return {"estimate": float(d[index]), "lo": float(lo), "hi": float(hi), "index": index}
+
+
+def _interval(value) -> tuple[float, float, float]:
+    """(estimate, lo, hi) of a bootstrap_fit-style {estimate, lo, hi} dict, or of a plain number (lo = hi)."""
+    if isinstance(value, dict):
+        return float(value["estimate"]), float(value["lo"]), float(value["hi"])
+    return float(value), float(value), float(value)
+
+
+def _grid_neighbours(grid: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """The grid point just below `lo` (0 if none) and just above `hi` (inf if none): where a peak found on the grid
+    at lo … hi can really lie."""
+    below, above = grid[grid < lo], grid[grid > hi]
+    return (float(below.max()) if below.size else 0.0), (float(above.min()) if above.size else math.inf)
+
+
+def check_fit(form: str, d, mean, lo, hi, fit: dict, empirical: dict, *, max_outside_fraction: float = 0.25,
+              max_rel_residual: float = 2.0, widen_to_grid: bool = True) -> dict:
+    """Whether a Gao fit describes the curve it was fitted to: does it put the peak where the data has it, and does
+    it pass through the points' confidence intervals?
+
+    Args:
+        form: "bon" or "rl", the form of `fit`.
+        d, mean, lo, hi: the curve's points: distance d = √KL, mean score relative to the initial policy and the
+            point's own CI (e.g. gold_rel, gold_rel_lo, gold_rel_hi of a curve table).
+        fit: alpha, beta and d_star of the fit, each a number or an {estimate, lo, hi} dict (`bootstrap_fit`'s
+            output can be passed as is; with plain numbers, e.g. from `fit_rl`, the d* interval is one point).
+        empirical: the empirical peak's distance as {estimate, lo, hi} (`empirical_peak`).
+        max_outside_fraction: the largest share of points whose fitted value may lie outside their CI. A correct
+            form with 95% CIs leaves about 5% outside; neighbouring points share prompts, so misses come in runs.
+        max_rel_residual: the largest allowed |mean − fitted| in units of the CI half-width on the fitted value's
+            side (1 is the CI's edge; the default 2 is about 4 standard errors).
+        widen_to_grid: widen the empirical interval to the neighbouring grid points (see below).
+
+    Definitions:
+        peak_consistent: the fitted d*'s CI and the empirical peak's interval overlap (max of the lower ends ≤ min of
+            the upper ends); this includes either estimate lying inside the other's interval. The empirical peak is
+            an argmax over the grid, which only places the true peak between the grid points next to it, so with
+            `widen_to_grid` its interval runs from the grid point below its CI to the one above (0 below the first
+            point, inf above the last: a curve still rising at its end does not bound its peak).
+        misfit: over the points with d > 0 (those the fit used), the count and fraction whose fitted value lies
+            outside [lo, hi], each point's relative residual |mean − fitted| / half-width (half-width = hi − mean
+            when the fitted value is above the mean, mean − lo otherwise, so > 1 exactly when outside; inf for a
+            zero-width CI that the fit misses) and their maximum. `misfit["ok"]` holds when the fraction is
+            ≤ max_outside_fraction and the maximum ≤ max_rel_residual.
+        ok: peak_consistent and misfit["ok"]; reason: "" when ok, else one line naming what failed with numbers.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    d, mean, lo, hi = (np.asarray(v, dtype=float).ravel() for v in (d, mean, lo, hi))
+    if not d.size == mean.size == lo.size == hi.size:
+        raise ValueError(f"d, mean, lo and hi differ in length: {d.size}, {mean.size}, {lo.size}, {hi.size}")
+    if np.any(lo > mean) or np.any(mean > hi):
+        raise ValueError("each point needs lo <= mean <= hi")
+    alpha, beta = _interval(fit["alpha"])[0], _interval(fit["beta"])[0]
+    f_est, f_lo, f_hi = _interval(fit["d_star"])
+    f_est, f_lo, f_hi = (max(v, 0.0) for v in (f_est, f_lo, f_hi))  # BoN d* < 0 (gold falls at once): peak at 0
+    e_est, e_lo, e_hi = _interval(empirical)
+    grid = np.unique(d[np.isfinite(d)])
+    if widen_to_grid:
+        e_lo, e_hi = _grid_neighbours(grid, e_lo, e_hi)
+    peak_consistent = bool(max(f_lo, e_lo) <= min(f_hi, e_hi))
+
+    used = (d > 0) & np.isfinite(d) & np.isfinite(mean)
+    fitted = FORMS[form](d[used], alpha, beta)
+    m, lo_u, hi_u = mean[used], lo[used], hi[used]
+    half = np.where(fitted > m, hi_u - m, m - lo_u)
+    gap = np.abs(m - fitted)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(gap == 0, 0.0, gap / half)  # a zero-width CI that the fit misses gives inf
+    outside = (fitted < lo_u) | (fitted > hi_u)
+    count, points = int(outside.sum()), int(used.sum())
+    fraction = count / points if points else math.nan
+    max_rel = float(rel.max()) if points else math.nan
+    misfit_ok = bool(fraction <= max_outside_fraction and max_rel <= max_rel_residual)  # NaN (no points) fails
+    misfit = {"count": count, "points": points, "fraction": fraction, "max_rel_residual": max_rel,
+              "rel_residuals": rel.tolist(), "ok": misfit_ok}
+
+    reasons = []
+    if not peak_consistent:
+        reasons.append(f"fitted peak d*={f_est:.3g} (CI {f_lo:.3g}..{f_hi:.3g}) misses the empirical peak "
+                       f"d={e_est:.3g} (interval {e_lo:.3g}..{e_hi:.3g})")
+    if not misfit["ok"]:
+        reasons.append(f"{count}/{points} points' fitted values lie outside their CI (max |residual| "
+                       f"{max_rel:.3g} CI half-widths; allowed {max_outside_fraction:.0%} and {max_rel_residual:g})")
+    return {"form": form, "ok": peak_consistent and misfit["ok"], "reason": "; ".join(reasons),
+            "peak_consistent": peak_consistent,
+            "peak": {"fitted": {"estimate": f_est, "lo": f_lo, "hi": f_hi},
+                     "empirical": {"estimate": e_est, "lo": e_lo, "hi": e_hi}},
+            "misfit": misfit}
