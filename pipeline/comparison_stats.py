@@ -12,6 +12,8 @@ scored on the same samples; their runs pair up seed by seed and the paired t tes
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -75,13 +77,16 @@ def difference(a, b, paired: bool) -> dict:
               "p": np.nan, "df": np.nan, "mdd80": np.nan, "note": ""}
     if min(len(a), len(b)) < 2:
         return result | {"note": "fewer than two seeds" + (" in a group" if not paired else "")}
-    if paired:
-        se, df = standard_error(b - a, paired=True)
-    else:
-        se, df = standard_error((a, b), paired=False)
-    if not se > 0:  # scipy would warn of catastrophic cancellation and return NaN: say why instead
+    # "Constant" up to rounding: differences like 0.7 − 0.6 and 0.8 − 0.7 differ in the 17th digit, and a t statistic
+    # over that would be noise; scipy warns of catastrophic cancellation and returns NaN or nonsense. Say why instead.
+    spread = np.ptp(b - a) if paired else max(np.ptp(a), np.ptp(b))
+    if spread <= 1e-12 * max(np.abs(a).max(), np.abs(b).max()):
         return result | {"note": "the runs do not vary"}
-    test = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
+    se, df = standard_error(b - a, paired=True) if paired else standard_error((a, b), paired=False)
+    with warnings.catch_warnings():
+        # one Welch group whose seeds agree exactly has variance 0, which scipy computes right but warns about
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        test = stats.ttest_rel(b, a) if paired else stats.ttest_ind(b, a, equal_var=False)
     ci = test.confidence_interval(1 - ALPHA)
     return result | {"ci_lo": float(ci.low), "ci_hi": float(ci.high), "p": float(test.pvalue), "df": float(test.df),
                      "mdd80": minimal_detectable_difference(se, df)}
@@ -167,9 +172,10 @@ def p_text(p: float) -> str:
 
 def design_text(row) -> str:
     """`paired t, 5 seeds` or `Welch, 5 vs 4 seeds` of a `difference` result."""
+    seeds = "seed" if max(row["n_a"], row["n_b"]) == 1 else "seeds"
     if row["test"] == PAIRED:
-        return f"{PAIRED}, {row['n_a']} seeds"
-    return f"{WELCH}, {row['n_a']} vs {row['n_b']} seeds"
+        return f"{PAIRED}, {row['n_a']} {seeds}"
+    return f"{WELCH}, {row['n_a']} vs {row['n_b']} {seeds}"
 
 
 def verdicts(table: pd.DataFrame, fmt: str = ".3f") -> list[str]:

@@ -142,4 +142,4 @@ def test_verdicts_are_the_numbers_in_words():
                              f"(Welch, 3 vs 4 seeds); not significant after Holm correction over 2 comparisons "
                              f"(adjusted p = {r.p_holm:.2g})")
     assert f"smaller than {r.mdd80:.3f}" in second
-    assert third == "GRM − BT in peak gold: +0.200 (paired t, 1 seeds); not tested: fewer than two seeds."
+    assert third == "GRM − BT in peak gold: +0.200 (paired t, 1 seed); not tested: fewer than two seeds."
