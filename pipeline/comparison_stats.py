@@ -23,6 +23,9 @@ ALPHA = 0.05  # two-sided level of every test and interval here (95 % intervals)
 POWER = 0.80  # the power at which the minimal detectable difference is given
 
 PAIRED, WELCH = "paired t", "Welch"
+# what `difference` returns, in order: the columns of a table of comparisons
+DIFFERENCE_COLUMNS = ["test", "n_a", "n_b", "mean_a", "mean_b", "difference", "ci_lo", "ci_hi", "p", "df", "mdd80",
+                      "note"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,16 +169,15 @@ def with_holm(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def p_text(p: float) -> str:
-    """A p-value in two significant digits, `< 0.001` below that."""
-    return "< 0.001" if p < 0.001 else f"= {p:.2g}"
+    """A p-value in two significant digits, `< 0.001` below that, `—` for none."""
+    return "—" if not np.isfinite(p) else "< 0.001" if p < 0.001 else f"{p:.2g}"
 
 
 def design_text(row) -> str:
     """`paired t, 5 seeds` or `Welch, 5 vs 4 seeds` of a `difference` result."""
-    seeds = "seed" if max(row["n_a"], row["n_b"]) == 1 else "seeds"
-    if row["test"] == PAIRED:
-        return f"{PAIRED}, {row['n_a']} {seeds}"
-    return f"{WELCH}, {row['n_a']} vs {row['n_b']} {seeds}"
+    n_a, n_b = int(row["n_a"]), int(row["n_b"])
+    seeds = "seed" if max(n_a, n_b) == 1 else "seeds"
+    return f"{PAIRED}, {n_a} {seeds}" if row["test"] == PAIRED else f"{WELCH}, {n_a} vs {n_b} {seeds}"
 
 
 def verdicts(table: pd.DataFrame, fmt: str = ".3f") -> list[str]:
@@ -190,8 +192,10 @@ def verdicts(table: pd.DataFrame, fmt: str = ".3f") -> list[str]:
             out.append(f"{head} ({design_text(r)}); not tested: {r['note'] or 'no p-value'}.")
             continue
         significant = r["p_holm"] < ALPHA
+        adjusted = p_text(r["p_holm"])
+        adjusted = adjusted if adjusted.startswith("<") else f"= {adjusted}"
         out.append(f"{head} [{r['ci_lo']:{fmt}}, {r['ci_hi']:{fmt}}] ({design_text(r)}); "
                    f"{'significant' if significant else 'not significant'} after Holm correction over {family} "
-                   f"comparison{'s' if family != 1 else ''} (adjusted p {p_text(r['p_holm'])}); a difference smaller "
+                   f"comparison{'s' if family != 1 else ''} (adjusted p {adjusted}); a difference smaller "
                    f"than {r['mdd80']:{fmt}} would go undetected at {POWER * 100:.0f} % power.")
     return out

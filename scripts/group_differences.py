@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.comparison_stats import design_text, difference_of_runs, verdicts, with_holm
+from pipeline.comparison_stats import design_text, difference_of_runs, p_text, verdicts, with_holm
 from pipeline.config import proxy_family
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     table = differences(args.report, args.a, args.b)
     shown = pd.DataFrame({"measure": table.measure, "test": [design_text(r) for _, r in table.iterrows()],
                           args.a: table.mean_a, args.b: table.mean_b, "B − A": table.difference, "lo": table.ci_lo,
-                          "hi": table.ci_hi, "p": table.p.map("{:.2g}".format),
-                          "p Holm": table.p_holm.map("{:.2g}".format), "MDD80": table.mdd80})
+                          "hi": table.ci_hi, "p": table.p.map(p_text),
+                          "p Holm": table.p_holm.map(p_text), "MDD80": table.mdd80})
     print(f"{args.report}: {args.b} − {args.a}, mean over seeds, 95 % interval (paired t where the entries' runs are "
           f"the same seeds, Welch otherwise); p Holm-adjusted over these {table.p_holm.notna().sum()} comparisons; "
           f"MDD80: the smallest difference detected with 80 % power")
