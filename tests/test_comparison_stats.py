@@ -47,6 +47,7 @@ def test_welch_difference_by_hand():
     assert r["p"] == pytest.approx(2 * stats.t.sf(t, df))
     # MDD: the noncentral-t power of this design at the MDD is 80 %
     assert cs.t_power(r["mdd80"] / se, df) == pytest.approx(0.80, abs=1e-6)
+    assert list(r) == cs.DIFFERENCE_COLUMNS  # the columns compare's peak table declares
     with pytest.raises(ValueError, match="as many runs in each group, got 3 and 4"):
         cs.difference(a, b, paired=True)
 
