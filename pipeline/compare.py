@@ -9,7 +9,10 @@ a report directory made without it.
 For every arm (best-of-n, PPO, GRPO, RLOO) that at least two studies have, the output directory gets
 `<arm>_gold_vs_kl.png` (each study's curve of each compared proxy: colour by proxy, line style by study) and
 `<arm>_curves.csv` (every plotted point, with a `study` column), and README.md a table per proxy: per arm and study
-the gold at the initial policy, the peak gold, the KL at the peak and the peak gold's difference to the first study's.
+the gold at the initial policy, the peak gold, the KL at the peak and the peak gold's difference to the first study's
+with its 95 % interval, p-value (Holm-adjusted over every difference the README gives) and 80 %-power minimal
+detectable difference, from `pipeline.comparison_stats` (paired over seeds when the proxy has the same runs in both
+studies, Welch otherwise), then a sentence per difference that says what those numbers mean.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.comparison_stats import DIFFERENCE_COLUMNS, design_text, difference_of_runs, p_text, verdicts, with_holm
 from pipeline.config import proxy_family
 from pipeline.seed_stats import seed_stats
 
@@ -196,22 +200,27 @@ def choose_proxies(studies: list[Study], wanted: list[str] | None) -> list[str]:
 # the comparison
 
 
-def _peak(table: pd.DataFrame, arm: str) -> dict:
+def _peak(table: pd.DataFrame, arm: str) -> tuple[dict, pd.Series]:
     """Peak gold (its sd over runs), KL at the peak and initial gold of one proxy in one study; with several runs
-    (seeds), each run's own peak, averaged over runs."""
+    (seeds), each run's own peak, averaged over runs. Also each run's peak gold, indexed by run."""
     kl = ARMS[arm][3]
-    runs = [g for _, g in table.groupby("run", sort=False)]
-    peaks = [t.loc[t.gold.idxmax()] for t in runs]
-    first = [t.sort_values("n" if _kind(arm) == "bon" else "step").iloc[0] for t in runs]
-    gold = seed_stats([p.gold for p in peaks])
-    return {"runs": len(runs), "initial gold": float(np.mean([f.gold for f in first])), "peak gold": gold["mean"],
-            "sd": gold["sd"],
-            "KL at the peak": float(np.mean([p[kl] for p in peaks]))}
+    runs = {r: t for r, t in table.groupby("run", sort=False)}
+    peaks = {r: t.loc[t.gold.idxmax()] for r, t in runs.items()}
+    first = [t.sort_values("n" if _kind(arm) == "bon" else "step").iloc[0] for t in runs.values()]
+    peak_gold = pd.Series({r: p.gold for r, p in peaks.items()}, dtype=float)
+    gold = seed_stats(peak_gold)
+    return ({"runs": len(runs), "initial gold": float(np.mean([f.gold for f in first])), "peak gold": gold["mean"],
+             "sd": gold["sd"], "KL at the peak": float(np.mean([p[kl] for p in peaks.values()]))}, peak_gold)
+
+
+PEAK_COLUMNS = ["arm", "study", "runs", "initial gold", "peak gold", "sd", "KL at the peak", "Δ peak gold"]
 
 
 def peak_table(studies: list[Study], proxy: str) -> pd.DataFrame:
     """One row per arm and study that has `proxy`: runs, initial gold, peak gold, KL at the peak, and Δ peak gold
-    (the study's minus the first study's, NaN where the first study lacks the arm or proxy)."""
+    (the study's minus the first study's, NaN where the first study lacks the arm or proxy). Beside Δ, the columns of
+    `pipeline.comparison_stats.difference` of the runs' peak gold against the first study's (its `what` names it;
+    NaN on the first study's rows): paired when the proxy has the same runs in both studies (the same seeds)."""
     rows = []
     for arm, (name, _, _, _) in ARMS.items():
         base = None
@@ -219,21 +228,40 @@ def peak_table(studies: list[Study], proxy: str) -> pd.DataFrame:
             t = s.curves.get(arm)
             if t is None or proxy not in set(t.proxy_name):
                 continue
-            row = {"arm": name, "study": s.label, **_peak(t[t.proxy_name == proxy], arm)}
+            summary, peak_gold = _peak(t[t.proxy_name == proxy], arm)
+            row = {"arm": name, "study": s.label, **summary, "Δ peak gold": np.nan}
             if i == 0:
-                base = row["peak gold"]
-            row["Δ peak gold"] = row["peak gold"] - base if base is not None else np.nan
+                base, row["Δ peak gold"] = peak_gold, 0.0
+            elif base is not None:
+                diff = difference_of_runs(base, peak_gold)
+                row |= {**diff, "Δ peak gold": diff["difference"],
+                        "what": f"{s.label} − {studies[0].label} in {proxy}'s {name} peak gold"}
             rows.append(row)
-    return pd.DataFrame(rows, columns=["arm", "study", "runs", "initial gold", "peak gold", "sd", "KL at the peak",
-                                       "Δ peak gold"])
+    return pd.DataFrame(rows, columns=[*PEAK_COLUMNS, "what", *DIFFERENCE_COLUMNS])
+
+
+def _cell(v, fmt: str = ".3f") -> str:
+    if isinstance(v, float):
+        return "—" if np.isnan(v) else f"{v:{fmt}}"
+    return str(v)
+
+
+def _peak_md(table: pd.DataFrame) -> str:
+    """A proxy's peak table (`peak_table` with `p_holm`) in markdown: Δ with its interval, test, p, Holm p, MDD80."""
+    rows = list(table.itertuples(index=False))
+    shown = pd.DataFrame({**{c: table[c].map(_cell) for c in PEAK_COLUMNS[:-1]},
+                          "Δ peak gold": table["Δ peak gold"].map(lambda v: _cell(v, "+.3f")),
+                          "95 % interval": ["—" if np.isnan(r.ci_lo) else f"[{r.ci_lo:.3f}, {r.ci_hi:.3f}]"
+                                            for r in rows],
+                          "test": [design_text(r._asdict()) if isinstance(r.test, str) else "—" for r in rows],
+                          "p": table.p.map(p_text), "Holm p": table.p_holm.map(p_text),
+                          "MDD80": table.mdd80.map(_cell)})
+    return _md(shown)
 
 
 def _md(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    for _, r in frame.iterrows():
-        cells = ["—" if isinstance(v, float) and np.isnan(v) else f"{v:+.3f}" if c == "Δ peak gold"
-                 else f"{v:.3f}" if isinstance(v, float) else str(v) for c, v in r.items()]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -255,7 +283,12 @@ def compare(studies: list[Study], proxies: list[str], out: Path) -> Path:
     parts += ["Peak gold is the largest mean gold over a curve's points (best-of-n: over n; RL: over the exports); "
               "with several runs of a proxy (RL seeds, and `p@seedK` proxy entries, the seeds of `p`) each run's peak, "
               "averaged, with their sd. KL at the peak is best-of-n's bound log n − (n−1)/n, RL's measured KL (k1); "
-              f"initial gold is n = 1's or step 0's. Δ peak gold: the study's peak gold minus `{labels[0]}`'s.", ""]
+              f"initial gold is n = 1's or step 0's. Δ peak gold: the study's peak gold minus `{labels[0]}`'s, with "
+              "its 95 % interval and p-value from the runs' peaks: the paired t test over seeds when the proxy has "
+              "the same runs (names, so seeds) in both studies, Welch's test otherwise (`test`); Holm p: the p-value "
+              "Holm-adjusted over every difference in this README; MDD80: the smallest true difference the test "
+              "detects with 80 % power at these runs' spread (noncentral t). `—`: not tested (fewer than two runs "
+              "a side, or runs that do not vary).", ""]
     for arm, (name, csv, x, _) in ARMS.items():
         have = [s for s in studies if arm in s.curves]
         if len(have) < 2:
@@ -275,9 +308,14 @@ def compare(studies: list[Study], proxies: list[str], out: Path) -> Path:
                      out / figure, f"{name}: {' vs '.join(labels)}", X_LABEL[_kind(arm)])
         parts += [f"## {name}", "", f"![{name}]({figure})", "",
                   f"Every plotted point, with a `study` column: [{csv}]({csv}).", ""]
+    # one family for Holm: every difference this README gives, over all proxies and arms
+    family = with_holm(pd.concat([peak_table(studies, p).assign(proxy=p) for p in proxies], ignore_index=True))
     parts += ["## Peak gold per proxy", ""]
     for p in proxies:
-        parts += [f"### {p}", "", _md(peak_table(studies, p)), ""]
+        parts += [f"### {p}", "", _peak_md(family[family.proxy == p]), ""]
+    compared = family[family.what.notna()]
+    if len(compared):
+        parts += ["## Differences in peak gold", ""] + [f"- {v}" for v in verdicts(compared)] + [""]
     readme = out / "README.md"
     readme.write_text("\n".join(parts))
     return readme

@@ -1,5 +1,6 @@
 """`overopt compare` on report directories written by hand in the report stage's schema: the plotted points, the
-peak table's Δ against hand computation, seeds grouped under their proxy, old reports, and the error messages."""
+peak table's Δ, its interval, test and Holm p against hand computation, seeds grouped under their proxy, old reports,
+and the error messages."""
 
 from __future__ import annotations
 
@@ -98,14 +99,20 @@ def test_compare_writes_points_plots_and_peak_table(two, tmp_path, capsys):
     # PPO: A's one run peaks at 1.2 (KL 0.1); B's runs at 1.6 (KL 0.5) and 1.4 (KL 0.3): mean 1.5, sd √0.02, KL 0.4,
     # Δ +0.3.
     assert table_rows(readme, "bt") == [
-        f"| best-of-n | study_a | 1 | 1.000 | 1.500 | — | {math.log(2) - .5:.3f} | +0.000 |",
-        f"| best-of-n | study_b | 1 | 1.000 | 1.400 | — | {math.log(4) - .75:.3f} | -0.100 |",
-        "| PPO | study_a | 1 | 1.000 | 1.200 | — | 0.100 | +0.000 |",
-        f"| PPO | study_b | 2 | 1.000 | 1.500 | {math.sqrt(.02):.3f} | 0.400 | +0.300 |"]
+        f"| best-of-n | study_a | 1 | 1.000 | 1.500 | — | {math.log(2) - .5:.3f} | +0.000 | — | — | — | — | — |",
+        f"| best-of-n | study_b | 1 | 1.000 | 1.400 | — | {math.log(4) - .75:.3f} | -0.100 | — | paired t, 1 seed | — "
+        f"| — | — |",
+        "| PPO | study_a | 1 | 1.000 | 1.200 | — | 0.100 | +0.000 | — | — | — | — | — |",
+        f"| PPO | study_b | 2 | 1.000 | 1.500 | {math.sqrt(.02):.3f} | 0.400 | +0.300 | — | Welch, 1 vs 2 seeds "
+        f"| — | — | — |"]
     assert table_rows(readme, "grm") == [  # grm: A peaks at n = 4 (1.7), B at n = 4 (1.8); no PPO
-        f"| best-of-n | study_a | 1 | 1.000 | 1.700 | — | {math.log(4) - .75:.3f} | +0.000 |",
-        f"| best-of-n | study_b | 1 | 1.000 | 1.800 | — | {math.log(4) - .75:.3f} | +0.100 |"]
+        f"| best-of-n | study_a | 1 | 1.000 | 1.700 | — | {math.log(4) - .75:.3f} | +0.000 | — | — | — | — | — |",
+        f"| best-of-n | study_b | 1 | 1.000 | 1.800 | — | {math.log(4) - .75:.3f} | +0.100 | — | paired t, 1 seed | — "
+        f"| — | — |"]
     assert "### only_b" not in readme
+    # one run a side tests nothing, and the sentences say so
+    assert ("- study_b − study_a in bt's PPO peak gold: +0.300 (Welch, 1 vs 2 seeds); not tested: fewer than two "
+            "seeds in a group.") in readme
 
 
 def test_compare_proxies_labels_and_default_out(two, tmp_path, monkeypatch):
@@ -126,10 +133,53 @@ def test_seeds_of_a_proxy_are_one_proxy_with_runs(tmp_path):
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     rows = table_rows((tmp_path / "out" / "README.md").read_text(), "bt")
     kl = (math.log(2) - .5 + math.log(4) - .75) / 2  # the runs peak at n = 2 and n = 4
-    assert rows == [f"| best-of-n | a | 2 | 1.000 | 1.400 | {math.sqrt(.02):.3f} | {kl:.3f} | +0.000 |",
-                    f"| best-of-n | b | 1 | 1.000 | 1.100 | — | {math.log(2) - .5:.3f} | -0.300 |"]
+    assert rows == [
+        f"| best-of-n | a | 2 | 1.000 | 1.400 | {math.sqrt(.02):.3f} | {kl:.3f} | +0.000 | — | — | — | — | — |",
+        f"| best-of-n | b | 1 | 1.000 | 1.100 | — | {math.log(2) - .5:.3f} | -0.300 | — | Welch, 2 vs 1 seeds | — | — "
+        f"| — |"]
     points = pd.read_csv(tmp_path / "out" / "bon_curves.csv")
     assert set(points.proxy_name) == {"bt"} and set(points.run) == {"bt", "bt@seed1"}
+
+
+def test_peak_gold_differences_paired_by_run_name_welch_otherwise_holm_over_all(tmp_path):
+    """bt has the same three runs in both studies: paired over seeds. grm has two runs in one study and three in the
+    other: Welch. Holm over the two."""
+    def runs(proxy: str, peaks: list[float]) -> list[pd.DataFrame]:
+        return [bon_rows(name, [1.0, peak, 0.9, 0.5])  # each run peaks at n = 2
+                for name, peak in zip([proxy, f"{proxy}@seed1", f"{proxy}@seed2"], peaks)]
+
+    a = write_report(tmp_path, "a", runs("bt", [1.5, 1.3, 1.6]) + runs("grm", [1.7, 1.5]))
+    b = write_report(tmp_path, "b", runs("bt", [1.2, 1.1, 1.2]) + runs("grm", [1.8, 1.6, 1.7]))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    readme = (tmp_path / "out" / "README.md").read_text()
+
+    # bt, paired: differences −0.3, −0.2, −0.4 (mean −0.3, sd 0.1, SE 0.1/√3, t = −3√3 on 2 df). Student's t with 2 df:
+    # p = 1 − |t|/√(2 + t²), t(0.975) = 0.95·√(2/(4·0.975·0.025)).
+    se, t = 0.1 / math.sqrt(3), -3 * math.sqrt(3)
+    p_bt = 1 - abs(t) / math.sqrt(2 + t ** 2)
+    half = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)) * se
+    # grm, Welch: a = [1.7, 1.5] (var 0.02), b = [1.8, 1.6, 1.7] (var 0.01); Δ = 1.7 − 1.6 = +0.1
+    from scipy import stats
+
+    va, vb = 0.02 / 2, 0.01 / 3
+    df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
+    p_grm = 2 * stats.t.sf(0.1 / math.sqrt(va + vb), df)
+    holm_bt, holm_grm = 2 * min(p_bt, p_grm), max(2 * min(p_bt, p_grm), max(p_bt, p_grm))
+    assert p_bt < p_grm  # so bt's p is doubled and grm's, the larger, is raised to at least that
+
+    def p(v: float) -> str:
+        return f"{v:.2g}"
+
+    bt = table_rows(readme, "bt")[1].split(" | ")
+    assert bt[7:12] == ["-0.300", f"[{-0.3 - half:.3f}, {-0.3 + half:.3f}]", "paired t, 3 seeds", p(p_bt), p(holm_bt)]
+    assert float(bt[12].rstrip(" |")) > 0.3  # with 3 seeds even the difference observed sits below 80 % power
+    grm = table_rows(readme, "grm")[1].split(" | ")
+    assert grm[7:12] == ["+0.100", grm[8], "Welch, 2 vs 3 seeds", p(p_grm), p(holm_grm)]
+    assert "## Differences in peak gold" in readme
+    assert (f"- b − a in bt's best-of-n peak gold: -0.300 [{-0.3 - half:.3f}, {-0.3 + half:.3f}] (paired t, 3 seeds); "
+            f"{'not significant' if holm_bt >= 0.05 else 'significant'} after Holm correction over 2 comparisons "
+            f"(adjusted p = {p(holm_bt)}); a difference smaller than {bt[12].rstrip(' |')} would go undetected at "
+            f"80 % power.") in readme
 
 
 def test_reports_from_before_proxy_name_are_read_with_a_note(two, tmp_path):
@@ -227,7 +277,8 @@ def test_a_config_with_overrides_reads_the_curves_cached_at_its_own_fingerprints
                  "noisy", "--proxies", "bt", "--out", str(tmp_path / "out")]) == 0
     assert table_rows((tmp_path / "out" / "README.md").read_text(), "bt") == [
         # tiny.yaml trains bt over 3 seeds: three identical hand-made curves, sd 0
-        f"| best-of-n | clean | 3 | 1.000 | 1.500 | 0.000 | {math.log(2) - .5:.3f} | +0.000 |",
-        f"| best-of-n | noisy | 3 | 1.000 | 1.300 | 0.000 | {math.log(2) - .5:.3f} | -0.200 |",
-        "| PPO | clean | 1 | 1.000 | 1.300 | — | 0.100 | +0.000 |",
-        "| PPO | noisy | 1 | 1.000 | 1.100 | — | 0.100 | -0.200 |"]
+        f"| best-of-n | clean | 3 | 1.000 | 1.500 | 0.000 | {math.log(2) - .5:.3f} | +0.000 | — | — | — | — | — |",
+        f"| best-of-n | noisy | 3 | 1.000 | 1.300 | 0.000 | {math.log(2) - .5:.3f} | -0.200 | — | paired t, 3 seeds "
+        f"| — | — | — |",  # every seed 0.2 lower: nothing to test
+        "| PPO | clean | 1 | 1.000 | 1.300 | — | 0.100 | +0.000 | — | — | — | — | — |",
+        "| PPO | noisy | 1 | 1.000 | 1.100 | — | 0.100 | -0.200 | — | paired t, 1 seed | — | — | — |"]
