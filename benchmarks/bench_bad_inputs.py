@@ -62,6 +62,10 @@ def main() -> None:
     dirs = _models(work)
     empty_uf = _uf_file(work / "empty.parquet", [])
     no_prompt_uf = _uf_file(work / "no_prompt.parquet", [_uf_row("", "apple", "pear") for _ in range(5)])
+    bad_json, list_json, stage9_json = (work / "bad.json", work / "list.json", work / "stage9.json")
+    bad_json.write_text('{"zero_optimization": {"stage": 2}')
+    list_json.write_text("[]")
+    stage9_json.write_text('{"zero_optimization": {"stage": 9}}')
     hub = ["policy.source=hub", f"policy.model_id={dirs['causal']}", "gold.type=hf",
            f"gold.model_id={dirs['seq_cls']}", "gold_label.source=unified_feedback", "ppo=null"]
     cases = {
@@ -79,15 +83,26 @@ def main() -> None:
         "empty Unified-Feedback file": [*hub, f"gold_label.dataset_path={empty_uf}"],
         "Unified-Feedback file with no usable pair": [*hub, f"gold_label.dataset_path={no_prompt_uf}"],
         "missing dataset file": [*hub, f"gold_label.dataset_path={work / 'nope.parquet'}"],
+        "DeepSpeed config: bad JSON syntax": [f"ppo.deepspeed_config={bad_json}"],
+        "DeepSpeed config: []": [f"ppo.deepspeed_config={list_json}"],
+        "DeepSpeed config: ZeRO stage 9": [f"ppo.deepspeed_config={stage9_json}"],
+        "DeepSpeed config: missing file": [f"ppo.deepspeed_config={work / 'nope.json'}"],
+        "proxy name of 220 characters": [f"proxies=[{{name: {'p' * 220}, type: bt}}]", "ppo.proxies=null"],
+        "cache_root: a non-empty folder overopt did not make": ["UNMARKED"],
     }
     rows = []
     for name, overrides in cases.items():
         cache = work / f"cache-{len(rows)}"
+        if overrides == ["UNMARKED"]:  # a user's own folder given as the cache root
+            (cache / "0123456789abcdef").mkdir(parents=True)
+            (cache / "0123456789abcdef" / "notes.txt").write_text("mine")
+            overrides = []
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(TINY), f"run.cache_root={cache}",
                                *overrides], cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        stages_ran = sorted(p.name for p in cache.iterdir() if not p.name.startswith(".") and p.name != "runs") \
+        stages_ran = sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")
+                            and p.name not in ("runs", "0123456789abcdef")) \
             if cache.exists() else []
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
         start_at = next((i for i, line in enumerate(lines) if line.startswith("error")), 0)

@@ -47,10 +47,11 @@ def shared_seeds(runs_a, runs_b) -> bool:
     return len(set(seeds_a)) == len(seeds_a) and sorted(seeds_a) == sorted(seeds_b)
 
 
-def difference_of_runs(a: pd.Series, b: pd.Series) -> dict:
+def difference_of_runs(a: pd.Series, b: pd.Series, pair_seeds: bool = True) -> dict:
     """`difference` of two groups of runs, each a Series of one value per run indexed by run name: paired seed by
-    seed when the groups are the same seeds (`shared_seeds`), Welch otherwise."""
-    if shared_seeds(a.index, b.index):
+    seed when the groups are the same seeds (`shared_seeds`) and `pair_seeds`, Welch otherwise (`pair_seeds=False`
+    reproduces an analysis declared with Welch's test, as the README's declared variant is)."""
+    if pair_seeds and shared_seeds(a.index, b.index):
         by_seed_b = b.set_axis([seed_of(r) for r in b.index])
         aligned_b = by_seed_b.loc[[seed_of(r) for r in a.index]]
         return difference(a.to_numpy(), aligned_b.to_numpy(), paired=True)

@@ -8,7 +8,8 @@ script's comparisons, and the smallest difference the design detects with 80 % p
 AUC per kind of minimal pair (knowledge.csv), pairwise accuracy per evaluation set (accuracy.csv, clean labels),
 best-of-n peak gold and gold at the largest n (bon_peaks.csv). A sentence per measure says what the numbers mean.
 
-    python scripts/group_differences.py reports/tiny_intruders bt grm_sft
+    python scripts/group_differences.py reports/grm_seeds bt grm01
+    python scripts/group_differences.py reports/tiny_intruders bt grm_sft --welch   # the declared rule's test
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _seeds_of(group: str, values: pd.Series) -> pd.Series:
     return values[[n for n in values.index if proxy_family(n) == group]]
 
 
-def differences(report: Path, a: str, b: str) -> pd.DataFrame:
+def differences(report: Path, a: str, b: str, pair_seeds: bool = True) -> pd.DataFrame:
     """One row per measure: `measure`, `what` (`b − a in measure`) and `pipeline.comparison_stats.difference`'s
     columns (test, n_a, n_b, mean_a, mean_b, difference, ci_lo, ci_hi, p, mdd80, ...), with `p_holm` over the rows."""
     measures: list[tuple[str, pd.Series]] = []  # (measure, one value per proxy, indexed by proxy name)
@@ -40,8 +41,8 @@ def differences(report: Path, a: str, b: str) -> pd.DataFrame:
     peaks = pd.read_csv(report / "bon_peaks.csv").set_index("proxy_name")
     for col in ("peak_gold", "gold_at_max_n"):
         measures.append((f"best-of-n {col.replace('_', ' ')}", peaks[col]))
-    rows = [{"measure": m, "what": f"{b} − {a} in {m}", **difference_of_runs(_seeds_of(a, v), _seeds_of(b, v))}
-            for m, v in measures]
+    rows = [{"measure": m, "what": f"{b} − {a} in {m}",
+             **difference_of_runs(_seeds_of(a, v), _seeds_of(b, v), pair_seeds)} for m, v in measures]
     return with_holm(pd.DataFrame(rows))
 
 
@@ -50,8 +51,10 @@ def main() -> None:
     parser.add_argument("report", type=Path, help="a report directory (reports/<study>)")
     parser.add_argument("a", help="the baseline proxy entry (e.g. bt)")
     parser.add_argument("b", help="the proxy entry compared with it (e.g. grm_sft)")
+    parser.add_argument("--welch", action="store_true", help="Welch's test even where the runs share seeds (the "
+                                                              "declared variant's rule was declared with it)")
     args = parser.parse_args()
-    table = differences(args.report, args.a, args.b)
+    table = differences(args.report, args.a, args.b, pair_seeds=not args.welch)
     shown = pd.DataFrame({"measure": table.measure, "test": [design_text(r) for _, r in table.iterrows()],
                           args.a: table.mean_a, args.b: table.mean_b, "B − A": table.difference, "lo": table.ci_lo,
                           "hi": table.ci_hi, "p": table.p.map(p_text),
