@@ -193,9 +193,9 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
                    fits: dict[str, list[dict | None] | dict] | None = None,
                    labels: dict[str, str] | None = None) -> None:
     """RL runs (solid; √ of the KL measured on samples, with its CI as horizontal error bars; the gold CI band when a
-    label has one run) and best-of-n curves (dashed) on shared axes: gold relative to the initial policy (left),
-    proxy relative to it (right; standardised when every table has proxy_std / proxy_rel_std). RL points are joined
-    in order of their measured KL, which can drop between exports, not in step order. Best-of-n is drawn at its
+    label has one run) and best-of-n curves (dash-dot, squares) on shared axes: gold relative to the initial policy
+    (left), proxy relative to it (right; standardised when every table has proxy_std / proxy_rel_std). RL points are
+    joined in order of their measured KL, which can drop between exports, not in step order. Best-of-n is drawn at its
     estimated KL when every best-of-n table has sqrt_kl_estimated (the KL it has, comparable with RL's
     measurement), else at the bound. One colour per label; a best-of-n curve with the same label as some runs shares
     their colour.
@@ -230,9 +230,10 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
     for label, table in bon.items():
         shown = labels.get(label, label)
         name = f"{shown}: best-of-n" if label in runs else shown
-        gold_ax.plot(table[bon_x], table.gold_rel, "--", color=colors[label], alpha=0.7, label=name)
-        proxy_ax.plot(table[bon_x], table.proxy_rel_std if standardised else table.proxy_rel, "--",
-                      color=colors[label], alpha=0.7, label=name)
+        # dash-dot with squares: dashed lines are the fits
+        style = {"color": colors[label], "alpha": 0.7, "ms": 3, "label": name}
+        gold_ax.plot(table[bon_x], table.gold_rel, "-.s", **style)
+        proxy_ax.plot(table[bon_x], table.proxy_rel_std if standardised else table.proxy_rel, "-.s", **style)
     bon_kl = "estimated from its samples" if bon_x == "sqrt_kl_estimated" else "upper bound"
     xlabel = "√KL to the initial policy\n(RL: measured" + (f"; best-of-n: {bon_kl})" if bon else ")")
     _finish(fig, [gold_ax, proxy_ax], ("gold score − initial policy's",
