@@ -15,9 +15,9 @@ proxies with different scales can share an axis (raw proxy and proxy_rel kept).
 Is the fit a description of the data? fit.json's `empirical_peak_ci` is the empirical gold peak (first maximum of the
 mean curve, in √KL) with a bootstrap CI over prompts (`gao.empirical_peak`, same resamples as the fit), and
 `fit_check` (`gao.check_fit`) says whether the fitted d*'s CI meets it and whether the fit passes through the points'
-CIs. A failing check is logged as a warning; its d* is not a finding. (Here the RL form usually fails: its shape is
-fixed, crossing zero at e·d*, and these runs' gold falls through zero at 1.1–2.7× the peak, so least squares pulls d*
-well below the empirical peak.)
+CIs. A failing check is logged as a warning; its d* is not a finding. (The RL form usually fails here: its shape is
+fixed, crossing zero at e·d*, and in the committed tiny RL studies gold falls through zero at 1.1–2.7× the peak, so
+least squares pulls d* well below the empirical peak.)
 
 Examples (`examples.json`, see `pipeline.examples`): for the same few evaluation prompts as best-of-n's, one sample
 (the lowest sample_idx) of the step-0 export, the export of the empirical gold peak and the last export, with its
