@@ -296,3 +296,36 @@ def test_rl_fits_that_fail_are_labelled(rl_report):
     assert readme.count("fit fails its check (fitted peak misses the empirical peak)") == 9
     rl = readme[readme.index("## PPO"):readme.index("## RL at matched KL")]
     assert "0.456" not in rl and "d* = " not in rl  # (the best-of-n fit has no check: quoted as before)
+
+
+def test_the_rl_report_page_stands_alone(rl_report):
+    from tests.test_report import check_self_contained
+
+    out, readme = rl_report
+    check_self_contained((out / "report.html").read_text(), out, readme)
+
+
+def test_seeded_proxy_groups_are_compared_in_the_same_family(tmp_path):
+    """Two entries over three seeds: `grm` − `bt` in best-of-n peak gold and in accuracy, paired by seed, beside
+    nothing else (no RL), Holm over those two."""
+    from pipeline import comparison_stats as cs
+
+    golds = {"bt": [1.0, 1.4, 1.6, 1.2], "bt@seed1": [1.0, 1.2, 1.3, 1.0], "bt@seed2": [1.0, 1.3, 1.8, 0.9],
+             "grm": [1.0, 1.5, 1.7, 1.3], "grm@seed1": [1.0, 1.2, 1.5, 1.0], "grm@seed2": [1.0, 1.3, 1.85, 0.9]}
+    accuracy = {"bt": 0.70, "bt@seed1": 0.72, "bt@seed2": 0.74, "grm": 0.71, "grm@seed1": 0.75, "grm@seed2": 0.74}
+    inputs = {f"bon[{p}]": bon_input(tmp_path, p, g) for p, g in golds.items()}
+    for p, a in accuracy.items():
+        d = tmp_path / f"eval_{p}"
+        d.mkdir()
+        pd.DataFrame([{"proxy": p, "set": "id_test", "labels": "clean", "pairs": 100, "unscored": 0, "accuracy": a,
+                       "ties": 0}]).to_parquet(d / "accuracy.parquet")
+        inputs[f"eval[{p}]"] = d
+    groups = {"bt": ["bt", "bt@seed1", "bt@seed2"], "grm": ["grm", "grm@seed1", "grm@seed2"]}
+    out, readme = write_report(tmp_path, ReportStageConfig(study="s", proxies=list(golds), groups=groups), inputs)
+    table = pd.read_csv(out / "comparisons.csv").set_index("what")
+    peak = table.loc["`grm` − `bt` in best-of-n peak gold"]
+    assert peak.test == cs.PAIRED and peak.difference == pytest.approx((0.1 + 0.2 + 0.05) / 3)
+    acc = table.loc["`grm` − `bt` in accuracy (id_test)"]
+    assert acc.difference == pytest.approx((0.01 + 0.03 + 0.0) / 3)
+    assert len(table) == 2 and table.p_holm.tolist() == pytest.approx(cs.holm(table.p).tolist())
+    assert "after Holm correction over 2 comparisons" in readme
