@@ -302,3 +302,26 @@ def check_fit(form: str, d, mean, lo, hi, fit: dict, empirical: dict, *, max_out
             "peak": {"fitted": {"estimate": f_est, "lo": f_lo, "hi": f_hi},
                      "empirical": {"estimate": e_est, "lo": e_lo, "hi": e_hi}},
             "misfit": misfit}
+
+
+def check_curve_fit(form: str, per_prompt, d, mean, lo, hi, fit: dict | None, n_boot: int = 1000, ci: float = 0.95,
+                    seed: int = 0) -> tuple[dict, dict | None]:
+    """The empirical peak of a curve with its bootstrap CI, and `check_fit` of `fit` against the curve: what the
+    curve stages write to fit.json as `empirical_peak_ci` and `fit_check`.
+
+    `per_prompt` (prompts, points) are the per-prompt scores relative to the initial policy at the distances `d`
+    that `fit` (a `bootstrap_fit` result, fitted to them with the same n_boot and seed, so the peak CI uses the
+    same resamples) was made from; mean, lo, hi are the curve's points and their CIs. A percentile CI can exclude
+    the mean (few prompts, skewed resamples; or by rounding when every prompt is equal), which `check_fit`
+    refuses, so each CI is first widened to include its mean.
+
+    Returns (empirical, check): empirical is `empirical_peak`'s {estimate, lo, hi, index} in d, plus kl, the same
+    three as KL = d²; check is `check_fit`'s verdict, None when there is no fit (`fit` None: too few points).
+    """
+    empirical = empirical_peak(per_prompt, d, n_boot=n_boot, ci=ci, seed=seed)
+    empirical["kl"] = {k: empirical[k] ** 2 for k in ("estimate", "lo", "hi")}
+    if fit is None:
+        return empirical, None
+    mean = np.asarray(mean, dtype=float)
+    lo, hi = np.minimum(np.asarray(lo, dtype=float), mean), np.maximum(np.asarray(hi, dtype=float), mean)
+    return empirical, check_fit(form, d, mean, lo, hi, fit, empirical)

@@ -8,6 +8,17 @@ fitted to the relative gold against d = √KL (k1; a negative estimate near 0 co
 over prompts (each resample's mean per-prompt relative gold refitted at the measured d) gives CIs of α, β and the peak
 d*, and its R² on the mean curve (`gao_fit_bootstrap`).
 
+proxy_std (with _lo/_hi) is proxy_rel in units of the standard deviation of the step-0 per-sample proxy scores (all
+prompts pooled): (proxy − proxy at step 0) / sd, each proxy on its own spread over the initial policy's samples, so
+proxies with different scales can share an axis (raw proxy and proxy_rel kept).
+
+Is the fit a description of the data? fit.json's `empirical_peak_ci` is the empirical gold peak (first maximum of the
+mean curve, in √KL) with a bootstrap CI over prompts (`gao.empirical_peak`, same resamples as the fit), and
+`fit_check` (`gao.check_fit`) says whether the fitted d*'s CI meets it and whether the fit passes through the points'
+CIs. A failing check is logged as a warning; its d* is not a finding. (Here the RL form usually fails: its shape is
+fixed, crossing zero at e·d*, and these runs' gold falls through zero at 1.1–2.7× the peak, so least squares pulls d*
+well below the empirical peak.)
+
 Examples (`examples.json`, see `pipeline.examples`): for the same few evaluation prompts as best-of-n's, one sample
 (the lowest sample_idx) of the step-0 export, the export of the empirical gold peak and the last export, with its
 proxy and gold scores and its KL, from the sample records.
@@ -27,11 +38,11 @@ import pandas as pd
 from pipeline.bon import bootstrap_ci
 from pipeline.config import PPOCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
-from pipeline.gao import bootstrap_fit, fit_rl
+from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl
 from pipeline.plots import plot_rl_curves
 from pipeline.records import SCORE_COLUMNS, RecordError, finite_or_none, read_records, read_sample_shards
 
-VERSION = "3"
+VERSION = "4"
 log = logging.getLogger("overopt")
 
 QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
@@ -45,7 +56,8 @@ def per_prompt_means(samples: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
                    source: Path | str = "RL samples") -> pd.DataFrame:
-    """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs."""
+    """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs, and
+    proxy_std(_lo, _hi): proxy_rel over the standard deviation of the step-0 samples' proxy scores."""
     m = per_prompt_means(samples)
     steps = np.sort(samples.step.unique())
     if steps[0] != 0:
@@ -61,6 +73,11 @@ def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
         table[name], table[f"{name}_lo"], table[f"{name}_hi"] = mean[sl], lo[sl], hi[sl]
     table = pd.DataFrame(table)
     table.insert(1, "sqrt_kl", np.sqrt(table.kl_k1.clip(lower=0.0)))
+    step0 = samples.proxy[samples.step == 0]
+    sd = float(step0.std(ddof=1)) if len(step0) > 1 else float("nan")
+    at = list(table.columns).index("proxy_rel_hi") + 1
+    for offset, suffix in enumerate(("", "_lo", "_hi")):
+        table.insert(at + offset, f"proxy_std{suffix}", table[f"proxy_rel{suffix}"] / sd)
     return table
 
 
@@ -87,21 +104,28 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     except ValueError as e:  # fewer than two exports with KL > 0: no curve to fit
         summary["gao_fit_gold_rel"] = None
         log.warning("  %s: no Gao fit (%s)", cfg.proxy, e)
+    g = per_prompt_means(merged)["gold"]  # (steps, prompts), steps sorted as in the table
+    gold_rel, d = (g - g[0]).T, table.sqrt_kl.to_numpy()
     summary["gao_fit_bootstrap"] = None
     if summary["gao_fit_gold_rel"] is not None:  # the same fit with CIs: prompts resampled, each mean curve refitted
-        g = per_prompt_means(merged)["gold"]  # (steps, prompts), steps sorted as in the table
-        summary["gao_fit_bootstrap"] = bootstrap_fit("rl", (g - g[0]).T, table.sqrt_kl.to_numpy(),
-                                                     n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
+        summary["gao_fit_bootstrap"] = bootstrap_fit("rl", gold_rel, d, n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
+    # the empirical peak with its CI stands with or without a fit; the check needs one
+    summary["empirical_peak_ci"], summary["fit_check"] = check_curve_fit(
+        "rl", gold_rel, d, table.gold_rel, table.gold_rel_lo, table.gold_rel_hi, summary["gao_fit_bootstrap"],
+        n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
+    summary["empirical_peak_ci"]["step"] = int(table.step.iloc[summary["empirical_peak_ci"]["index"]])
     (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
     write_rl_examples(cfg, merged, table, int(peak.step), inputs["samples"] / "shards", out / "examples.json")
     bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
     plot_rl_curves({cfg.proxy: [table]}, {cfg.proxy: bon} if bon is not None else {}, out / "curve.png",
-                   f"RL and best-of-n against proxy {cfg.proxy}")
+                   f"RL and best-of-n against proxy {cfg.proxy}", fits={cfg.proxy: [summary]})
     log.info("  gold peaks at step %d (KL %.2f, gold %.3f); last step %d: KL %.2f, gold %.3f, proxy %.3f → %.3f",
              int(peak.step), float(peak.kl_k1), float(peak.gold), int(table.step.iloc[-1]),
              float(table.kl_k1.iloc[-1]), float(table.gold.iloc[-1]), float(table.proxy.iloc[0]),
              float(table.proxy.iloc[-1]))
-
+    if summary["fit_check"] is not None and not summary["fit_check"]["ok"]:
+        log.warning("  %s: the Gao fit does not describe the data, its d* is no finding (%s)", cfg.proxy,
+                    summary["fit_check"]["reason"])
 
 
 def write_rl_examples(cfg: PPOCurveStageConfig, merged: pd.DataFrame, table: pd.DataFrame, peak_step: int,

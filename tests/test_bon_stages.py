@@ -21,7 +21,7 @@ import stages.bon_curve as bon_curve
 import stages.bon_sample as bon_sample
 import stages.bon_score as bon_score
 import stages.train_proxy as train_proxy
-from pipeline.bon import BON_CURVE_COLUMNS
+from pipeline.bon import BON_CURVE_COLUMNS, KL_ESTIMATED_COLUMNS
 from pipeline.cache import ArtifactCache
 from pipeline.config import (
     BaseModelRef,
@@ -237,11 +237,17 @@ def run_curve(smoke, proxy_scores: Path, gold_scores: Path, **kw) -> Path:
     return out
 
 
+# the table of bon_curve_table with the estimated KL beside the bound and the standardised proxy after proxy_rel
+_at, _std = BON_CURVE_COLUMNS.index("sqrt_kl_bound") + 1, BON_CURVE_COLUMNS.index("proxy_rel_hi") + 1
+CURVE_COLUMNS = (BON_CURVE_COLUMNS[:_at] + KL_ESTIMATED_COLUMNS + BON_CURVE_COLUMNS[_at:_std]
+                 + ["proxy_rel_std", "proxy_rel_std_lo", "proxy_rel_std_hi"] + BON_CURVE_COLUMNS[_std:])
+
+
 def test_bon_curve_table_fit_and_plot(smoke, members, gold_scores):
     proxy_scores = members[0].scores
     out = run_curve(smoke, score_dir(proxy_scores), score_dir(gold_scores), ns=[1, 2, 4, 8, 16])
     curve = pd.read_parquet(out / "curve.parquet")
-    assert list(curve.columns) == BON_CURVE_COLUMNS
+    assert list(curve.columns) == CURVE_COLUMNS
     assert list(curve.n) == [1, 2, 4, 8]  # n beyond the samples per prompt is dropped
     n = curve.n.to_numpy(dtype=float)
     np.testing.assert_allclose(curve.kl_bound, np.log(n) - (n - 1) / n, rtol=0, atol=1e-12)
@@ -259,7 +265,8 @@ def test_bon_curve_table_fit_and_plot(smoke, members, gold_scores):
 
     fit = json.loads((out / "fit.json").read_text())
     assert set(fit) == {"prompts", "samples_per_prompt", "gao_fit_gold_rel", "empirical_peak", "gold_at_max_n",
-                        "gold_at_n1", "at_max_kl", "gao_fit_bootstrap"}
+                        "gold_at_n1", "at_max_kl", "gao_fit_bootstrap", "kl_estimated", "empirical_peak_ci",
+                        "fit_check"}
     assert fit["at_max_kl"] == {"n": 8, "kl_bound": pytest.approx(curve.kl_bound.iloc[-1]),
                                 "gold": pytest.approx(curve.gold.iloc[-1])}
     boot = fit["gao_fit_bootstrap"]  # the same fit, with CIs from resampled prompts
@@ -284,7 +291,7 @@ def test_bon_curve_table_fit_and_plot(smoke, members, gold_scores):
 def test_bon_curve_nested_columns_and_gold_as_its_own_proxy(smoke, members, gold_scores):
     out = run_curve(smoke, score_dir(members[0].scores), score_dir(gold_scores), nested_estimator=True)
     curve = pd.read_parquet(out / "curve.parquet")
-    assert list(curve.columns) == BON_CURVE_COLUMNS + ["gold_nested", "proxy_nested"]
+    assert list(curve.columns) == CURVE_COLUMNS + ["gold_nested", "proxy_nested"]
     first = gold_scores[gold_scores.sample_idx == 0]
     assert curve.gold_nested.iloc[0] == pytest.approx(first.score.mean(), abs=1e-12)  # nested n=1: sample 0 only
     assert curve.gold_nested.iloc[-1] == pytest.approx(curve.gold.iloc[-1], abs=1e-9)  # n = N: both use all samples
@@ -304,3 +311,36 @@ def test_bon_score_refuses_samples_longer_than_the_scoring_limit(smoke, members,
     cfg = ScorerStageConfig(name=m.spec.name, proxy=m.spec, batch_size=64, max_length=8)
     with pytest.raises(ValueError, match="bon.score_max_length"):
         bon_score.run(cfg, {"samples": smoke.samples, "model": m.train}, tmp_path)
+
+
+def test_bon_curve_estimated_kl_standardised_proxy_and_fit_check(smoke, members, gold_scores):
+    """The KL best-of-n has, estimated from the samples, lies under the bound at every n; the proxy is standardised by
+    its spread over all samples; fit.json says whether the Gao fit describes the curve and where the data peaks."""
+    proxy_scores = members[0].scores
+    out = run_curve(smoke, score_dir(proxy_scores), score_dir(gold_scores))
+    curve = pd.read_parquet(out / "curve.parquet")
+    assert curve.kl_estimated.iloc[0] == pytest.approx(0.0, abs=1e-12)  # n = 1 is the initial policy
+    assert (curve.kl_estimated <= curve.kl_bound + 1e-12).all()
+    assert (curve.kl_estimated_lo <= curve.kl_estimated + 1e-12).all()
+    assert (curve.kl_estimated <= curve.kl_estimated_hi + 1e-12).all()
+    np.testing.assert_allclose(curve.sqrt_kl_estimated, np.sqrt(curve.kl_estimated))
+    sd = proxy_scores.score.std(ddof=1)
+    for suffix in ("", "_lo", "_hi"):
+        np.testing.assert_allclose(curve[f"proxy_rel_std{suffix}"], curve[f"proxy_rel{suffix}"] / sd)
+
+    fit = json.loads((out / "fit.json").read_text())
+    for where, row in (("at_peak", curve.loc[curve.gold.idxmax()]), ("at_max_n", curve.iloc[-1])):
+        kl = fit["kl_estimated"][where]
+        assert kl["n"] == row.n and kl["kl_bound"] == pytest.approx(row.kl_bound)
+        assert kl["kl_estimated"] == pytest.approx(row.kl_estimated) and kl["kl_estimated"] <= kl["kl_bound"] + 1e-12
+    peak = fit["empirical_peak_ci"]
+    assert peak["estimate"] == pytest.approx(curve.sqrt_kl_bound[curve.gold.idxmax()])
+    assert peak["lo"] <= peak["estimate"] <= peak["hi"]
+    assert peak["n"]["estimate"] == fit["empirical_peak"]["n"]
+    assert peak["kl"]["estimate"] == pytest.approx(peak["estimate"] ** 2)
+    check = fit["fit_check"]
+    assert check["form"] == "bon" and isinstance(check["ok"], bool) and isinstance(check["peak_consistent"], bool)
+    assert check["ok"] == (check["peak_consistent"] and check["misfit"]["ok"])
+    assert (check["reason"] == "") == check["ok"]
+    assert check["misfit"]["points"] == int((curve.sqrt_kl_bound > 0).sum())
+    assert 0 <= check["misfit"]["count"] <= check["misfit"]["points"]

@@ -281,6 +281,35 @@ def test_a_non_finite_proxy_score_stops_ppo_and_commits_nothing(study, monkeypat
     assert next(p for p in runner.plan() if p.node.key == "ppo[bt]").status != "cached"
 
 
+def test_curves_check_their_fits_and_standardise_the_proxy(study):
+    """ppo_curve's fit.json says whether the Gao fit describes the curve and where the data peaks (with a CI over
+    prompts); its proxy is standardised by the step-0 samples' spread; best-of-n's estimated KL is under the bound."""
+    art = study["art"]["ppo_curve[bt]"]
+    curve = pd.read_parquet(art / "curve.parquet")
+    samples = read_sample_shards(study["art"]["ppo_sample[bt]"])
+    sd = samples.proxy_score[samples.step == 0].std(ddof=1)
+    for suffix in ("", "_lo", "_hi"):
+        np.testing.assert_allclose(curve[f"proxy_std{suffix}"], curve[f"proxy_rel{suffix}"] / sd)
+    assert curve.proxy_std.iloc[0] == pytest.approx(0.0, abs=1e-12)
+    fit = json.loads((art / "fit.json").read_text())
+    peak = fit["empirical_peak_ci"]
+    assert peak["step"] == fit["empirical_peak"]["step"]
+    assert peak["estimate"] == pytest.approx(curve.sqrt_kl[curve.gold.idxmax()])
+    assert peak["kl"]["estimate"] == pytest.approx(peak["estimate"] ** 2)
+    check = fit["fit_check"]  # the smoke run has exports with KL > 0, so there is a fit to check
+    assert check["form"] == "rl" and check["ok"] == (check["peak_consistent"] and check["misfit"]["ok"])
+    assert (check["reason"] == "") == check["ok"]
+    assert check["misfit"]["points"] == fit["gao_fit_bootstrap"]["points"]
+
+    bon = json.loads((study["art"]["bon_curve[bt]"] / "fit.json").read_text())
+    assert {"fit_check", "empirical_peak_ci"} <= set(bon)
+    assert bon["fit_check"]["form"] == "bon" and isinstance(bon["fit_check"]["ok"], bool)
+    bon_curve = pd.read_parquet(study["art"]["bon_curve[bt]"] / "curve.parquet")
+    assert (bon_curve.kl_estimated <= bon_curve.kl_bound + 1e-12).all()
+    for where in ("at_peak", "at_max_n"):
+        assert bon["kl_estimated"][where]["kl_estimated"] <= bon["kl_estimated"][where]["kl_bound"] + 1e-12
+
+
 def test_a_curve_without_the_initial_policy_names_the_samples(study):
     from pipeline.records import RecordError
     from stages.ppo_curve import rl_curve_table
