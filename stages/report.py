@@ -24,7 +24,6 @@ so it differs between machines: exact figures vary across CPUs.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -94,8 +93,8 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         all_curves.to_csv(out / "bon_curves.csv", index=False)
         pd.DataFrame([{"group": group_of[p], "proxy_name": p, **bon_peak(c)} for p, c in curves.items()]).to_csv(
             out / "bon_peaks.csv", index=False)
-        _plot(plots.plot_bon_curves, curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization",
-              bon_groups, labels=labels, fits=fits)
+        plots.plot_bon_curves(curves, out / "bon_gold_vs_kl.png", f"{cfg.study}: best-of-n over-optimization",
+              bon_groups, labels=legend_labels(cfg), fits=fits)
         several = " Runs of one proxy trained with several seeds share a colour." if any(
             len(ps) > 1 for ps in bon_groups.values()) else ""
         parts += ["## Best-of-n", "",
@@ -133,14 +132,6 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
 
 
-def _plot(fn, *args, labels: dict[str, str] | None = None, fits: dict | None = None, **kwargs) -> None:
-    """Call a plot of `pipeline.plots`, passing `labels` (legend descriptions) and `fits` only to a plot that takes
-    them (older versions of the plots do not)."""
-    accepted = inspect.signature(fn).parameters
-    extra = {k: v for k, v in (("labels", labels), ("fits", fits)) if v and k in accepted}
-    fn(*args, **kwargs, **extra)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the setting
 
@@ -156,6 +147,11 @@ def proxy_labels(cfg: ReportStageConfig) -> dict[str, str]:
         for name in [entry.name, *(cfg.groups or {}).get(entry.name, [])]:
             out[name] = text
     return out
+
+
+def legend_labels(cfg: ReportStageConfig) -> dict[str, str]:
+    """Each proxy entry and seed copy -> `name: what it is` (`proxy_labels`), for the plots' legends."""
+    return {name: f"{name}: {text}" for name, text in proxy_labels(cfg).items()}
 
 
 def setting_lines(cfg: ReportStageConfig, inputs: dict[str, Path]) -> list[str]:
@@ -230,13 +226,6 @@ def seed_band(runs: list[pd.DataFrame]) -> pd.DataFrame:
     return band.reset_index().assign(seeds=len(runs))
 
 
-def _band_frame(band: pd.DataFrame, col: str) -> pd.DataFrame:
-    """One column of a `seed_band` in the layout of `matched_kl.OVER_SEEDS_COLUMNS` (x: the KL bound)."""
-    return pd.DataFrame({"sqrt_kl": band.sqrt_kl_bound, "kl": band.kl_bound, "mean": band[f"{col}_mean"],
-                         "sd": band[f"{col}_sd"], "n": band.seeds, "ci_lo": band[f"{col}_ci_lo"],
-                         "ci_hi": band[f"{col}_ci_hi"]})
-
-
 def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], acc: pd.DataFrame,
                         curves: dict[str, pd.DataFrame], out: Path) -> list[str]:
     """Accuracy and best-of-n of every proxy trained with several seeds, aggregated over its seeds (nothing when no
@@ -280,15 +269,9 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
         bands = {g: seed_band([curves[p] for p in ps]) for g, ps in bon_groups.items()}
         pd.concat([b.assign(group=g)[["group", *b.columns]] for g, b in bands.items()], ignore_index=True).to_csv(
             out / "bon_curves_over_seeds.csv", index=False)
-        title = f"{cfg.study}: best-of-n over seeds, mean and 95 % t-band"
-        if hasattr(plots, "plot_seed_bands"):
-            legend = {f"{g}: {labels[g]}" if g in labels else g: _band_frame(b, "gold_rel") for g, b in bands.items()}
-            plots.plot_seed_bands(legend, out / "bon_over_seeds.png", title, plots.BON_XLABEL)
-            band = "the band is the 95 % Student-t interval for the mean over seeds at each n"
-        else:  # plots without t-bands draw the seeds' min–max; say so rather than call it an interval
-            plots.plot_bon_seed_bands(bands, out / "bon_over_seeds.png", f"{cfg.study}: best-of-n over seeds")
-            band = ("the band spans the seeds' minimum to maximum at each n (the 95 % t-interval is in the CSV "
-                    "table)")
+        plots.plot_bon_seed_bands(bands, out / "bon_over_seeds.png", f"{cfg.study}: best-of-n over seeds",
+                                  labels=legend_labels(cfg))
+        band = "the band is the 95 % Student-t interval for the mean over seeds at each n"
         parts += ["### Best-of-n", "", "Each seed's empirical gold peak over n (its KL bound) and its gold at the "
                   f"largest n (per seed in the CSV table bon_peaks). The plot: gold relative to n = 1, the mean curve "
                   f"over seeds; {band} (every point in bon_curves_over_seeds).", "",
@@ -452,7 +435,7 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
         rows = []
         for proxy in dict.fromkeys(p for by_proxy in arms.values() for p in by_proxy):
             figure = f"arms_{proxy}.png"
-            _plot(plots.plot_rl_curves, {ARM_NAMES[arm]: [curves[(arm, r)] for r in by_proxy[proxy]]
+            plots.plot_rl_curves({ARM_NAMES[arm]: [curves[(arm, r)] for r in by_proxy[proxy]]
                                          for arm, by_proxy in arms.items() if proxy in by_proxy},
                   {"best-of-n": bon[proxy]} if proxy in bon else {}, out / figure,
                   f"{cfg.study}: RL arms and best-of-n against {proxy}" + (f" ({labels[proxy]})" if proxy in labels
@@ -472,9 +455,9 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
     table[["proxy_name", "run"] + [c for c in table.columns if c not in ("proxy_name", "run")]].to_csv(
         out / f"{arm}_curves.csv", index=False)
     figure = "gold_vs_kl.png" if arm == "ppo" else f"{arm}_gold_vs_kl.png"
-    _plot(plots.plot_rl_curves, {p: [curves[(arm, r)] for r in rs] for p, rs in by_proxy.items()},
+    plots.plot_rl_curves({p: [curves[(arm, r)] for r in rs] for p, rs in by_proxy.items()},
           {p: bon[p] for p in by_proxy if p in bon}, out / figure,
-          f"{cfg.study}: {name} and best-of-n over-optimization", labels=proxy_labels(cfg),
+          f"{cfg.study}: {name} and best-of-n over-optimization", labels=legend_labels(cfg),
           fits={p: [fits[(arm, r)] for r in rs] for p, rs in by_proxy.items()})
     parts = [f"## {name}", "", f"{name} of the base policy against each proxy; at every exported step the policy is "
              "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
@@ -594,9 +577,17 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
                          if t.value.notna().any()])
     over.to_csv(out / "rl_matched_kl_over_seeds.csv", index=False)
     grid = matched_kl.common_grid([curves[(a, r)] for a, _, r in runs])
-    pd.concat([matched_kl.over_seeds([curves[(arm, r)] for r in rs], grid).assign(arm=ARM_NAMES[arm], proxy_name=p)
-               for arm, by_proxy in arms.items() for p, rs in by_proxy.items()], ignore_index=True).to_csv(
-        out / "rl_curves_over_seeds.csv", index=False)
+    bands = {(arm, p): matched_kl.over_seeds([curves[(arm, r)] for r in rs], grid)
+             for arm, by_proxy in arms.items() for p, rs in by_proxy.items()}
+    pd.concat([b.assign(arm=ARM_NAMES[arm], proxy_name=p) for (arm, p), b in bands.items()],
+              ignore_index=True).to_csv(out / "rl_curves_over_seeds.csv", index=False)
+    figures = []
+    for p in dict.fromkeys(p for _, p in bands):
+        seeded = {ARM_NAMES[arm]: b for (arm, q), b in bands.items() if q == p and len(arms[arm][p]) > 1}
+        if seeded:  # one figure per proxy: its arms' mean gold with 95 % t-bands, on the common range
+            figures.append(f"matched_kl_{p}.png")
+            plots.plot_seed_bands(seeded, out / figures[-1], f"{cfg.study}: RL arms against {p}, over seeds",
+                                  "√KL to the initial policy (measured, k1), the range every run covers", "gold score")
 
     table = over.assign(cell=[stats_text(r._asdict()) if r.seeds > 1 else f"{r.mean:.3f}"
                               for r in over.itertuples()])
@@ -613,6 +604,9 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
              "for stopping early). Mean ± sd over seeds with a 95 % t-interval; best-of-n of the same proxy (every "
              "seed of its entry) at the same KLs, labelled by which KL it is read at.", "",
              _md(wide.rename(columns={"proxy_name": "proxy"}).fillna("—")), ""]
+    if figures:
+        parts += ["The arms' mean gold over seeds on the √KL range every run covers, with 95 % t-bands (every point "
+                  "in rl_curves_over_seeds):", "", *[f"![{f[:-4]}]({f})\n" for f in figures]]
     return parts, _matched_comparisons(arms, per_run[per_run.arm.isin(ARM_NAMES.values())], quantities)
 
 
