@@ -180,7 +180,8 @@ def setting_lines(cfg: ReportStageConfig, inputs: dict[str, Path]) -> list[str]:
                      f"{1 - gl.test_fraction:.0%} for training).")
     if s is not None:
         rate, flipped = s.gold_label.noise_rate, f", {pairs['noisy_flips']} flipped" if pairs is not None else ""
-        trained_on = f"proxies train on the {s.proxy_training.labels} labels"
+        # without noise the noisy labels are the clean ones
+        trained_on = f"proxies train on the {s.proxy_training.labels if rate else 'clean'} labels"
         lines.append(f"- **Label noise**: {rate:.0%} of labels flipped at random{flipped}; {trained_on}." if rate else
                      f"- **Label noise**: none; {trained_on}.")
         lora = s.proxy_training.lora
@@ -525,20 +526,24 @@ def matched_points(runs: list[pd.DataFrame], peaks_kl: list[float]) -> tuple[lis
     """Where a family of RL runs is compared: (fixed KLs in nats, (√KL lo, √KL hi) of the loss rate, what that range
     is).
 
-    The KLs are the largest three of KL_TARGETS inside the range every run measured (`matched_kl.common_grid`). The
-    loss range ends where the first run stops (the common range's end) and starts at the latest of the runs'
-    empirical gold peaks, so that every run is past its own peak over it and all are measured over the same
-    distance; when some run peaks at or after the common end, it is the whole common range instead. Empty (and
-    (nan, nan)) when the runs share no range."""
+    The KLs are the largest three of KL_TARGETS inside the range every run measured (`matched_kl.common_grid`); runs
+    too short for any of them get one KL, the common range's end rounded down to two significant digits. The loss
+    range ends where the first run stops (the common range's end) and starts at the latest of the runs' empirical
+    gold peaks, so that every run is past its own peak over it and all are measured over the same distance; when
+    that leaves less than half of the common range (a rate over a sliver is noise), it is the whole common range.
+    Empty (and (nan, nan)) when the runs share no range."""
     grid = matched_kl.common_grid(runs, n=2)
     if grid.size < 2:
         return [], (math.nan, math.nan), ""
     lo, hi = float(grid[0]), float(grid[-1])
     kls = [k for k in KL_TARGETS if lo ** 2 <= k <= hi ** 2][-3:]
+    if not kls and hi > 0:
+        scale = 10.0 ** (math.floor(math.log10(hi ** 2)) - 1)
+        kls = [k] if (k := round(math.floor(hi ** 2 / scale) * scale, 12)) >= lo ** 2 else []
     peak = max(math.sqrt(max(k, 0.0)) for k in peaks_kl)
-    if lo <= peak < hi:
+    if lo <= peak and hi - peak >= (hi - lo) / 2:
         return kls, (peak, hi), "from the latest of the runs' gold peaks to where the first run stops"
-    return kls, (lo, hi), "the whole range every run measured (some run peaks at its end)"
+    return kls, (lo, hi), "the whole range every run measured (past the latest peak is less than half of it)"
 
 
 def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[str]]], curves: dict, fits: dict,

@@ -115,7 +115,7 @@ def test_the_setting_of_a_clean_full_fine_tuned_study_and_a_slice_without_it(tmp
     assert "- **Policy**: `google/gemma-2b-it`." in readme
     assert "- **Proxy training pairs**: all training pairs (1000 pairs from unified feedback, 80% for training)." in \
         readme
-    assert "- **Label noise**: none; proxies train on the noisy labels." in readme
+    assert "- **Label noise**: none; proxies train on the clean labels." in readme
     assert "- **Proxy fine-tuning**: full (every weight), no LoRA." in readme
     # a config slice from before the setting existed: only what the inputs tell
     (tmp_path / "out").rename(tmp_path / "first")
@@ -329,3 +329,17 @@ def test_seeded_proxy_groups_are_compared_in_the_same_family(tmp_path):
     assert acc.difference == pytest.approx((0.01 + 0.03 + 0.0) / 3)
     assert len(table) == 2 and table.p_holm.tolist() == pytest.approx(cs.holm(table.p).tolist())
     assert "after Holm correction over 2 comparisons" in readme
+
+
+def test_matched_points_of_short_runs_and_late_peaks():
+    from stages.report import matched_points
+
+    def run(sqrt_kl):
+        return pd.DataFrame({"sqrt_kl": sqrt_kl})
+
+    # common range √KL 0–0.23 (KL 0.0529): no target fits, so KL 0.052; the latest peak (√KL 0.22) leaves a sliver
+    kls, (lo, hi), why = matched_points([run([0, 0.1, 0.23]), run([0, 0.22, 0.3])], [0.01, 0.22 ** 2])
+    assert kls == [0.052] and (lo, hi) == (0.0, 0.23) and why.startswith("the whole range")
+    # common range √KL 0–3 (KL 9): KL 2, 4, 8; peaks by √KL 1.2: the rate over 1.2–3
+    kls, (lo, hi), why = matched_points([run([0, 1, 3]), run([0, 1.2, 3.5])], [1.0, 1.44])
+    assert kls == [2.0, 4.0, 8.0] and (lo, hi) == pytest.approx((1.2, 3.0)) and why.startswith("from the latest")
