@@ -530,7 +530,8 @@ def matched_points(runs: list[pd.DataFrame], peaks_kl: list[float]) -> tuple[lis
     too short for any of them get one KL, the common range's end rounded down to two significant digits. The loss
     range ends where the first run stops (the common range's end) and starts at the latest of the runs' empirical
     gold peaks, so that every run is past its own peak over it and all are measured over the same distance; when
-    that leaves less than half of the common range (a rate over a sliver is noise), it is the whole common range.
+    that leaves less than a quarter of the common range (a rate over a sliver is noise), it is the whole common
+    range.
     Empty (and (nan, nan)) when the runs share no range."""
     grid = matched_kl.common_grid(runs, n=2)
     if grid.size < 2:
@@ -541,9 +542,9 @@ def matched_points(runs: list[pd.DataFrame], peaks_kl: list[float]) -> tuple[lis
         scale = 10.0 ** (math.floor(math.log10(hi ** 2)) - 1)
         kls = [k] if (k := round(math.floor(hi ** 2 / scale) * scale, 12)) >= lo ** 2 else []
     peak = max(math.sqrt(max(k, 0.0)) for k in peaks_kl)
-    if lo <= peak and hi - peak >= (hi - lo) / 2:
+    if lo <= peak and hi - peak >= (hi - lo) / 4:
         return kls, (peak, hi), "from the latest of the runs' gold peaks to where the first run stops"
-    return kls, (lo, hi), "the whole range every run measured (past the latest peak is less than half of it)"
+    return kls, (lo, hi), "the whole range every run measured (past the latest peak is under a quarter of it)"
 
 
 def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[str]]], curves: dict, fits: dict,
