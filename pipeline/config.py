@@ -846,6 +846,16 @@ class KnowledgeStageConfig(Section):
     seed: int
 
 
+class ReportSetting(Section):
+    """The study's setting the report states in its first lines: the base policy, how the preference pairs were
+    made (budget, split, label noise), how proxies were trained (shared settings, LoRA or full) and each entry."""
+
+    policy: PolicyConfig
+    gold_label: GoldLabelConfig
+    proxy_training: RMTrainingConfig
+    proxies: list[ProxyConfig]  # the study's entries (not their seed copies), each with its `seeds`
+
+
 class ReportStageConfig(Section):
     study: str
     proxies: list[str]  # every expanded proxy (seed copies included), in the study's order
@@ -853,6 +863,8 @@ class ReportStageConfig(Section):
     groups: dict[str, list[str]] = {}
     # arm ("ppo", "grpo", "rloo") -> proxy -> its runs (one per seed)
     rl_runs: dict[str, dict[str, list[str]]] = {}
+    # None (a slice from before it existed, or a hand-made report): the setting lines say what the inputs tell
+    setting: ReportSetting | None = Field(None, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 
 
 class PPOStageConfig(Section):

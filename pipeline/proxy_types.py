@@ -105,3 +105,55 @@ def training_loss(proxy, r_c, r_r, batch: dict, out, ref_model=None):
     if not s.trained or s.loss is None:
         raise ValueError(f"proxy type {proxy.type!r} is not trained by train_proxy")
     return s.loss(proxy, r_c, r_r, batch, out, ref_model)
+
+
+# How a legend or a table names a GRM regulariser (`ProxyConfig.reg`).
+GRM_REGULARISERS = {"sft": "SFT", "sft_nll": "SFT-NLL", "dpo": "DPO", "dpo_noref": "DPO-noref"}
+
+
+def _describe_type(proxy) -> str:
+    """What a proxy's type and its type-specific fields make it, without training settings."""
+    t = proxy.type
+    if t == "bt":
+        return "BT"
+    if t == "margin":
+        return "BT with margin" + ("" if proxy.margin_scale == 1 else f" ×{proxy.margin_scale:g}")
+    if t == "label_smoothing":
+        return f"label smoothing ε={proxy.epsilon:g}"
+    if t == "grm":
+        beta = f" β={proxy.beta:g}" if proxy.reg in ("dpo", "dpo_noref") else ""
+        return f"GRM-{GRM_REGULARISERS[proxy.reg]} α={proxy.alpha:g}{beta}"
+    if t == "frozen":
+        return "BT, frozen backbone"
+    if t == "ensemble":
+        combine = f"uwo λ={proxy.uwo_lambda:g}" if proxy.combine == "uwo" else proxy.combine
+        # the members' type-specific fields live on the ensemble's entry (`used_fields`)
+        member = "" if proxy.member_type == "bt" else " " + _describe_type(_as_type(proxy, proxy.member_type))
+        return f"ensemble ({combine}) of {proxy.members}{member}"
+    if t == "checkpoint":
+        return f"checkpoint {str(proxy.path).rstrip('/').split('/')[-1]}"
+    return t
+
+
+def _as_type(proxy, proxy_type: str):
+    """A view of `proxy` with another type (an ensemble's member type), its other fields unchanged."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**vars(proxy), "type": proxy_type})
+
+
+def describe_proxy(proxy, training=None) -> str:
+    """A proxy in words, for legends and tables: its type and the fields that make it what it is ("GRM-SFT α=0.01",
+    "BT", "label smoothing ε=0.1", "ensemble (mean) of 3"), then what its training settings `training` (resolved, an
+    `RMTrainingConfig`; None: not stated) change from full fine-tuning on every training pair: ", LoRA r=8",
+    ", 300 pairs", ", clean labels". A checkpoint is not trained here, so no training settings are stated for it."""
+    text = _describe_type(proxy)
+    if training is None or proxy.type == "checkpoint":
+        return text
+    if training.lora is not None:
+        text += f", LoRA r={training.lora.r}"
+    if training.n_train_pairs is not None:
+        text += f", {training.n_train_pairs} pairs"
+    if training.labels == "clean":
+        text += ", clean labels"
+    return text

@@ -33,6 +33,7 @@ from pipeline.config import (
     PPOSampleStageConfig,
     PPOStageConfig,
     ProxyConfig,
+    ReportSetting,
     ReportStageConfig,
     ScorerStageConfig,
     StudyConfig,
@@ -309,6 +310,8 @@ def _report(cfg: StudyConfig) -> StageNode:
                for runs in by_proxy.values() for run in runs}
     if cfg.policy.source == "tiny":
         inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
-    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=names,
-                                                           groups=cfg.proxy_groups(), rl_runs=arms),
+    setting = ReportSetting(policy=cfg.policy, gold_label=cfg.gold_label, proxy_training=cfg.proxy_training,
+                            proxies=cfg.proxies)
+    return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=names, groups=cfg.proxy_groups(),
+                                                           rl_runs=arms, setting=setting),
                      inputs, publish_to=Path(cfg.run.reports_dir))
