@@ -463,8 +463,11 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
     parts = [f"## {name}", "", f"{name} of the base policy against each proxy; at every exported step the policy is "
              "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
              "on those samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI "
-             "over prompts; best-of-n dashed, on the same axes (its KL ≤ the analytic bound: a bound, not a "
-             "measurement)." + _fit_note({r: fits[(arm, r)] for rs in by_proxy.values() for r in rs}), "",
+             "over prompts; in the plots proxy scores are in standard deviations of each proxy's scores on the "
+             "initial policy's samples, RL points carry KL error bars, fits are dashed (dotted when they fail their "
+             "check), and best-of-n is dash-dotted with squares at its KL estimated from its samples (the analytic "
+             "log n − (n−1)/n is only an upper bound)."
+             + _fit_note({r: fits[(arm, r)] for rs in by_proxy.values() for r in rs}), "",
              f"![{name} and best-of-n]({figure})", ""]
     if any(len(rs) > 1 for rs in by_proxy.values()):
         parts += ["### Over seeds", "", f"Mean ± standard deviation over {name} seeds with a 95 % t-interval for the "
