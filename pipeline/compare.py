@@ -277,7 +277,7 @@ def compare(studies: list[Study], proxies: list[str], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     labels = [s.label for s in studies]
     parts = [f"# Comparison: {' vs '.join(f'`{x}`' for x in labels)}", "",
-             "Made by `overopt compare`. Studies (line styles in the plots, in this order):", ""]
+             "Made by `overopt compare`. Studies (colours in the plots, one panel per proxy, in this order):", ""]
     parts += [f"- `{s.label}`: `{s.source}`" for s in studies] + [""]
     parts += [f"- Note: {n}" for s in studies for n in s.notes] + ([""] if any(s.notes for s in studies) else [])
     parts += ["Peak gold is the largest mean gold over a curve's points (best-of-n: over n; RL: over the exports); "

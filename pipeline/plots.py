@@ -252,34 +252,44 @@ class Overlay:
     style: str
 
 
-LINE_STYLES = ("-", "--", ":", "-.")
-
-
 def plot_overlay(curves: list[Overlay], path: Path, title: str, xlabel: str) -> None:
-    """Curves of several studies on shared axes: gold with its CI band (left) and gold relative to the initial policy
-    (right), against each curve's x column. One colour per proxy, one line style per study; the legends name the
-    colours (left) and the styles (right) once each instead of every pair. Absolute gold is drawn as well as the
-    relative: studies with different base policies start from different gold."""
+    """Curves of several studies as small multiples: one column of panels per proxy (the curves' colour key), gold
+    with its CI band on top and gold relative to the initial policy below, against each curve's x column; one colour
+    per study (the style key), shared by every panel, so each panel compares the studies for one proxy. Several runs
+    of a proxy in a study (seeds) are thin lines of the study's colour; a single run gets its CI band. Absolute gold
+    is drawn as well as the relative: studies with different base policies start from different gold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    colour_keys = list(dict.fromkeys(c.colour for c in curves))
-    style_keys = list(dict.fromkeys(c.style for c in curves))
-    cmap = plt.get_cmap("tab10" if len(colour_keys) <= 10 else "tab20")
-    colours = {k: cmap(i % cmap.N) for i, k in enumerate(colour_keys)}
-    styles = {k: LINE_STYLES[i % len(LINE_STYLES)] for i, k in enumerate(style_keys)}
-    per_pair = pd.Series([(c.colour, c.style) for c in curves]).value_counts()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    proxies = list(dict.fromkeys(c.colour for c in curves))
+    studies = list(dict.fromkeys(c.style for c in curves))
+    cmap = plt.get_cmap("tab10")
+    colours = {k: cmap(i % cmap.N) for i, k in enumerate(studies)}
+    runs = pd.Series([(c.colour, c.style) for c in curves]).value_counts()
+    fig, axes = plt.subplots(2, len(proxies), figsize=(3.6 * len(proxies) + 1.2, 6.4), sharex=True, sharey="row",
+                             squeeze=False)
     for c in curves:
-        x, colour, style = c.table[c.x], colours[c.colour], styles[c.style]
-        axes[0].plot(x, c.table.gold, style, marker="o", ms=2.5, color=colour, alpha=0.85)
-        axes[1].plot(x, c.table.gold_rel, style, marker="o", ms=2.5, color=colour, alpha=0.85)
-        if per_pair[(c.colour, c.style)] == 1 and len(curves) <= 8:  # more bands than that blur into one
-            axes[0].fill_between(x, c.table.gold_lo, c.table.gold_hi, color=colour, alpha=0.12)
-    axes[0].legend(handles=[Line2D([], [], color=colours[k], label=k) for k in colour_keys], fontsize=7,
-                   ncol=2 if len(colour_keys) > 8 else 1)
-    axes[1].legend(handles=[Line2D([], [], color="black", ls=styles[k], label=k) for k in style_keys], fontsize=7)
-    _finish(fig, axes, ("gold score", "gold score − initial policy's"), xlabel, 7, title, path)
+        top, bottom = axes[0, proxies.index(c.colour)], axes[1, proxies.index(c.colour)]
+        x, colour, single = c.table[c.x], colours[c.style], runs[(c.colour, c.style)] == 1
+        width, alpha = (1.4, 0.9) if single else (0.8, 0.6)
+        top.plot(x, c.table.gold, "-", marker="o", ms=2.5, lw=width, color=colour, alpha=alpha)
+        bottom.plot(x, c.table.gold_rel, "-", marker="o", ms=2.5, lw=width, color=colour, alpha=alpha)
+        if single:
+            top.fill_between(x, c.table.gold_lo, c.table.gold_hi, color=colour, alpha=0.15)
+    for j, proxy in enumerate(proxies):
+        axes[0, j].set_title(proxy, fontsize=9)
+        axes[1, j].axhline(0, color="grey", lw=0.6)
+        axes[1, j].set_xlabel(xlabel, fontsize=8)
+    axes[0, 0].set_ylabel("gold score")
+    axes[1, 0].set_ylabel("gold score − initial policy's")
+    counts = {s: int(runs[[k for k in runs.index if k[1] == s]].max()) for s in studies}
+    handles = [Line2D([], [], color=colours[s], label=f"{s}" + (f" ({counts[s]} runs per proxy)" if counts[s] > 1
+                                                                else "")) for s in studies]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(studies), 4), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
