@@ -311,7 +311,8 @@ def _report(cfg: StudyConfig) -> StageNode:
     if cfg.policy.source == "tiny":
         inputs |= {"pairs": "gold_label", "policy": "sft_policy"}
     setting = ReportSetting(policy=cfg.policy, gold_label=cfg.gold_label, proxy_training=cfg.proxy_training,
-                            proxies=cfg.proxies)
+                            # fields a proxy's type does not use do not count; its number of seeds does
+                            proxies=[p.canonical().model_copy(update={"seeds": p.seeds}) for p in cfg.proxies])
     return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=names, groups=cfg.proxy_groups(),
                                                            rl_runs=arms, setting=setting),
                      inputs, publish_to=Path(cfg.run.reports_dir))
