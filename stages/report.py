@@ -430,8 +430,9 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
     parts += matched
     if len(arms) > 1:
         parts += ["## RL arms compared", "", "Every RL arm and best-of-n against the same proxy, on shared axes "
-                  "(runs of one arm share a colour; best-of-n at its KL bound, so to the right of where its true KL "
-                  "is). Peaks and ends per arm: mean ± sd over seeds with a 95 % t-interval; the arms are compared at "
+                  "(runs of one arm share a colour; best-of-n at the KL estimated from its samples where its curve has "
+                  "one, else at its KL bound, which lies to the right of its true KL). Peaks and ends per arm: mean ± "
+                  "sd over seeds with a 95 % t-interval; the arms are compared at "
                   "matched KL in the section above.", ""]
         rows = []
         for proxy in dict.fromkeys(p for by_proxy in arms.values() for p in by_proxy):
