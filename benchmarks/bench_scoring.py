@@ -23,9 +23,10 @@ import numpy as np
 
 from pipeline.cache import ArtifactCache
 from pipeline.config import load_config
-from pipeline.models import build_scorer, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.records import messages, read_sample_shards
 from pipeline.runner import Runner
+from pipeline.scoring import build_scorer
 from pipeline.study import _sample_scorer, build_stages
 from pipeline.tokenization import ConversationEncoder, encode_conversation, prompt_ids
 

@@ -188,6 +188,22 @@ def state_bytes(model, optimizer) -> dict[str, int]:
             "total": params + master + moments}
 
 
+MEMORY_COLUMNS = ["parameter_bytes", "master_copy_bytes", "optimizer_state_bytes", "parameter_and_optimizer_bytes",
+                  "peak_rss_bytes"]
+
+
+def memory_per_rank(model, optimizer, accelerator) -> list[dict[str, int]]:
+    """What every rank holds (ZeRO's point): its `state_bytes` and peak resident memory, one dict per rank
+    (`MEMORY_COLUMNS`), gathered by a sum over ranks — a collective every rank joins."""
+    held = state_bytes(model, optimizer)
+    mine = torch.zeros(accelerator.num_processes, len(MEMORY_COLUMNS), dtype=torch.float64, device=accelerator.device)
+    mine[accelerator.process_index] = torch.tensor(
+        [held["parameters"], held["master_copies"], held["optimizer_state"], held["total"], peak_rss_bytes()],
+        dtype=torch.float64)
+    table = all_reduce_sum(accelerator)(mine)
+    return [dict(zip(MEMORY_COLUMNS, map(int, row))) for row in table.tolist()]
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux reports kilobytes)."""
     import resource

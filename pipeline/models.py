@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.hf_data import looks_local
+from pipeline.tokenization import last_token_index
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +54,22 @@ def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remot
     return model.to(default_device()).eval()
 
 
+def build_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, lora=None):
+    """A causal LM to train with RL (PPO, GRPO, RLOO): loaded from safetensors in `dtype`, wrapped in LoRA adapters
+    when `lora` (a `pipeline.config.LoraConfig`) is given."""
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(checked_local(path), dtype=DTYPES[dtype], use_safetensors=True,
+                                                  trust_remote_code=trust_remote_code)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=list(lora.target_modules), bias="none",
+                                                   task_type="CAUSAL_LM"))
+    return policy
+
+
 def seq_cls_rewards(model):
     """rewards(input_ids, attention_mask) for an AutoModelForSequenceClassification reward model.
 
@@ -60,8 +77,6 @@ def seq_cls_rewards(model):
     last token through `config.pad_token_id` and goes wrong when pad == eos or the config's pad differs from the
     tokenizer's.
     """
-    from pipeline.tokenization import last_token_index
-
     head = getattr(model, "score", None)  # decoder RMs; encoders' `classifier` heads pool differently
     if head is None:
         raise ValueError(f"{type(model).__name__} has no `score` head: overopt reads decoder-only reward models")
@@ -96,68 +111,6 @@ def load_seq_cls_reward_model(name_or_path: str | Path, dtype: str = "float32", 
     if model.config.num_labels != 1:
         raise ValueError(f"{name_or_path} has num_labels={model.config.num_labels}; a reward model has 1")
     return model.to(default_device()).eval()
-
-
-def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
-                       trust_remote_code: bool = False, strict_length: bool = False, double_bos: bool = False):
-    """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier.
-    `double_bos`: tokenize as the GRM authors' released checkpoints were trained (see `encode_conversation`)."""
-    from pipeline.reward_model import GRMRewardModel, is_grm_checkpoint
-    from pipeline.scoring import ModelScorer
-
-    _check_local(name_or_path)
-    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
-        model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-        model.to(default_device())
-        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length,
-                           double_bos=double_bos)
-    model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
-    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length,
-                       double_bos=double_bos)
-
-
-def load_policy_logprob_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024,
-                               dtype: str = "float32", trust_remote_code: bool = False, strict_length: bool = False):
-    """A `PolicyLogProbScorer`: a causal LM's summed response log-probability log π(y|x) through the one scoring
-    path (the policy's own tokenizer and chat template)."""
-    from pipeline.scoring import PolicyLogProbScorer
-
-    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    model = load_causal_lm(name_or_path, dtype, trust_remote_code)
-    return PolicyLogProbScorer(model, tokenizer, batch_size, max_length, strict_length=strict_length)
-
-
-def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
-    """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
-
-    Trained proxies are read from their `train_proxy` artifacts in `inputs` ("model", or "member<i>" for an
-    ensemble, whose members are standardised with the reference-set statistics saved beside them). `strict_length`:
-    a sequence over the scorer's max length is an error raised before any forward pass, instead of a NaN score.
-    """
-
-    from pipeline.scoring import EnsembleScorer, WorldGoldScorer, load_member_stats
-
-    if cfg.gold is not None:
-        gold = cfg.gold
-        if gold.type == "world":
-            return WorldGoldScorer()
-        return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code,
-                                  strict_length, double_bos=gold.double_bos)
-    proxy = cfg.proxy
-    if proxy is None:
-        raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
-    if proxy.type == "checkpoint":
-        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, proxy.dtype, proxy.trust_remote_code,
-                                  strict_length, double_bos=proxy.double_bos)
-    if proxy.type == "ensemble":
-        dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
-        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
-                                      strict_length=strict_length) for d in dirs]
-        stats = [load_member_stats(d) for d in dirs]
-        return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
-    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
-                              strict_length=strict_length)
 
 
 def merged_state_dict(lm: torch.nn.Module) -> dict[str, torch.Tensor]:

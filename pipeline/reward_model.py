@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from pipeline.models import merged_state_dict
 from pipeline.tokenization import last_token_index
 
 HEAD_FILE = "reward_head.safetensors"
@@ -340,7 +341,6 @@ class GRMRewardModel(nn.Module):
 
     def _merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The causal LM's state dict with every active LoRA delta folded into its base weight (model untouched)."""
-        from pipeline.models import merged_state_dict
 
         return merged_state_dict(self.causal_lm())
 

@@ -18,6 +18,16 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from pipeline.models import (
+    DTYPES,
+    checked_local,
+    default_device,
+    load_causal_lm,
+    load_seq_cls_reward_model,
+    load_tokenizer,
+    seq_cls_rewards,
+)
+from pipeline.reward_model import GRMRewardModel, is_grm_checkpoint
 from pipeline.tokenization import (
     ConversationEncoder,
     Encoded,
@@ -272,3 +282,62 @@ class TRLRewardFunction:
         check_finite(rewards, self.__name__, list(prompt_id) if prompt_id is not None else list(range(len(texts))),
                      ("prompt_id",) if prompt_id is not None else ("completion",), where="a TRL rollout")
         return [float(r) for r in rewards]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# building a scorer from a model directory or a stage's config (the one place every stage gets its scorer)
+
+
+def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
+                       trust_remote_code: bool = False, strict_length: bool = False, double_bos: bool = False):
+    """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier.
+    `double_bos`: tokenize as the GRM authors' released checkpoints were trained (see `encode_conversation`)."""
+    checked_local(name_or_path)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
+        model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model.to(default_device())
+        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length,
+                           double_bos=double_bos)
+    model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
+    return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length,
+                       double_bos=double_bos)
+
+
+def load_policy_logprob_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024,
+                               dtype: str = "float32", trust_remote_code: bool = False, strict_length: bool = False):
+    """A `PolicyLogProbScorer`: a causal LM's summed response log-probability log π(y|x) through the one scoring
+    path (the policy's own tokenizer and chat template)."""
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    model = load_causal_lm(name_or_path, dtype, trust_remote_code)
+    return PolicyLogProbScorer(model, tokenizer, batch_size, max_length, strict_length=strict_length)
+
+
+def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
+    """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
+
+    Trained proxies are read from their `train_proxy` artifacts in `inputs` ("model", or "member<i>" for an
+    ensemble, whose members are standardised with the reference-set statistics saved beside them). `strict_length`:
+    a sequence over the scorer's max length is an error raised before any forward pass, instead of a NaN score.
+    """
+
+    if cfg.gold is not None:
+        gold = cfg.gold
+        if gold.type == "world":
+            return WorldGoldScorer()
+        return load_reward_scorer(gold.model_id, cfg.batch_size, cfg.max_length, gold.dtype, gold.trust_remote_code,
+                                  strict_length, double_bos=gold.double_bos)
+    proxy = cfg.proxy
+    if proxy is None:
+        raise ValueError(f"scorer {cfg.name!r} names neither a gold nor a proxy")
+    if proxy.type == "checkpoint":
+        return load_reward_scorer(proxy.path, cfg.batch_size, cfg.max_length, proxy.dtype, proxy.trust_remote_code,
+                                  strict_length, double_bos=proxy.double_bos)
+    if proxy.type == "ensemble":
+        dirs = [inputs[f"member{i}"] for i in range(proxy.members)]
+        members = [load_reward_scorer(d / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
+                                      strict_length=strict_length) for d in dirs]
+        stats = [load_member_stats(d) for d in dirs]
+        return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
+    return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
+                              strict_length=strict_length)

@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ScorerStageConfig
-from pipeline.models import build_scorer
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, sample_keys, write_records
-from pipeline.scoring import SequenceTooLongError, check_finite, combine_members, load_member_stats
+from pipeline.scoring import SequenceTooLongError, build_scorer, check_finite, combine_members, load_member_stats
 
 VERSION = "1"
 log = logging.getLogger("overopt")

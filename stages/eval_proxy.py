@@ -19,9 +19,8 @@ import pandas as pd
 
 from pipeline.config import EvalProxyStageConfig
 from pipeline.hf_data import pair_prompts
-from pipeline.models import build_scorer
 from pipeline.records import PAIR_COLUMNS, read_records
-from pipeline.scoring import check_finite, over_length_check
+from pipeline.scoring import build_scorer, check_finite, over_length_check
 
 VERSION = "2"
 log = logging.getLogger("overopt")

@@ -19,9 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import GoldScoreStageConfig, ScorerStageConfig
-from pipeline.models import build_scorer
 from pipeline.records import CANDIDATE_COLUMNS, messages, write_records
-from pipeline.scoring import RewardScorer, check_finite, over_length_check
+from pipeline.scoring import RewardScorer, build_scorer, check_finite, over_length_check
 
 VERSION = "1"
 log = logging.getLogger("overopt")

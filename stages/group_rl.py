@@ -28,9 +28,9 @@ import torch
 from pipeline.config import GroupRLStageConfig
 from pipeline.distributed import make_accelerator, save_causal_lm, zero_stage
 from pipeline.generation import stop_token_ids
-from pipeline.models import DTYPES, build_scorer, checked_local, load_tokenizer
+from pipeline.models import build_policy, checked_local, load_tokenizer
 from pipeline.records import messages, training_prompts
-from pipeline.scoring import TRLRewardFunction
+from pipeline.scoring import TRLRewardFunction, build_scorer
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -62,7 +62,7 @@ def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int):
 
 def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOTrainer, RLOOTrainer
 
     rl = cfg.rl
@@ -77,8 +77,7 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     # ---- models: the policy (TRL wraps it), the frozen proxy behind a reward function
     policy_path = checked_local(cfg.policy.model_id or inputs["policy"] / "model")
     tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=DTYPES[cfg.policy.dtype], use_safetensors=True,
-                                                  trust_remote_code=cfg.policy.trust_remote_code)
+    policy = build_policy(policy_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, policy.generation_config)
     policy.generation_config.eos_token_id = stop_ids  # TRL ends a completion at these (gemma: <end_of_turn> too)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pipeline.config import KnowledgeStageConfig
 from pipeline.knowledge import score_minimal_pairs
-from pipeline.models import build_scorer
 from pipeline.records import KNOWLEDGE_PAIR_COLUMNS, read_records
+from pipeline.scoring import build_scorer
 
 VERSION = "1"
 

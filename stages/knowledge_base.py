@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline.config import KnowledgeBaseStageConfig
 from pipeline.knowledge import score_minimal_pairs
-from pipeline.models import load_policy_logprob_scorer
 from pipeline.records import KNOWLEDGE_PAIR_COLUMNS, read_records
+from pipeline.scoring import load_policy_logprob_scorer
 
 VERSION = "1"
 

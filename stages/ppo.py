@@ -46,21 +46,20 @@ from pipeline.distributed import (
     frozen_model_loading,
     gathered_for_generation,
     make_accelerator,
-    peak_rss_bytes,
+    memory_per_rank,
     save_causal_lm,
-    state_bytes,
     uses_deepspeed,
     zero_stage,
 )
 from pipeline.durable import append_jsonl, read_jsonl, write_jsonl_atomically, write_text_atomically
 from pipeline.generation import stop_token_ids
-from pipeline.models import DTYPES, build_scorer, checked_local, load_causal_lm, load_tokenizer
+from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
-from pipeline.ppo.rollout import sample_rollout
+from pipeline.ppo.rollout import prompt_batch, sample_rollout, sampling_seed
 from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
 from pipeline.records import messages, training_prompts
-from pipeline.scoring import check_finite, score_rollouts
+from pipeline.scoring import build_scorer, check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
@@ -68,33 +67,6 @@ RESUMABLE = True  # resume/ survives a killed run (see pipeline.cache.ArtifactCa
 SCRATCH = (RESUME_DIR,)  # resumption state, not artifact: removed by the runner after the commit
 resume_problem = checkpoint_problem  # the runner sets aside a partial output whose checkpoint cannot be resumed
 log = logging.getLogger("overopt")
-
-
-def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of the global batch of update `step`: passes over a seeded shuffle of the prompts, a new shuffle each
-    pass. A pure function of its arguments, so every rank agrees and a resumed run continues the same sequence."""
-    start = step * batch_size
-    idx = []
-    while len(idx) < batch_size:
-        epoch, offset = divmod(start + len(idx), n_prompts)
-        order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
-        idx.extend(order[offset:offset + batch_size - len(idx)])
-    return np.asarray(idx)
-
-
-def build_policy(cfg: PPOStageConfig, path: str):
-    from transformers import AutoModelForCausalLM
-
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.policy.dtype], use_safetensors=True,
-                                                  trust_remote_code=cfg.policy.trust_remote_code)
-    if cfg.ppo.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = cfg.ppo.lora
-        policy = get_peft_model(policy, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=list(lora.target_modules), bias="none",
-                                                   task_type="CAUSAL_LM"))
-    return policy
 
 
 def value_source(cfg: PPOStageConfig, inputs: dict[str, Path], policy_path: str) -> str:
@@ -107,39 +79,10 @@ def value_source(cfg: PPOStageConfig, inputs: dict[str, Path], policy_path: str)
     return str((inputs["member0"] if proxy.type == "ensemble" else inputs["model"]) / "model")
 
 
-class RewardNormaliser:
-    """Standardises proxy scores: not at all, with the first rollout batch's statistics (the GRM paper), or with each
-    batch's. Statistics are over every rank."""
-
-    def __init__(self, mode: str):
-        self.mode, self.mean, self.std = mode, None, None
-
-    def __call__(self, scores: torch.Tensor, all_reduce) -> torch.Tensor:
-        if self.mode == "none":
-            return scores
-        if self.mode == "batch" or self.mean is None:
-            total = all_reduce(torch.stack([scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)))]))
-            mean = total[0] / total[2]
-            std = ((total[1] / total[2] - mean ** 2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)).sqrt()
-            self.mean, self.std = float(mean), float(std)
-        return (scores - self.mean) / max(self.std, 1e-8)
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.std = state["mean"], state["std"]
-
-
 def kl_controller(ppo: PPOConfig) -> core.FixedKLController:
     if ppo.adaptive_kl is not None:
         return core.AdaptiveKLController(ppo.kl_coef, ppo.adaptive_kl.target, ppo.adaptive_kl.horizon)
     return core.FixedKLController(ppo.kl_coef)
-
-
-def sampling_seed(seed: int, rank: int) -> int:
-    """Each rank's sampling stream, derived so that (seed, rank 1) never replays (seed + 1, rank 0)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -166,7 +109,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     tokenizer = load_tokenizer(policy_path, cfg.policy.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     set_seed(ppo.seed)  # the value head's initialisation: identical on every rank
-    policy = build_policy(cfg, policy_path)
+    policy = build_policy(policy_path, cfg.policy.dtype, cfg.policy.trust_remote_code, ppo.lora)
     stop_ids = stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
     value = ValueModel.from_pretrained(value_source(cfg, inputs, policy_path), cfg.policy.dtype,
                                        cfg.policy.trust_remote_code)
@@ -184,7 +127,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     prompts = training_prompts(inputs["pairs"])
     query_rows = [prompt_ids(tokenizer, messages(p)) for p in prompts.prompt]
-    controller, normaliser = kl_controller(ppo), RewardNormaliser(ppo.reward_norm)
+    controller, normaliser = kl_controller(ppo), core.RewardNormaliser(ppo.reward_norm)
     exports = ppo.export_steps()
     (out / "exports").mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
@@ -296,19 +239,12 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         if ppo.report_to:
             accelerator.log(record, step=step + 1)
 
-    # memory each rank holds (ZeRO's point), summed into a (ranks, 5) table
-    held = state_bytes(model, optimizer)
-    mine = torch.zeros(accelerator.num_processes, 5, dtype=torch.float64, device=device)
-    mine[rank] = torch.tensor([held["parameters"], held["master_copies"], held["optimizer_state"], held["total"],
-                               peak_rss_bytes()], dtype=torch.float64)
-    per_rank = all_reduce(mine)
+    per_rank = memory_per_rank(model, optimizer, accelerator)  # a collective: every rank
     if main:
         summary = {"world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
                    "deepspeed": use_deepspeed, "device": str(device), "train_prompts": len(prompts),
                    "exports": exports, "steps": ppo.steps, "episodes": ppo.steps * ppo.rollout_batch_size,
-                   "per_rank": [dict(zip(["parameter_bytes", "master_copy_bytes", "optimizer_state_bytes",
-                                          "parameter_and_optimizer_bytes", "peak_rss_bytes"], map(int, row)))
-                                for row in per_rank.tolist()]}
+                   "per_rank": per_rank}
         write_text_atomically(out / "summary.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     if ppo.report_to:

@@ -27,11 +27,11 @@ import pandas as pd
 
 from pipeline.config import PPOSampleStageConfig, SamplingConfig
 from pipeline.generation import sample_responses
-from pipeline.models import build_scorer, load_causal_lm, load_tokenizer
+from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
 from pipeline.ppo.rollout import sequence_logprobs
 from pipeline.records import RL_SAMPLE_COLUMNS, messages, shards_problem, write_shard
-from pipeline.scoring import check_finite, score_rollouts
+from pipeline.scoring import build_scorer, check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"

@@ -35,10 +35,9 @@ from pipeline.config import (
     TrainProxyStageConfig,
     load_config,
 )
-from pipeline.models import build_scorer, load_reward_scorer
 from pipeline.records import SAMPLE_COLUMNS, SCORE_COLUMNS, messages, prompt_text, read_records, read_sample_shards
 from pipeline.runner import Runner
-from pipeline.scoring import EnsembleScorer
+from pipeline.scoring import EnsembleScorer, build_scorer, load_reward_scorer
 from pipeline.study import build_stages
 from pipeline.world import gold_reward
 

@@ -113,7 +113,7 @@ def test_proxy_type_lists_and_canonical_come_from_the_proxy_type_table():
 
 
 def test_missing_relative_model_dir_is_named(tmp_path, monkeypatch):
-    from pipeline.models import load_reward_scorer
+    from pipeline.scoring import load_reward_scorer
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpts").mkdir()

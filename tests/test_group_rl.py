@@ -14,10 +14,10 @@ import torch
 from pipeline.cache import ArtifactCache
 from pipeline.config import load_config
 from pipeline.generation import stop_token_ids
-from pipeline.models import build_scorer, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.records import messages, read_sample_shards
 from pipeline.runner import Runner
-from pipeline.scoring import NonFiniteScoreError, TRLRewardFunction
+from pipeline.scoring import NonFiniteScoreError, TRLRewardFunction, build_scorer
 from pipeline.study import _sample_scorer, build_stages
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"

@@ -336,8 +336,8 @@ def test_tiny_paper_study_has_the_paper_dag(paper_study):
 
 
 def test_pairs_are_labeled_by_the_local_gold_with_ties_dropped(paper_study):
-    from pipeline.models import load_reward_scorer
     from pipeline.records import messages
+    from pipeline.scoring import load_reward_scorer
 
     out = paper_study["artifacts"]["gold_label"]
     pairs = pd.read_parquet(out / "pairs.parquet")

@@ -18,10 +18,10 @@ import torch
 
 from pipeline.cache import ArtifactCache
 from pipeline.config import load_config
-from pipeline.models import build_scorer, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.records import RL_SAMPLE_COLUMNS, messages, read_sample_shards
 from pipeline.runner import Runner
-from pipeline.scoring import score_rollouts
+from pipeline.scoring import build_scorer, score_rollouts
 from pipeline.study import build_stages
 from pipeline.tokenization import ConversationEncoder, encode_conversation, prompt_ids
 

@@ -33,10 +33,10 @@ from pipeline.config import (
     TrainProxyStageConfig,
     load_config,
 )
-from pipeline.models import build_scorer, load_reward_scorer
 from pipeline.records import PAIR_COLUMNS, messages, read_records
 from pipeline.reward_model import HEAD_FILE, GRMRewardModel, RewardHeadConfig, is_grm_checkpoint
 from pipeline.runner import Runner
+from pipeline.scoring import build_scorer, load_reward_scorer
 from pipeline.study import build_stages
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_reward_scorer, seq_cls_rewards
-from pipeline.scoring import ModelScorer
+from pipeline.models import seq_cls_rewards
+from pipeline.scoring import ModelScorer, load_reward_scorer
 from pipeline.tokenization import encode_conversation
 from pipeline.world import build_tokenizer
 

@@ -103,7 +103,7 @@ def test_double_bos_passes_from_config_to_the_scorer(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from pipeline.config import GoldConfig, ProxyConfig, ScorerStageConfig
-    from pipeline.models import build_scorer
+    from pipeline.scoring import build_scorer
     from pipeline.world import build_tokenizer
 
     tok = build_tokenizer()

@@ -182,3 +182,27 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+class RewardNormaliser:
+    """Standardises proxy scores: not at all, with the first rollout batch's statistics (the GRM paper), or with each
+    batch's. Statistics are over every rank."""
+
+    def __init__(self, mode: str):
+        self.mode, self.mean, self.std = mode, None, None
+
+    def __call__(self, scores: torch.Tensor, all_reduce) -> torch.Tensor:
+        if self.mode == "none":
+            return scores
+        if self.mode == "batch" or self.mean is None:
+            total = all_reduce(torch.stack([scores.sum(), (scores ** 2).sum(), torch.tensor(float(len(scores)))]))
+            mean = total[0] / total[2]
+            std = ((total[1] / total[2] - mean ** 2).clamp(min=0) * total[2] / (total[2] - 1).clamp(min=1)).sqrt()
+            self.mean, self.std = float(mean), float(std)
+        return (scores - self.mean) / max(self.std, 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.std = state["mean"], state["std"]

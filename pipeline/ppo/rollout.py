@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pipeline.config import SamplingConfig
@@ -90,3 +91,20 @@ def sequence_logprobs(model, query_rows: Sequence[Sequence[int]], response_rows:
         logp = response_logprobs(logits, r_ids.to(device), q_ids.shape[1]).cpu()
         out += [logp[i, :len(r)] for i, r in enumerate(responses)]
     return out
+
+
+def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the global batch of update `step`: passes over a seeded shuffle of the prompts, a new shuffle each
+    pass. A pure function of its arguments, so every rank agrees and a resumed run continues the same sequence."""
+    start = step * batch_size
+    idx = []
+    while len(idx) < batch_size:
+        epoch, offset = divmod(start + len(idx), n_prompts)
+        order = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        idx.extend(order[offset:offset + batch_size - len(idx)])
+    return np.asarray(idx)
+
+
+def sampling_seed(seed: int, rank: int) -> int:
+    """Each rank's sampling stream, derived so that (seed, rank 1) never replays (seed + 1, rank 0)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
