@@ -334,6 +334,7 @@ def plot_sweep_differences(table: pd.DataFrame, x: str, others: list[str], path:
         ax.set_xlabel(x)
         if log:
             ax.set_xscale("log")
+            ax.minorticks_off()  # the swept values are the ticks
             ax.set_xticks(sorted(set(table._x)), [f"{v:g}" for v in sorted(set(table._x))])
         elif ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks)

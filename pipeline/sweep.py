@@ -253,12 +253,13 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
 
     runs, groups, diffs = tables["runs"], tables["groups"], tables["differences"]
     measures = list(dict.fromkeys(groups.measure))
-    parts += ["## Per point", "", "Each proxy entry's mean ± sd over its seeds (seeds in brackets); every run's value "
+    parts += ["## Per point", "", "Each proxy entry's mean ± sd over its seeds (their number in parentheses); every "
+              "run's value "
               "is in sweep_runs.csv, the 95 % t-intervals in sweep_groups.csv.", ""]
     cells = runs.groupby(["point", "group", "measure"], sort=False).value.agg(
         lambda v: f"{mean_sd_text(v)} ({len(v)})").unstack("measure")
     order = pd.MultiIndex.from_tuples(list(dict.fromkeys(zip(runs.point, runs.group))), names=["point", "group"])
-    parts += [_md(cells.reindex(order)[measures].reset_index()), ""]
+    parts += [_md(cells.reindex(order)[measures].reset_index().rename(columns={"group": "entry"})), ""]
     if len(diffs):
         parts += [f"## Differences to `{baseline}`", "",
                   f"Each entry minus `{baseline}` at each point, with its 95 % interval: the paired t test over seeds "
@@ -300,6 +301,10 @@ def _time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[s
             manifest = cache.path(key, fp) / "manifest.json"
             if (key, fp) not in seen and manifest.is_file():
                 seen[(key, fp)] = float(json.loads(manifest.read_text()).get("wall_time_s", 0.0))
-    line = (f"Compute: {len(seen)} distinct stages, {sum(seen.values()) / 60:.1f} min of stage wall time in all "
+    line = (f"Compute: {len(seen)} distinct stages, {_duration(sum(seen.values()))} of stage wall time in all "
             "(from their manifests, whichever run made them)")
-    return [line + (f"; this run took {wall_s / 60:.1f} min." if wall_s is not None else ".")]
+    return [line + (f"; the run that wrote this report took {_duration(wall_s)}." if wall_s is not None else ".")]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

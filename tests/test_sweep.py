@@ -134,9 +134,10 @@ def test_a_two_point_sweep_runs_on_one_cache_and_writes_its_report(tmp_path, cap
     t0 = time.time()
     assert main(["run", str(path), *overrides]) == 0
     took = time.time() - t0
-    print(f"2-point smoke sweep: {took:.0f}s")
+    with capsys.disabled():
+        print(f"\n2-point smoke sweep: {took:.0f}s")
     log = next((cache / "runs").iterdir()) / "run.log"
-    ran = [line.split()[3] for line in log.read_text().splitlines() if "▶" in line]
+    ran = [line.split("▶")[1].split()[0] for line in log.read_text().splitlines() if "▶" in line]
     assert ran.count("world") == 1 and ran.count("train_proxy[bt]") == 1  # shared stages ran once
     assert ran.count("train_proxy[grm_sft]") == 2 and ran.count("report") == 2  # one per point
 
@@ -168,7 +169,7 @@ def test_a_two_point_sweep_runs_on_one_cache_and_writes_its_report(tmp_path, cap
     # status: every point done; a point's own table of stages; a re-run runs nothing
     assert main(["status", str(path), *overrides]) == 0
     out = capsys.readouterr().out
-    assert "100%" in out and "0%" not in out
+    assert out.count("100%") == 3  # both points and the distinct stages
     assert main(["status", str(path), *overrides, "--point", "alpha=0.5"]) == 0
     out = capsys.readouterr().out
     assert "train_proxy[grm_sft@seed1]" in out and "missing" not in out
@@ -181,3 +182,13 @@ def test_a_two_point_sweep_runs_on_one_cache_and_writes_its_report(tmp_path, cap
     capsys.readouterr()
     assert main(["gc", str(path), *overrides]) == 0
     assert "train_proxy" not in capsys.readouterr().out
+
+
+def test_the_difference_plot_draws_a_line_per_other_key_and_a_panel_per_entry(tmp_path):
+    from pipeline.plots import plot_sweep_differences
+
+    rows = [{"group": g, "n_train_pairs": n, "alpha": a, "difference": d, "ci_lo": d - 0.05, "ci_hi": d + 0.05}
+            for g in ("grm_sft", "grm_dpo_noref") for n in (300, 1000, 3000) for a, d in ((0.01, 0.01), (0.1, 0.03))]
+    rows[0] |= {"ci_lo": float("nan"), "ci_hi": float("nan")}  # one seed: no interval, the point alone
+    plot_sweep_differences(pd.DataFrame(rows), "n_train_pairs", ["alpha"], tmp_path / "d.png", "t", "Δ accuracy")
+    assert (tmp_path / "d.png").stat().st_size > 5000
