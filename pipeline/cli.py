@@ -36,12 +36,24 @@ def _setup_logging(log_file: Path | None = None) -> None:
     root.propagate = False
 
 
-def _runner(cfg: StudyConfig):
+def _runner(cfg: StudyConfig, cache=None):
+    """The study's runner, on `cache` when given (the points of a sweep share one)."""
     from pipeline.cache import ArtifactCache
     from pipeline.runner import Runner
     from pipeline.study import build_stages
 
-    return Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root, cfg.run.verify))
+    return Runner(build_stages(cfg), cache or ArtifactCache(cfg.run.cache_root, cfg.run.verify))
+
+
+def _studies(cfg: StudyConfig, args) -> list[tuple[str | None, StudyConfig]]:
+    """What `run` and `status` work on: the study itself ((None, cfg)), or, for a study with `sweep:`, each point
+    (its name and config; `pipeline.sweep.expand_sweep`)."""
+    if not cfg.sweep:
+        return [(None, cfg)]
+    from pipeline.sweep import expand_sweep
+
+    _, points = expand_sweep(args.config, args.overrides)
+    return [(p.name, p.config) for p in points]
 
 
 def _names(values: list[str] | None) -> set[str]:
@@ -49,39 +61,66 @@ def _names(values: list[str] | None) -> set[str]:
 
 
 def cmd_run(cfg: StudyConfig, args) -> int:
+    """Run the study's stages that are not cached; a sweep runs every point's, one after the other on one cache (so
+    what points share runs once), then writes the sweep report (`pipeline.sweep`)."""
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
+    from pipeline.cache import ArtifactCache
     from pipeline.preflight import preflight
 
-    preflight(cfg)  # before any work: local paths exist, model directories serve their roles
-    runner = _runner(cfg)
-    runner.check_names(_names(args.only) | _names(args.until) | _names(args.force))
-    runner.cache.claim()  # refuses a folder overopt did not make, before writing anything into it
-    with runner.cache.lock(cfg.run.lock_timeout_s):
-        runner.cache.sweep_stale()
+    studies = _studies(cfg, args)
+    cache = ArtifactCache(cfg.run.cache_root, cfg.run.verify)
+    runners = []
+    for _, study in studies:  # every point checked before any work
+        preflight(study)  # before any work: local paths exist, model directories serve their roles
+        runners.append(_runner(study, cache))
+        runners[-1].check_names(_names(args.only) | _names(args.until) | _names(args.force))
+    cache.claim()  # refuses a folder overopt did not make, before writing anything into it
+    with cache.lock(cfg.run.lock_timeout_s):
+        cache.sweep_stale()
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
-        (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))
+        (run_dir / "resolved_config.yaml").write_text(dump_config(cfg))  # a sweep's: its points follow from it
         _setup_logging(run_dir / "run.log")
-        log.info("study %s: %d stages; log and resolved config in %s", cfg.study, len(runner.nodes), run_dir)
         t0 = time.time()
-        try:
-            plan = runner.run(only=_names(args.only), until=_names(args.until), force=_names(args.force))
-        except Exception as e:
-            where = f"stage {runner.failed_stage}" if runner.failed_stage else "run"
-            log.error("%s failed after %.1fs (finished stages stay cached)", where, time.time() - t0, exc_info=True,
-                      extra={"file_only": True})
-            if isinstance(e, ConfigError):
-                raise
-            if args.debug:
-                traceback.print_exc()
-            print(failure_line(e, runner.failed_stage), file=sys.stderr)
-            print(f"  full traceback in {run_dir / 'run.log'}" + ("" if args.debug else " (or run again with --debug)"),
-                  file=sys.stderr)
-            return 1
+        forced: set[tuple[str, str]] = set()  # (key, fingerprint) already forced: a shared stage re-runs once
+        for i, ((point, study), runner) in enumerate(zip(studies, runners)):
+            if point is None:
+                log.info("study %s: %d stages; log and resolved config in %s", study.study, len(runner.nodes),
+                         run_dir)
+            else:
+                log.info("sweep point %d/%d %s: %d stages; log in %s", i + 1, len(runners), point, len(runner.nodes),
+                         run_dir)
+            fps = runner.fingerprints()
+            force = {n.key for n in runner.nodes if n.key in _names(args.force) or n.stage in _names(args.force)}
+            force = {k for k in force if (k, fps[k]) not in forced}
+            forced |= {(k, fps[k]) for k in force}
+            try:
+                plan = runner.run(only=_names(args.only), until=_names(args.until), force=force)
+            except Exception as e:
+                stage = runner.failed_stage and (runner.failed_stage + (f" of sweep point {point}" if point else ""))
+                log.error("%s failed after %.1fs (finished stages stay cached)", f"stage {stage}" if stage else "run",
+                          time.time() - t0, exc_info=True, extra={"file_only": True})
+                if isinstance(e, ConfigError):
+                    raise
+                if args.debug:
+                    traceback.print_exc()
+                print(failure_line(e, stage), file=sys.stderr)
+                print(f"  full traceback in {run_dir / 'run.log'}" + ("" if args.debug else " (or run again with "
+                                                                       "--debug)"), file=sys.stderr)
+                return 1
         log.info("finished in %.1fs", time.time() - t0)
-        print_summary(cfg.study, runner, plan)  # under the lock: gc cannot remove what it reads
+        if not cfg.sweep:
+            print_summary(cfg.study, runner, plan)  # under the lock: gc cannot remove what it reads
+        elif args.only or args.until:
+            log.info("sweep report not written: --only / --until ran part of each point")
+        else:
+            from pipeline.sweep import expand_sweep, write_sweep_report
+
+            study, points = expand_sweep(args.config, args.overrides)
+            readme = write_sweep_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
+            print(f"sweep of {len(points)} points: {readme}")
     return 0
 
 
@@ -185,10 +224,19 @@ def failure_line(e: BaseException, stage: str | None) -> str:
 
 
 def cmd_status(cfg: StudyConfig, args) -> int:
+    """A table of the study's stages and their cache state; for a sweep, each point's progress (stages cached of
+    its total) and, with --point NAME, that point's table of stages."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    if cfg.sweep:
+        points = dict(_studies(cfg, args))
+        if args.point is None:
+            return _sweep_status(cfg, points)
+        if args.point not in points:
+            raise ConfigError(f"--point {args.point!r} is not a point of this sweep (points: {', '.join(points)})")
+        cfg = points[args.point]
     runner = _runner(cfg)
     table = Table(title=f"study {cfg.study} — cache {cfg.run.cache_root}")
     table.add_column("stage", no_wrap=True)
@@ -200,6 +248,31 @@ def cmd_status(cfg: StudyConfig, args) -> int:
         size = f"{m['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in m and p.status == "cached" else ""
         state = p.status + (f" ({p.detail})" if p.detail else "")
         table.add_row(escape(p.node.key), p.fingerprint, escape(state), wall, size)
+    Console().print(table)
+    return 0
+
+
+def _sweep_status(cfg: StudyConfig, points: dict[str, StudyConfig]) -> int:
+    """One row per sweep point: how many of its stages are cached, stale, missing (`overopt status`'s states), of
+    its total; a last row for the sweep's distinct stages (those points share counted once)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.cache import ArtifactCache
+    from pipeline.sweep import STATES, SweepPoint, status_rows
+
+    cache = ArtifactCache(cfg.run.cache_root, cfg.run.verify)
+    rows, overall = status_rows([SweepPoint(name, {}, c) for name, c in points.items()], cache)
+    table = Table(title=f"sweep {escape(cfg.study)}: {len(rows)} points — cache {cfg.run.cache_root}",
+                  caption="a stage that points share counts in each; `--point NAME` lists one point's stages")
+    table.add_column("point", no_wrap=True)
+    shown = [s for s in STATES if s in ("cached", "missing") or overall[s]]
+    for col in (*shown, "total", "done"):
+        table.add_column(col, justify="right")
+    for r in [*rows, {"point": "distinct stages of the sweep", **overall}]:
+        table.add_row(escape(r["point"]), *(str(r[s]) for s in shown), str(r["total"]),
+                      f"{r['cached'] / r['total']:.0%}")
     Console().print(table)
     return 0
 
@@ -240,7 +313,11 @@ def cmd_gc(args, extra: list[str]) -> int:
     paths = [a for a in args.configs if "=" not in a]
     if not paths:
         raise ConfigError("gc needs at least one study config: the studies whose artifacts are kept")
-    configs = [load_config(path, overrides) for path in paths]
+    from pipeline.sweep import expand_sweep
+
+    # a sweep's points are studies of their own: what they reference is kept too
+    configs = [c for path in paths for study, points in [expand_sweep(path, overrides)]
+               for c in [study, *(p.config for p in points)]]
     from pipeline.cache import CacheLockedError
 
     try:
@@ -284,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--debug", action="store_true", help="on failure, print the traceback here too")
         if name == "show":
             p.add_argument("-n", type=int, default=5)
+        if name == "status":
+            p.add_argument("--point", help="a sweep: this point's table of stages (default: every point's progress)")
     p = sub.add_parser("gc", help="list (with --yes remove) cached artifacts and run folders that none of the named "
                                   "studies reference")
     p.add_argument("configs", nargs="+", help="study configs to keep; section.key=value overrides apply to all")

@@ -561,6 +561,30 @@ class StudyConfig(Section):
     rl: GroupRLConfig | None = None
     knowledge: KnowledgeConfig = KnowledgeConfig()
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
+    # A sweep (`pipeline.sweep`): override key -> the values it takes; the keys are crossed into points, each the
+    # study with those overrides applied. A key naming several override keys joined by commas sets them all to the
+    # same value (`proxies.a.alpha,proxies.b.alpha: [0.01, 0.1]`: one swept value, two proxies). Not part of any
+    # stage's config slice, so it changes no fingerprint: a point equal to the study is the study.
+    sweep: dict[str, list[Any]] = {}
+    # The proxy entry every other entry is compared with in the sweep report (default: the first entry).
+    sweep_baseline: str | None = None
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_keys(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in sweep.items():
+            for part in sweep_keys(key):
+                if not all(part.split(".")):
+                    raise ValueError(f"sweep key {key!r} has an empty part")
+                if part.split(".")[0] in SWEEP_RESERVED:
+                    raise ValueError(f"sweep key {key!r}: {part.split('.')[0]} cannot be swept (the points of a "
+                                     f"sweep share one study name, cache and report directory)")
+            if not values:
+                raise ValueError(f"sweep key {key!r} has no values")
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise ValueError(f"sweep key {key!r} lists {repeated[0]!r} twice")
+        return sweep
 
     @field_validator("proxies")
     @classmethod
@@ -598,7 +622,14 @@ class StudyConfig(Section):
             if self.bon is None:
                 raise ValueError(f"{arm} evaluates on the best-of-n evaluation prompts and beside the best-of-n "
                                  f"curves: it needs the bon section")
+        if self.sweep_baseline is not None and self.sweep_baseline not in {p.name for p in self.proxies}:
+            raise ValueError(f"sweep_baseline {self.sweep_baseline!r} is not a proxy entry of this study "
+                             f"({[p.name for p in self.proxies]})")
         return self
+
+    def baseline_entry(self) -> str:
+        """The proxy entry a sweep compares the others with: `sweep_baseline`, default the first entry."""
+        return self.sweep_baseline or self.proxies[0].name
 
     def expanded_proxies(self) -> list[ProxyConfig]:
         """Every concrete proxy of the study: each entry's seed copies, in the study's order. Stages are built per
@@ -614,6 +645,16 @@ class StudyConfig(Section):
         if self.knowledge.enabled is not None:
             return self.knowledge.enabled
         return self.policy.source == "tiny" or self.knowledge.pairs_path is not None
+
+
+# Top-level keys a sweep may not vary: its points must share the study's name (the report's fingerprint), cache and
+# reports directory, and a point has no sweep of its own.
+SWEEP_RESERVED = ("study", "run", "sweep", "sweep_baseline")
+
+
+def sweep_keys(key: str) -> list[str]:
+    """The override keys one `sweep:` key sets: `a.b` -> [`a.b`]; `a.x,b.x` (tied keys) -> [`a.x`, `b.x`]."""
+    return [k.strip() for k in key.split(",")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -706,8 +747,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    """Read a study YAML, apply `section.key=value` overrides, validate. Raises ConfigError naming the bad key."""
+def read_config_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A study YAML as a plain tree with `section.key=value` overrides applied, not validated yet."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -720,10 +761,29 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         keys, value = _parse_override(item)
         _set_path(tree, keys, value, item)
+    return tree
+
+
+def set_key(tree: dict, key: str, value: Any) -> None:
+    """Set the dotted `key` of a config tree to an already parsed value, addressed as an override addresses it (list
+    entries by name: `proxies.bt.alpha`); a key that cannot be set is a ConfigError naming it."""
+    item = f"{key}={value!r}"
+    keys, _ = _parse_override(f"{key}=")  # the key checks of an override; the value is already parsed
+    _set_path(tree, keys, value, item)
+
+
+def validate_config(tree: dict, source: str) -> StudyConfig:
+    """A config tree as a `StudyConfig`; a validation error is a ConfigError naming the key (`source` says where the
+    tree came from)."""
     try:
         return StudyConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path))) from None
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read a study YAML, apply `section.key=value` overrides, validate. Raises ConfigError naming the bad key."""
+    return validate_config(read_config_tree(path, overrides), str(path))
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -293,3 +293,55 @@ def plot_overlay(curves: list[Overlay], path: Path, title: str, xlabel: str) -> 
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _sweep_x(values: pd.Series) -> tuple[pd.Series, list | None, bool]:
+    """Positions of a swept key's values on the x-axis: the values themselves when all are numbers (log scale when
+    they are positive and span a factor of 10 or more), else 0, 1, ... with the values as tick labels."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        x = values.astype(float)
+        return x, None, bool((x > 0).all() and x.max() >= 10 * x.min())
+    ticks = list(dict.fromkeys(map(str, values)))
+    return values.map(lambda v: ticks.index(str(v))).astype(float), ticks, False
+
+
+def plot_sweep_differences(table: pd.DataFrame, x: str, others: list[str], path: Path, title: str,
+                           ylabel: str) -> None:
+    """A sweep's differences in one measure (rows of `pipeline.sweep`'s differences table: `group`, the swept keys'
+    columns, `difference`, `ci_lo`, `ci_hi`): one panel per compared entry (`group`), the difference against the
+    value of key `x` with its 95 % interval as error bars, one line per combination of the `others` keys' values,
+    and a line at 0 (no difference)."""
+    plt = _pyplot()
+    entries = list(dict.fromkeys(table.group))
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.2 * len(entries) + 0.8, 3.8), sharey=True, squeeze=False)
+    xs, ticks, log = _sweep_x(table[x])
+    table = table.assign(_x=xs.to_numpy())
+    lines = pd.Series([tuple(map(str, r)) for r in table[others].itertuples(index=False)], index=table.index,
+                      dtype=object)
+    names = list(dict.fromkeys(lines))
+    for ax, entry in zip(axes[0], entries):
+        for i, name in enumerate(names):
+            sub = table[(table.group == entry) & lines.map(lambda line, name=name: line == name)].sort_values("_x")
+            # a small shift per line keeps the intervals of lines at one x apart
+            shift = (i - (len(names) - 1) / 2) * 0.04
+            px = sub._x * np.exp(shift) if log else sub._x + shift
+            err = np.vstack([sub.difference - sub.ci_lo, sub.ci_hi - sub.difference])
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, name)) if others else None
+            ax.errorbar(px, sub.difference, yerr=np.nan_to_num(err), fmt="-o", ms=4, capsize=3, color=f"C{i}",
+                        label=label)
+        ax.axhline(0, color="grey", lw=0.7)
+        ax.set_title(entry, fontsize=9)
+        ax.set_xlabel(x)
+        if log:
+            ax.set_xscale("log")
+            ax.minorticks_off()  # the swept values are the ticks
+            ax.set_xticks(sorted(set(table._x)), [f"{v:g}" for v in sorted(set(table._x))])
+        elif ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks)
+    axes[0, 0].set_ylabel(ylabel)
+    if others:
+        axes[0, -1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -72,9 +72,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     groups = cfg.groups or {p: [p] for p in cfg.proxies}
     group_of = {p: g for g, ps in groups.items() for p in ps}
     labels = proxy_labels(cfg)
-    evaluated = [pd.read_parquet(inputs[f"eval[{p}]"] / "accuracy.parquet") for p in cfg.proxies
-                 if f"eval[{p}]" in inputs]
-    acc = pd.concat(evaluated, ignore_index=True) if evaluated else pd.DataFrame()
+    acc = read_accuracy(cfg.proxies, inputs)
     if len(acc):
         acc.insert(0, "group", acc.proxy.map(group_of))
         acc.to_csv(out / "accuracy.csv", index=False)
@@ -83,7 +81,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
     parts += _knowledge_section(cfg, inputs, out)
 
-    curves = {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in cfg.proxies if f"bon[{p}]" in inputs}
+    curves = read_bon_curves(cfg.proxies, inputs)
     fits = {p: json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text()) for p in curves}
     bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
     bon_groups = {g: ps for g, ps in bon_groups.items() if ps}
@@ -130,6 +128,17 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
     readme = "\n".join(parts)
     (out / "README.md").write_text(readme)
     (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+
+
+def read_accuracy(proxies: list[str], inputs: dict[str, Path]) -> pd.DataFrame:
+    """Every proxy's eval_proxy accuracy rows (input role `eval[p]`), concatenated; empty without any."""
+    evaluated = [pd.read_parquet(inputs[f"eval[{p}]"] / "accuracy.parquet") for p in proxies if f"eval[{p}]" in inputs]
+    return pd.concat(evaluated, ignore_index=True) if evaluated else pd.DataFrame()
+
+
+def read_bon_curves(proxies: list[str], inputs: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    """Each proxy's best-of-n curve (input role `bon[p]`: bon_curve's curve.parquet), for the proxies that have one."""
+    return {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in proxies if f"bon[{p}]" in inputs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -647,6 +656,20 @@ def _matched_comparisons(arms: dict[str, dict[str, list[str]]], per_run: pd.Data
 # comparisons
 
 
+def run_measures(acc: pd.DataFrame, curves: dict[str, pd.DataFrame]) -> list[tuple[str, pd.Series]]:
+    """What proxies are compared in, each as (measure, one value per proxy run indexed by its name): best-of-n peak
+    gold (`bon_peak` of each bon_curve's curve.parquet) and pairwise accuracy on clean labels per
+    evaluation set (eval_proxy's accuracy.parquet rows, concatenated), named `accuracy (<set>)`. Used by the report's
+    comparisons and by the sweep report (`pipeline.sweep`)."""
+    measures: list[tuple[str, pd.Series]] = []
+    if curves:
+        measures.append(("best-of-n peak gold", pd.Series({p: bon_peak(c)["peak_gold"] for p, c in curves.items()})))
+    if len(acc):
+        for s, sub in acc[acc.labels == "clean"].groupby("set", sort=False):
+            measures.append((f"accuracy ({s})", sub.set_index("proxy").accuracy))
+    return measures
+
+
 def group_comparisons(groups: dict[str, list[str]], acc: pd.DataFrame, curves: dict[str, pd.DataFrame]) -> list[dict]:
     """With two or more proxy entries trained over several seeds: each such entry against the first of them
     (the study's baseline, listed first) in best-of-n peak gold and in accuracy per evaluation set (clean labels),
@@ -654,15 +677,9 @@ def group_comparisons(groups: dict[str, list[str]], acc: pd.DataFrame, curves: d
     seeded = [g for g, ps in groups.items() if len(ps) > 1]
     if len(seeded) < 2:
         return []
-    measures: list[tuple[str, pd.Series]] = []  # one value per proxy run, indexed by its name
-    if curves:
-        measures.append(("best-of-n peak gold", pd.Series({p: bon_peak(c)["peak_gold"] for p, c in curves.items()})))
-    if len(acc):
-        for s, sub in acc[acc.labels == "clean"].groupby("set", sort=False):
-            measures.append((f"accuracy ({s})", sub.set_index("proxy").accuracy))
     base, *others = seeded
     rows = []
-    for m, values in measures:
+    for m, values in run_measures(acc, curves):
         for g in others:
             a, b = values.reindex(groups[base]).dropna(), values.reindex(groups[g]).dropna()
             if len(a) and len(b):

@@ -1,0 +1,310 @@
+"""Sweeps as a unit: a study's `sweep:` section expanded into points, their progress, and one sweep report.
+
+A point is the study with one value of every `sweep:` key applied as an override (`pipeline.config.set_key`, the
+override machinery of `load_config`), the keys crossed; it is named after its values (`n_train_pairs=300,alpha=0.01`)
+and publishes its own report to `<reports_dir>/points/<name>/`. Every point keeps the study's name and cache, and
+`sweep:` enters no stage's config slice, so stages that two points share (world, base policy, the same pairs, the
+same proxy) have one fingerprint and run once, and a point equal to the study has the study's fingerprints.
+
+The sweep report is plain functions called by `overopt run` after every point ran, not a stage: the runner's DAG is
+keyed by stage key, and the points' stages share keys (`eval_proxy[bt]` of every point), so no one DAG can hold them
+all. It reads each point's eval_proxy[p] and bon_curve[p] artifacts from the cache at that point's fingerprints, as
+the point's report stage gets them (its input roles, `stages.report.read_accuracy` / `read_bon_curves`,
+`stages.report.run_measures`), and writes into the study's `reports_dir`: README.md, sweep_runs.csv (every run's
+value of every measure), sweep_groups.csv (per point and proxy entry: mean, sd and 95 % t-interval over seeds,
+`pipeline.seed_stats`), sweep_differences.csv (each entry minus the baseline entry per point and measure,
+`pipeline.comparison_stats.difference_of_runs`: paired over shared seeds, Holm over the whole sweep) and one PNG per
+measure, the difference against the first swept key's value, one line per value of the other keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import (
+    ConfigError,
+    StudyConfig,
+    read_config_tree,
+    set_key,
+    sweep_keys,
+    validate_config,
+)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep: its name, the value of each `sweep:` key (as the key is written) and its study config."""
+
+    name: str
+    values: dict[str, Any]
+    config: StudyConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# expansion
+
+
+def value_text(value: Any) -> str:
+    """A swept value as it appears in a point's name: YAML's spelling of scalars (`null`, `true`, `0.01`), anything
+    but letters, digits and `._+-` replaced by `-` (the name is a directory)."""
+    if value is None or isinstance(value, (bool, dict, list)):
+        text = json.dumps(value, sort_keys=True)
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text) or "-"
+
+
+def key_labels(keys: list[str]) -> dict[str, str]:
+    """Each sweep key's short name in point names and tables: the last part of its (first) override key, or as many
+    trailing parts as make the names distinct (`grm_sft.alpha`, `grm_dpo.alpha`)."""
+    parts = {k: sweep_keys(k)[0].split(".") for k in keys}
+    for depth in range(1, max(map(len, parts.values()), default=0) + 1):
+        labels = {k: ".".join(p[-depth:]) for k, p in parts.items()}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {k: re.sub(r"[^A-Za-z0-9._+-]+", "-", k) for k in keys}
+
+
+def _point_config(study_tree: dict, values: dict[str, Any], source: str, reports_dir: Path | None) -> StudyConfig:
+    """The study tree with each sweep key set to its value (a tied key sets each of its override keys), validated."""
+    tree = copy.deepcopy(study_tree)
+    for key, value in values.items():
+        for part in sweep_keys(key):
+            try:
+                set_key(tree, part, value)
+            except ConfigError as e:
+                raise ConfigError(f"sweep key {key!r}: {e}") from None
+    if reports_dir is not None:
+        set_key(tree, "run.reports_dir", str(reports_dir))
+    return validate_config(tree, source)
+
+
+def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[StudyConfig, list[SweepPoint]]:
+    """The study (with its `sweep:`) and its points: the cartesian product of the `sweep:` values in the order the
+    keys and values are written, each point the study with those values set and `sweep:` removed; no points when the
+    study has no sweep. Every key and value is first checked alone, so an invalid one is a ConfigError naming it;
+    a combination the config refuses names the point."""
+    tree = read_config_tree(path, overrides)
+    study = validate_config(tree, str(path))
+    if not study.sweep:
+        return study, []
+    study_tree = {k: v for k, v in tree.items() if k != "sweep"}
+    for key, values in study.sweep.items():
+        for value in values:
+            _point_config(study_tree, {key: value}, f"{path}, sweep key {key} = {value!r}", None)
+    labels = key_labels(list(study.sweep))
+    points = []
+    for combo in itertools.product(*study.sweep.values()):
+        values = dict(zip(study.sweep, combo))
+        name = ",".join(f"{labels[k]}={value_text(v)}" for k, v in values.items())
+        config = _point_config(study_tree, values, f"{path}, sweep point {name}",
+                               Path(study.run.reports_dir) / "points" / name)
+        points.append(SweepPoint(name, values, config))
+    names = [p.name for p in points]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"sweep: several points are named {repeated[0]!r}: two values of one key read the same in a "
+                          f"file name; write them differently")
+    return study, points
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress
+
+
+def status_rows(points: list[SweepPoint], cache) -> tuple[list[dict], dict[str, int]]:
+    """Per point: its name and how many of its stages are cached, stale, missing or corrupt (`Runner.plan`, the
+    `overopt status` states), of how many; and the same over the distinct stages of the whole sweep (a stage that
+    points share, at one fingerprint, counted once)."""
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    rows, distinct = [], {}
+    for point in points:
+        plan = Runner(build_stages(point.config), cache).plan()
+        counts = pd.Series([p.status for p in plan]).value_counts()
+        rows.append({"point": point.name, "total": len(plan), **{s: int(counts.get(s, 0)) for s in STATES}})
+        distinct |= {(p.node.key, p.fingerprint): p.status for p in plan}
+    overall = pd.Series(list(distinct.values()), dtype=object).value_counts()
+    return rows, {"total": len(distinct), **{s: int(overall.get(s, 0)) for s in STATES}}
+
+
+STATES = ("cached", "stale", "missing", "corrupt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sweep report
+
+
+class SweepError(ValueError):
+    """The sweep report cannot be written (an artifact it reads is not cached); the message names it."""
+
+
+def point_inputs(point: SweepPoint, cache) -> dict[str, Path]:
+    """The eval_proxy and bon_curve artifacts of a point, by the input roles its report stage gives them (`eval[p]`,
+    `bon[p]`), at the point's fingerprints; one that is not cached is a SweepError naming it and the point."""
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    runner = Runner(build_stages(point.config), cache)
+    fps = runner.fingerprints()
+    wanted = {role: key for role, key in runner.by_key["report"].inputs.items()
+              if role.startswith(("eval[", "bon["))}
+    missing = [key for key in wanted.values() if cache.check(key, fps[key]).status != "cached"]
+    if missing:
+        raise SweepError(f"sweep point {point.name}: {len(missing)} stage(s) not cached: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    return {role: cache.path(key, fps[key]) for role, key in wanted.items()}
+
+
+def _measure_order(measure: str) -> tuple[int, str]:
+    # accuracies (in distribution, then out of it) before best-of-n, as the README's tables read
+    return (measure.startswith("best-of-n"), measure.replace("id_test", "0").replace("ood", "1"))
+
+
+def point_runs(point: SweepPoint, cache) -> pd.DataFrame:
+    """Every run's value of every measure at one point: columns point, group (the proxy entry), run, measure, value
+    (the measures of `stages.report.run_measures`, read as the point's report reads them)."""
+    from stages.report import read_accuracy, read_bon_curves, run_measures
+
+    inputs = point_inputs(point, cache)
+    proxies = [p.name for p in point.config.expanded_proxies()]
+    group_of = {run: g for g, runs in point.config.proxy_groups().items() for run in runs}
+    rows = [{"point": point.name, "group": group_of[run], "run": run, "measure": measure, "value": float(value)}
+            for measure, values in run_measures(read_accuracy(proxies, inputs), read_bon_curves(proxies, inputs))
+            for run, value in values.items() if run in group_of]
+    return pd.DataFrame(rows, columns=["point", "group", "run", "measure", "value"])
+
+
+def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[str, pd.DataFrame]:
+    """The sweep's numbers: `runs` (every run's value), `groups` (per point, entry and measure: `seed_stats` over
+    the entry's seeds) and `differences` (per point, non-baseline entry and measure: `difference_of_runs` of the
+    entry's runs against the baseline entry's, B − A, paired over shared seeds; `p_holm` over every row). Each
+    table has a column per sweep key (its `key_labels` name) holding the point's value."""
+    from pipeline.comparison_stats import difference_of_runs, with_holm
+    from pipeline.seed_stats import seed_stats
+
+    labels = key_labels(list(study.sweep))
+    values = {p.name: {labels[k]: v for k, v in p.values.items()} for p in points}
+    runs = pd.concat([point_runs(p, cache) for p in points], ignore_index=True)
+    measures = sorted(runs.measure.unique(), key=_measure_order)
+    baseline = study.baseline_entry()
+    groups, differences = [], []
+    for point in points:
+        here = runs[runs.point == point.name]
+        for measure in measures:
+            by_group = {g: t.set_index("run").value for g, t in here[here.measure == measure].groupby("group",
+                                                                                                      sort=False)}
+            groups += [{"point": point.name, **values[point.name], "group": g, "measure": measure, **seed_stats(v)}
+                       for g, v in by_group.items()]
+            if baseline not in by_group:
+                continue
+            differences += [{"point": point.name, **values[point.name], "group": g, "baseline": baseline,
+                             "measure": measure, **difference_of_runs(by_group[baseline], v)}
+                            for g, v in by_group.items() if g != baseline]
+    runs = runs.assign(**{label: runs.point.map(lambda n, label=label: values[n][label]) for label in labels.values()})
+    differences = pd.DataFrame(differences)
+    return {"runs": runs, "groups": pd.DataFrame(groups),
+            "differences": with_holm(differences) if len(differences) else differences}
+
+
+def _slug(measure: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", measure).strip("_")
+
+
+def _md(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path,
+                       wall_s: float | None = None) -> Path:
+    """Write the sweep report (module docstring) into `out`; return its README.md. `wall_s`: how long the run that
+    made it took, said in the README beside the compute time of the sweep's distinct stages (their manifests')."""
+    from pipeline import plots
+    from pipeline.comparison_stats import design_text, p_text
+    from pipeline.seed_stats import mean_sd_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    tables = sweep_tables(study, points, cache)
+    for name, table in tables.items():
+        table.to_csv(out / f"sweep_{name}.csv", index=False)
+    labels = key_labels(list(study.sweep))
+    keys = list(labels.values())
+    baseline = study.baseline_entry()
+    parts = [f"# Sweep `{study.study}`", "",
+             f"Generated by `overopt run` over the {len(points)} points of the study's `sweep:` (every combination "
+             f"of {', '.join(f'`{k}` {study.sweep[k]}' for k in study.sweep)}); each point's own report is in "
+             "`points/<point>/`. Stages the points share ran once (one cache).", "",
+             "| point | " + " | ".join(keys) + " | report |", "|" + "---|" * (len(keys) + 2)]
+    parts += [f"| {p.name} | " + " | ".join(value_text(v) for v in p.values.values())
+              + f" | [points/{p.name}](points/{p.name}/README.md) |" for p in points]
+    parts += ["", *_time_lines(points, cache, wall_s), ""]
+
+    runs, groups, diffs = tables["runs"], tables["groups"], tables["differences"]
+    measures = list(dict.fromkeys(groups.measure))
+    parts += ["## Per point", "", "Each proxy entry's mean ± sd over its seeds (their number in parentheses); every "
+              "run's value "
+              "is in sweep_runs.csv, the 95 % t-intervals in sweep_groups.csv.", ""]
+    cells = runs.groupby(["point", "group", "measure"], sort=False).value.agg(
+        lambda v: f"{mean_sd_text(v)} ({len(v)})").unstack("measure")
+    order = pd.MultiIndex.from_tuples(list(dict.fromkeys(zip(runs.point, runs.group))), names=["point", "group"])
+    parts += [_md(cells.reindex(order)[measures].reset_index().rename(columns={"group": "entry"})), ""]
+    if len(diffs):
+        parts += [f"## Differences to `{baseline}`", "",
+                  f"Each entry minus `{baseline}` at each point, with its 95 % interval: the paired t test over seeds "
+                  "when the two entries' runs are the same seeds, Welch's otherwise (`test`); Holm p adjusts over all "
+                  f"{int(diffs.p_holm.notna().sum())} tested differences of this sweep; MDD80 is the smallest true "
+                  "difference the design detects with 80 % power (`pipeline.comparison_stats`). Every number is in "
+                  f"sweep_differences.csv. In each plot x is `{keys[0]}`"
+                  + (f", one line per value of {', '.join(f'`{k}`' for k in keys[1:])}" if len(keys) > 1 else "")
+                  + "; bars are the 95 % intervals.", ""]
+        for measure in measures:
+            sub = diffs[diffs.measure == measure]
+            if not len(sub):
+                continue
+            figure = f"sweep_{_slug(measure)}.png"
+            plots.plot_sweep_differences(sub, keys[0], keys[1:], out / figure,
+                                         f"{study.study}: {measure}, entry − {baseline}", f"Δ {measure}")
+            shown = pd.DataFrame({"point": sub.point, "entry": sub.group,
+                                  f"Δ (− {baseline}) [95 % CI]": [
+                                      f"{r.difference:+.3f} [{r.ci_lo:.3f}, {r.ci_hi:.3f}]" if np.isfinite(r.ci_lo)
+                                      else f"{r.difference:+.3f}" for r in sub.itertuples()],
+                                  "test": [design_text(r) for _, r in sub.iterrows()],
+                                  "p": sub.p.map(p_text), "Holm p": sub.p_holm.map(p_text),
+                                  "MDD80": [f"{v:.3f}" if np.isfinite(v) else "—" for v in sub.mdd80]})
+            parts += [f"### {measure}", "", f"![{measure}]({figure})", "", _md(shown), ""]
+    readme = out / "README.md"
+    readme.write_text("\n".join(parts))
+    return readme
+
+
+def _time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[str]:
+    """How long the sweep took: the summed wall time of its distinct stages (from their manifests, whichever run
+    made them) and this run's own wall time."""
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    seen: dict[tuple[str, str], float] = {}
+    for point in points:
+        for key, fp in Runner(build_stages(point.config), cache).fingerprints().items():
+            manifest = cache.path(key, fp) / "manifest.json"
+            if (key, fp) not in seen and manifest.is_file():
+                seen[(key, fp)] = float(json.loads(manifest.read_text()).get("wall_time_s", 0.0))
+    line = (f"Compute: {len(seen)} distinct stages, {_duration(sum(seen.values()))} of stage wall time in all "
+            "(from their manifests, whichever run made them)")
+    return [line + (f"; the run that wrote this report took {_duration(wall_s)}." if wall_s is not None else ".")]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
