@@ -78,7 +78,7 @@ def _finish(fig, axes, ylabels, xlabel: str, legend_size: int, title: str, path:
         ax.set_ylabel(ylabel)
         ax.set_xlabel(xlabel)
         ax.axhline(0, color="gray", lw=0.5)
-        if ax.get_legend() is None:  # a plot that built its own legend (plot_overlay) keeps it
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # own legends (plot_overlay) are kept
             ax.legend(fontsize=legend_size)
     if residual_ax is not None:
         axes[0].set_xlabel("")
@@ -147,13 +147,13 @@ def plot_seed_bands(bands: dict[str, pd.DataFrame], path: Path, title: str, xlab
     panels = [(bands, ylabel)] + ([(proxy_bands, proxy_ylabel)] if proxy_bands else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 0.5, 4), squeeze=False)
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys([*bands, *(proxy_bands or {})]))}
-    for ax, (tables, _) in zip(axes[0], panels):
+    for k, (ax, (tables, _)) in enumerate(zip(axes[0], panels)):
         for label, b in tables.items():
             b = b[b["mean"].notna()]
             col = x or ("sqrt_kl" if "sqrt_kl" in b else "sqrt_kl_bound")
             seeds = int(b["n" if "n" in b else "seeds"].max()) if len(b) else 0
-            ax.plot(b[col], b["mean"], "-o", ms=3, color=colors[label],
-                    label=f"{labels.get(label, label)}: mean of {seeds} seeds, band {band_label}")
+            ax.plot(b[col], b["mean"], "-o", ms=3, color=colors[label],  # one legend: the panels share colours
+                    label=f"{labels.get(label, label)}: mean of {seeds} seeds, band {band_label}" if k == 0 else None)
             ax.fill_between(b[col], b[band[0]], b[band[1]], color=colors[label], alpha=0.2)
     _finish(fig, list(axes[0]), [p[1] for p in panels], xlabel, 8, title, path)
 
@@ -173,8 +173,13 @@ def plot_bon_seed_bands(bands: dict[str, pd.DataFrame], path: Path, title: str,
         return out
 
     t_band = all("gold_rel_ci_lo" in b for b in bands.values())
+    standardised = all("proxy_rel_std_mean" in b for b in bands.values())
+    proxy_col, proxy_ylabel = ("proxy_rel", "proxy score − proxy at n=1")
+    if standardised:
+        proxy_col = "proxy_rel_std"
+        proxy_ylabel = "proxy score − at n=1\n(in sd of its scores on initial-policy samples)"
     plot_seed_bands(panel("gold_rel"), path, title, BON_XLABEL, "gold score − gold at n=1", labels,
-                    proxy_bands=panel("proxy_rel"), proxy_ylabel="proxy score − proxy at n=1", x="sqrt_kl_bound",
+                    proxy_bands=panel(proxy_col), proxy_ylabel=proxy_ylabel, x="sqrt_kl_bound",
                     band=("lo", "hi"), band_label="95 % t-interval over seeds" if t_band else "min–max over seeds")
 
 

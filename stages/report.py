@@ -41,7 +41,7 @@ from pipeline.proxy_types import describe_proxy
 from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
 from pipeline.seed_stats import mean_sd_text, seed_stats, stats_text
 
-VERSION = "6"
+VERSION = "7"
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
@@ -223,13 +223,15 @@ def bon_peak(c: pd.DataFrame) -> dict:
 
 
 def seed_band(runs: list[pd.DataFrame]) -> pd.DataFrame:
-    """The best-of-n curves of one proxy's seeds, per n: of gold and proxy relative to n = 1, the mean over seeds
+    """The best-of-n curves of one proxy's seeds, per n: of gold and proxy relative to n = 1 (and the proxy's gain in
+    standard deviations of its scores, when the curves have it), the mean over seeds
     with its 95 % Student-t interval (`seed_stats`: `_ci_lo`, `_ci_hi`, and `_sd`) and the seeds' minimum and
     maximum (the KL bound depends on n only)."""
     both = pd.concat(runs, ignore_index=True)
     by_n = both.groupby("n", sort=True)
     band = by_n[["kl_bound", "sqrt_kl_bound"]].first()
-    for col in ("gold_rel", "proxy_rel"):
+    # proxy_rel_std: the proxy's gain in sd of its own scores (bon_curve), so proxies of different scales compare
+    for col in ("gold_rel", "proxy_rel") + (("proxy_rel_std",) if "proxy_rel_std" in both else ()):
         band[[f"{col}_mean", f"{col}_min", f"{col}_max"]] = by_n[col].agg(["mean", "min", "max"]).to_numpy()
         st = pd.DataFrame([seed_stats(v) for _, v in by_n[col]], index=band.index)
         band[[f"{col}_sd", f"{col}_ci_lo", f"{col}_ci_hi"]] = st[["sd", "ci_lo", "ci_hi"]].to_numpy()
