@@ -335,6 +335,8 @@ def _score_per_response(proxy: np.ndarray, response_ids) -> np.ndarray:
         raise ValueError(f"response_ids has shape {ids.shape}, but proxy has shape {proxy.shape}")
     P, N = proxy.shape
     codes = pd.factorize(ids.ravel())[0].reshape(P, N)  # ids of any hashable type to integers
+    if (codes < 0).any():  # factorize codes a missing id as -1, which would merge it with another prompt's group
+        raise ValueError("response_ids holds missing values (None/NaN); every sample needs an id")
     # One group per (prompt, response): combine the prompt index and the id's code into one key.
     _, group = np.unique(np.arange(P)[:, None] * (codes.max() + 1) + codes, return_inverse=True)
     group = group.ravel()

@@ -269,6 +269,8 @@ class ArtifactCache:
         final = self.path(key, fingerprint)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a corrupt artifact being replaced: move it aside first, never delete in place
+            if self.trash_root.is_symlink():  # never out of the root through a link
+                self.trash_root.unlink()
             self.trash_root.mkdir(parents=True, exist_ok=True)
             os.rename(final, self.trash_root / f"{key}.{fingerprint}.{uuid.uuid4().hex[:8]}")
         os.rename(staged, final)

@@ -45,15 +45,21 @@ def _runner(cfg: StudyConfig, cache=None):
     return Runner(build_stages(cfg), cache or ArtifactCache(cfg.run.cache_root, cfg.run.verify))
 
 
-def _studies(cfg: StudyConfig, args) -> list[tuple[str | None, StudyConfig]]:
-    """What `run` and `status` work on: the study itself ((None, cfg)), or, for a study with `sweep:`, each point
-    (its name and config; `pipeline.sweep.expand_sweep`)."""
+def _expanded(cfg: StudyConfig, args):
+    """A sweep study's (base study, points) (`pipeline.sweep.expand_sweep`), read once per command so a config
+    edited while a sweep runs cannot change which points its report describes; None without `sweep:`."""
     if not cfg.sweep:
-        return [(None, cfg)]
+        return None
     from pipeline.sweep import expand_sweep
 
-    _, points = expand_sweep(args.config, args.overrides)
-    return [(p.name, p.config) for p in points]
+    return expand_sweep(args.config, args.overrides)
+
+
+def _studies(cfg: StudyConfig, sweep) -> list[tuple[str | None, StudyConfig]]:
+    """What `run` and `status` work on: the study itself ((None, cfg)), or each point of its sweep (`_expanded`)."""
+    if sweep is None:
+        return [(None, cfg)]
+    return [(p.name, p.config) for p in sweep[1]]
 
 
 def _names(values: list[str] | None) -> set[str]:
@@ -69,7 +75,8 @@ def cmd_run(cfg: StudyConfig, args) -> int:
     from pipeline.cache import ArtifactCache
     from pipeline.preflight import preflight
 
-    studies = _studies(cfg, args)
+    sweep = _expanded(cfg, args)
+    studies = _studies(cfg, sweep)
     cache = ArtifactCache(cfg.run.cache_root, cfg.run.verify)
     runners = []
     for _, study in studies:  # every point checked before any work
@@ -116,9 +123,9 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         elif args.only or args.until:
             log.info("sweep report not written: --only / --until ran part of each point")
         else:
-            from pipeline.sweep import expand_sweep, write_sweep_report
+            from pipeline.sweep import write_sweep_report
 
-            study, points = expand_sweep(args.config, args.overrides)
+            study, points = sweep
             readme = write_sweep_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
             print(f"sweep of {len(points)} points: {readme}")
     return 0
@@ -231,7 +238,7 @@ def cmd_status(cfg: StudyConfig, args) -> int:
     from rich.table import Table
 
     if cfg.sweep:
-        points = dict(_studies(cfg, args))
+        points = dict(_studies(cfg, _expanded(cfg, args)))
         if args.point is None:
             return _sweep_status(cfg, points)
         if args.point not in points:

@@ -79,6 +79,8 @@ def difference(a, b, paired: bool) -> dict:
     result = {"test": PAIRED if paired else WELCH, "n_a": len(a), "n_b": len(b), "mean_a": float(a.mean()),
               "mean_b": float(b.mean()), "difference": float(b.mean() - a.mean()), "ci_lo": np.nan, "ci_hi": np.nan,
               "p": np.nan, "df": np.nan, "mdd80": np.nan, "note": ""}
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return result | {"note": "a run's value is not finite (NaN or inf)"}
     if min(len(a), len(b)) < 2:
         return result | {"note": "fewer than two seeds" + (" in a group" if not paired else "")}
     # "Constant" up to rounding: differences like 0.7 − 0.6 and 0.8 − 0.7 differ in the 17th digit, and a t statistic
@@ -131,7 +133,7 @@ def minimal_detectable_difference(se: float, df: float, power: float = POWER, al
     (`standard_error`): paired, SE = sd(d)/√n and df = n − 1, so MDD = λ*·sd(d)/√n; Welch, SE = √(s_a²/n_a +
     s_b²/n_b) and the Welch–Satterthwaite df. The observed sds stand in for the true ones: it is the difference these
     runs' noise lets the test see, not a guarantee (and Welch's statistic is noncentral t only approximately). For
-    large df λ* tends to z(1 − α/2) + z(power) = 2.80; with few seeds it is much larger (n = 5 paired: 3.72)."""
+    large df λ* tends to z(1 − α/2) + z(power) = 2.80; with few seeds it is much larger (n = 5 paired: 3.76)."""
     from scipy.optimize import brentq
 
     if not (se > 0 and df > 0):

@@ -99,7 +99,7 @@ def find_garbage(root: Path, refs: set[tuple[str, str]], studies: set[str]) -> G
                 g.kept_artifacts += 1
             else:
                 g.items.append((fp_dir, tree_size(fp_dir), "artifact"))
-    partial = root / ".partial"
+    partial = root / ".partial"  # a linked .partial was noted by _dirs(root) above
     if partial.is_dir() and not partial.is_symlink():
         current = {partial_name(key, fp) for key, fp in refs}
         for d in sorted(partial.iterdir()):
@@ -107,16 +107,12 @@ def find_garbage(root: Path, refs: set[tuple[str, str]], studies: set[str]) -> G
                 g.links.append(d)
             elif d.name not in current:
                 g.items.append((d, tree_size(d), "stale partial output"))
-    for name in (".tmp", ".trash"):
-        if (root / name).is_symlink():
-            g.links.append(root / name)
-        elif (root / name).is_dir():
+    for name in (".tmp", ".trash"):  # links among them were noted by _dirs(root) above
+        if (root / name).is_dir() and not (root / name).is_symlink():
             for d in sorted((root / name).iterdir()):
                 g.items.append((d, tree_size(d), "temporary directory of a run that died"))
-    runs = root / "runs"
-    if runs.is_symlink():
-        g.links.append(runs)
-    elif runs.is_dir():
+    runs = root / "runs"  # a linked runs/ was noted by _dirs(root) above
+    if runs.is_dir() and not runs.is_symlink():
         newest: dict[str, Path] = {}
         run_dirs = _dirs(runs, g)
         for d in run_dirs:  # names are timestamps: the last one of a study is its newest
@@ -134,6 +130,8 @@ def remove(g: Garbage) -> None:
     Every item is checked to lie inside the cache root through no link before it is touched."""
     root = g.root.resolve()
     trash = g.root / ".trash"
+    if trash.is_symlink():  # never move anything out of the root through a link
+        trash.unlink()
     trash.mkdir(exist_ok=True)
     for path, _, _ in g.items:
         if not (path.exists() or path.is_symlink()):
