@@ -243,7 +243,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         if reference is not None:  # every rank holds the same number of rows, so the mean of means is the mean
             ref_mean = all_reduce(reference.mean().double().reshape(1).to(device)) / accelerator.num_processes
             record["score_reference"] = float(ref_mean[0])
-        controller.update(means[2], ppo.rollout_batch_size)
+        controller.update(record["kl_seq_k1"], ppo.rollout_batch_size)
         t = time.perf_counter()
         if step + 1 in exports:
             save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer,
