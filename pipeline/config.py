@@ -423,6 +423,40 @@ def log_spaced_steps(total: int) -> list[int]:
     return steps + [total]
 
 
+class RewardTransformConfig(Section):
+    """A policy-side mitigation of over-optimization: the proxy's raw score r is transformed before PPO's reward
+    normalisation and KL penalty (`pipeline.ppo.core.transform_rewards`; the missing-EOS penalty is subtracted after
+    it). Best-of-n is unchanged by these (monotone per prompt), so they only move the RL curves.
+
+    none             r as it is
+    clip             clip(r, lo, hi) with `clip_range: [lo, hi]` in the proxy's raw units
+    par              σ(r − r_ref) (Fu et al. 2025, PAR), r_ref the proxy's score of one response sampled from the
+                     initial policy for the same prompt in the same update
+    log_sigmoid      log σ(r − r_ref) (Wang et al. 2024, log-sigmoid centring), r_ref as for par
+    per_prompt_norm  (r − mean) / std over the `rollouts_per_prompt` rollouts of each prompt (GRPO's group
+                     normalisation, Shao et al. 2024); refused with one rollout per prompt, whose std is undefined
+    """
+
+    kind: Literal["none", "clip", "par", "log_sigmoid", "per_prompt_norm"] = "none"
+    clip_range: tuple[float, float] | None = None  # [lo, hi]: required by kind clip
+    # responses sampled per prompt in each update (the rollout batch holds rollout_batch_size / this many distinct
+    # prompts, each repeated); per_prompt_norm needs ≥ 2
+    rollouts_per_prompt: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _kind_has_what_it_needs(self) -> "RewardTransformConfig":
+        if self.kind == "clip":
+            if self.clip_range is None:
+                raise ValueError("ppo.reward_transform.clip_range: [lo, hi] is required with kind clip")
+            lo, hi = self.clip_range
+            if not lo < hi:
+                raise ValueError(f"ppo.reward_transform.clip_range: lo ({lo}) must be below hi ({hi})")
+        if self.kind == "per_prompt_norm" and self.rollouts_per_prompt < 2:
+            raise ValueError("ppo.reward_transform.rollouts_per_prompt must be ≥ 2 with kind per_prompt_norm (one "
+                             "rollout per prompt has no standard deviation)")
+        return self
+
+
 class PPOConfig(Section):
     """PPO of the base policy against each selected proxy (stages ppo[p], ppo_sample[p], ppo_gold[p], ppo_curve[p]).
 
@@ -438,7 +472,8 @@ class PPOConfig(Section):
     # independent PPO runs per proxy, with seeds seed, seed + 1, ...; the report aggregates them
     seeds: int = Field(1, ge=1)
     steps: int = Field(100, ge=1)  # PPO updates; each consumes one rollout batch
-    rollout_batch_size: int = Field(64, ge=1)  # prompts per update, over all processes
+    # rollouts per update, over all processes: one per prompt unless reward_transform.rollouts_per_prompt > 1
+    rollout_batch_size: int = Field(64, ge=1)
     ppo_epochs: int = Field(4, ge=1)
     num_minibatches: int = Field(4, ge=1)
     lr: float = Field(1e-5, gt=0)
@@ -459,6 +494,9 @@ class PPOConfig(Section):
     # none | first_batch (the GRM paper: scores standardised with the first rollout batch's mean and std, kept fixed)
     # | batch (each batch's scores standardised over all processes)
     reward_norm: Literal["none", "first_batch", "batch"] = "none"
+    # a policy-side mitigation applied to the proxy's raw score before reward_norm and the KL penalty
+    reward_transform: RewardTransformConfig = Field(RewardTransformConfig(),
+                                                    json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=16)  # rollouts
     checkpoint_every: int = Field(25, ge=1, json_schema_extra=NOT_FINGERPRINTED)  # and at every export
     report_to: list[Literal["tensorboard", "wandb"]] = Field([], json_schema_extra=NOT_FINGERPRINTED)
@@ -473,6 +511,10 @@ class PPOConfig(Section):
         if local % self.num_minibatches:
             raise ValueError(f"ppo.rollout_batch_size / ppo.num_processes ({local}) must be divisible by "
                              f"ppo.num_minibatches ({self.num_minibatches})")
+        k = self.reward_transform.rollouts_per_prompt
+        if local % k:  # a prompt's rollouts stay on one rank, so per-prompt statistics need no communication
+            raise ValueError(f"ppo.rollout_batch_size / ppo.num_processes ({local}) must be divisible by "
+                             f"ppo.reward_transform.rollouts_per_prompt ({k})")
         return self
 
     def export_steps(self) -> list[int]:

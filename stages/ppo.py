@@ -3,7 +3,9 @@
 One update, as in Ziegler et al. 2019 / Stiennon et al. 2020 (details after Huang et al. 2024):
 
   1. rollout   each rank samples one response for each of its share of `rollout_batch_size` training prompts
-  2. score     the proxy scores the responses (from token ids when it shares the policy's tokenizer)
+  2. score     the proxy scores the responses (from token ids when it shares the policy's tokenizer) and
+               `ppo.reward_transform` transforms the scores (par / log_sigmoid centre them on the proxy's score of one
+               response per prompt sampled from the reference policy in the same update)
   3. forward   log-probs of the sampled tokens under the policy and the reference (= initial) policy, values
   4. rewards   −β_KL · KL per token, the proxy's score on the token that ends the turn; GAE(γ, λ) advantages,
                whitened over the whole batch across ranks
@@ -15,8 +17,9 @@ Training prompts are the prompts of the training split of the gold-labeled pairs
 Rank 0 writes:
   exports/step_XXXXX/   the policy after that many updates (log-spaced: 0, 1, 2, 4, ..., last), HF save_pretrained
                         (LoRA merged), loadable with AutoModelForCausalLM
-  metrics.jsonl         one line per update: proxy score, KL penalty, losses, clip fractions, approx-KL, entropy,
-                        response length, seconds per phase
+  metrics.jsonl         one line per update: proxy score (raw, less any missing-EOS penalty), transformed score
+                        (`score_transformed`; the reference responses' `score_reference` for par / log_sigmoid), KL
+                        penalty, losses, clip fractions, approx-KL, entropy, response length, seconds per phase
   summary.json          settings actually used (world size, ZeRO stage), prompts, exports
 Checkpoints under `resume/` (policy, value, optimizer, RNG of every rank, KL controller, reward statistics and the
 metrics rows so far; `pipeline.distributed.Checkpointer`) let a killed run resume where it stopped. Update N's metrics
@@ -56,7 +59,7 @@ from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
-from pipeline.ppo.rollout import prompt_batch, sample_rollout, sampling_seed
+from pipeline.ppo.rollout import Rollout, prompt_batch, sample_reference_rollout, sample_rollout, sampling_seed
 from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
 from pipeline.records import messages, training_prompts
 from pipeline.scoring import build_scorer, check_finite, score_rollouts
@@ -85,13 +88,26 @@ def kl_controller(ppo: PPOConfig) -> core.FixedKLController:
     return core.FixedKLController(ppo.kl_coef)
 
 
+def proxy_scores(scorer, tokenizer, rollout: Rollout, prompts, rows: np.ndarray, scorer_name: str,
+                 where: str) -> torch.Tensor:
+    """The proxy's raw scores of `rollout`, whose rows answer training prompts `rows`; one path for the policy's
+    rollouts and the reference responses, so both are scored alike. A non-finite score stops the run."""
+    contents = rollout.content_ids()
+    texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
+    raw = score_rollouts(scorer, tokenizer, [messages(prompts.prompt[i]) for i in rows], rollout.prompt_rows(),
+                         contents, [s.strip() for s in texts])
+    check_finite(raw, scorer_name, [prompts.prompt_id[i] for i in rows], ("prompt_id",), where=where)
+    return torch.tensor(raw, dtype=torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
 def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from accelerate.utils import set_seed
 
-    ppo = cfg.ppo
+    ppo, transform = cfg.ppo, cfg.ppo.reward_transform
+    needs_reference = transform.kind in core.REFERENCE_TRANSFORMS
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if ppo.rollout_batch_size % world:
         raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by the number of "
@@ -166,25 +182,28 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     for step in range(start, ppo.steps):
         t0 = time.perf_counter()
         timing = {}
-        # 1. rollout: this rank's share of the global batch
-        batch = prompt_batch(step, len(prompts), ppo.rollout_batch_size, ppo.seed)[rank * local_batch:
-                                                                                      (rank + 1) * local_batch]
+        # 1. rollout: this rank's share of the global batch; for par / log_sigmoid also one response per distinct
+        #    prompt from the reference policy, the centre of that prompt's transform
+        batch = prompt_batch(step, len(prompts), ppo.rollout_batch_size, ppo.seed,
+                             transform.rollouts_per_prompt)[rank * local_batch:(rank + 1) * local_batch]
+        distinct, row_prompt = np.unique(batch, return_inverse=True)
         with torch.no_grad(), gathered_for_generation(model, accelerator) as unwrapped:
             rollout = sample_rollout(unwrapped.policy, [query_rows[i] for i in batch], ppo.sampling, pad_id, stop_ids)
+            ref_rollout = sample_reference_rollout(ref_policy, unwrapped.policy, [query_rows[i] for i in distinct],
+                                                   ppo.sampling, pad_id, stop_ids) if needs_reference else None
         timing["rollout"] = time.perf_counter() - t0
 
-        # 2. score with the frozen proxy
+        # 2. score with the frozen proxy, transform, penalise a missing EOS, normalise
         t = time.perf_counter()
-        contents = rollout.content_ids()
-        texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
-        raw_scores = score_rollouts(scorer, tokenizer, [messages(prompts.prompt[i]) for i in batch],
-                                    rollout.prompt_rows(), contents, [s.strip() for s in texts])
-        check_finite(raw_scores, cfg.scorer.name, [prompts.prompt_id[i] for i in batch], ("prompt_id",),
-                     where=f"rollout of PPO update {step + 1}")
-        scores = torch.tensor(raw_scores, dtype=torch.float32)
-        if ppo.missing_eos_penalty is not None:
-            scores = scores - ppo.missing_eos_penalty * (~rollout.finished).float()
-        normalised = normaliser(scores, all_reduce)
+        raw = proxy_scores(scorer, tokenizer, rollout, prompts, batch, cfg.scorer.name,
+                           where=f"rollout of PPO update {step + 1}")
+        reference = None if ref_rollout is None else proxy_scores(
+            scorer, tokenizer, ref_rollout, prompts, distinct, cfg.scorer.name,
+            where=f"reference responses of PPO update {step + 1}")[torch.as_tensor(row_prompt)]
+        transformed = core.transform_rewards(transform.kind, raw, reference, torch.as_tensor(batch), transform)
+        penalty = 0.0 if ppo.missing_eos_penalty is None else ppo.missing_eos_penalty * (~rollout.finished).float()
+        scores = raw - penalty
+        normalised = normaliser(transformed - penalty, all_reduce)
         timing["score"] = time.perf_counter() - t
 
         # 3. log-probs (policy, reference) and values of the sampled tokens
@@ -212,15 +231,19 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
         # 6. metrics over every rank, the KL controller, exports and checkpoints
         seq_kl = (core.kl_per_token(logprobs, ref_logprobs, "k1") * mask).sum(1)
-        local_means = torch.tensor([scores.mean(), normalised.mean(), seq_kl.mean(), (kl.sum(1)).mean(),
-                                    mask.sum(1).mean(), rollout.finished.float().mean(), *stats.values()],
-                                   dtype=torch.float64, device=device)
+        local_means = torch.tensor([scores.mean(), transformed.mean(), normalised.mean(), seq_kl.mean(),
+                                    (kl.sum(1)).mean(), mask.sum(1).mean(), rollout.finished.float().mean(),
+                                    *stats.values()], dtype=torch.float64, device=device)
         means = (all_reduce(local_means) / accelerator.num_processes).tolist()
         record = {"step": step + 1, "episodes": (step + 1) * ppo.rollout_batch_size, "score": means[0],
-                  "score_normalised": means[1], "kl_seq_k1": means[2], "kl_penalty": -controller.value * means[3],
-                  "kl_coef": controller.value, "response_length": means[4], "finished_rate": means[5],
-                  **dict(zip(stats, means[6:])), **{f"time_{k}_s": round(v, 4) for k, v in timing.items()}}
-        controller.update(means[2], ppo.rollout_batch_size)
+                  "score_transformed": means[1], "score_normalised": means[2], "kl_seq_k1": means[3],
+                  "kl_penalty": -controller.value * means[4], "kl_coef": controller.value,
+                  "response_length": means[5], "finished_rate": means[6], **dict(zip(stats, means[7:])),
+                  **{f"time_{k}_s": round(v, 4) for k, v in timing.items()}}
+        if reference is not None:  # every rank holds the same number of rows, so the mean of means is the mean
+            ref_mean = all_reduce(reference.mean().double().reshape(1).to(device)) / accelerator.num_processes
+            record["score_reference"] = float(ref_mean[0])
+        controller.update(record["kl_seq_k1"], ppo.rollout_batch_size)
         t = time.perf_counter()
         if step + 1 in exports:
             save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer,

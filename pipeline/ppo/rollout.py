@@ -69,6 +69,16 @@ def sample_rollout(policy, query_rows: Sequence[Sequence[int]], sampling: Sampli
     return Rollout(query_ids, query_mask, responses, mask, finished)
 
 
+def sample_reference_rollout(ref_policy, policy, query_rows: Sequence[Sequence[int]], sampling: SamplingConfig,
+                             pad_id: int, stop_ids: Sequence[int]) -> Rollout:
+    """One response per query from the reference (initial) policy: `ref_policy`, or — with LoRA, where it is None —
+    the trained `policy` (a plain module, gathered under ZeRO-3) with its adapters switched off."""
+    if ref_policy is not None:
+        return sample_rollout(ref_policy, query_rows, sampling, pad_id, stop_ids)
+    with policy.disable_adapter():
+        return sample_rollout(policy, query_rows, sampling, pad_id, stop_ids)
+
+
 @torch.no_grad()
 def sequence_logprobs(model, query_rows: Sequence[Sequence[int]], response_rows: Sequence[Sequence[int]],
                       pad_id: int, batch_size: int = 256) -> list[torch.Tensor]:
@@ -93,9 +103,14 @@ def sequence_logprobs(model, query_rows: Sequence[Sequence[int]], response_rows:
     return out
 
 
-def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int) -> np.ndarray:
+def prompt_batch(step: int, n_prompts: int, batch_size: int, seed: int, repeats: int = 1) -> np.ndarray:
     """Indices of the global batch of update `step`: passes over a seeded shuffle of the prompts, a new shuffle each
-    pass. A pure function of its arguments, so every rank agrees and a resumed run continues the same sequence."""
+    pass. A pure function of its arguments, so every rank agrees and a resumed run continues the same sequence.
+
+    With `repeats` k > 1 the batch holds batch_size / k distinct prompts, each k times in a row (so a rank's
+    contiguous share, a multiple of k, holds whole groups); k = 1 is the plain sequence."""
+    if repeats > 1:
+        return np.repeat(prompt_batch(step, n_prompts, batch_size // repeats, seed), repeats)
     start = step * batch_size
     idx = []
     while len(idx) < batch_size:
