@@ -155,10 +155,14 @@ def check_key_lengths(nodes: list[StageNode]) -> None:
     """Raise ConfigError for a stage key (a proxy or run name inside it) too long to name the cache's folders."""
     longest = max(nodes, key=lambda n: len(n.key.encode()), default=None)
     if longest is not None and len(longest.key.encode()) + _CACHE_NAME_OVERHEAD > NAME_MAX:
+        key = longest.key
+        # `ppo_sample[name@seed1]`: the bracketed part is a proxy (or run) name from the config's `proxies:`
+        name = key[key.index("[") + 1:-1].split("@")[0] if "[" in key else None
+        where = f"proxies.{name[:40]}... (a {len(name)}-character proxy name)" if name else f"stage {key[:60]}..."
         raise ConfigError(
-            f"stage {longest.key[:60]}... has a key of {len(longest.key.encode())} bytes: the cache names folders "
-            f"after it with up to {_CACHE_NAME_OVERHEAD} more, over the file system's {NAME_MAX}-byte limit for a "
-            f"name; shorten the proxy name in it (keys may be at most {NAME_MAX - _CACHE_NAME_OVERHEAD} bytes)")
+            f"{where}: stage {key[:40]}... has a key of {len(key.encode())} bytes, and the cache names folders after "
+            f"it with up to {_CACHE_NAME_OVERHEAD} more, over the file system's {NAME_MAX}-byte limit for a name; "
+            f"shorten the proxy name (stage keys may be at most {NAME_MAX - _CACHE_NAME_OVERHEAD} bytes)")
 
 
 class Runner:

@@ -64,6 +64,7 @@ def test_a_proxy_name_too_long_for_the_cache_folders_is_rejected_up_front(tmp_pa
     code, err, _ = _run(tmp_path, capsys, f"proxies=[{{name: {name}, type: bt}}]", "ppo.proxies=null")
     assert code == 2
     assert "over the file system's 255-byte limit" in err and "shorten the proxy name" in err, err
+    assert "error: proxies.pppp" in err and "(a 220-character proxy name)" in err, err
     assert not (tmp_path / "cache").exists()
 
 
