@@ -292,15 +292,19 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
 def _time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[str]:
     """How long the sweep took: the summed wall time of its distinct stages (from their manifests, whichever run
     made them) and this run's own wall time."""
+    from pipeline.cache import ArtifactCache
     from pipeline.runner import Runner
     from pipeline.study import build_stages
 
+    sized = ArtifactCache(cache.root, verify="size")  # the cache's own manifest check; sizes suffice for a time
     seen: dict[tuple[str, str], float] = {}
     for point in points:
         for key, fp in Runner(build_stages(point.config), cache).fingerprints().items():
-            manifest = cache.path(key, fp) / "manifest.json"
-            if (key, fp) not in seen and manifest.is_file():
-                seen[(key, fp)] = float(json.loads(manifest.read_text()).get("wall_time_s", 0.0))
+            if (key, fp) in seen:
+                continue
+            state = sized.check(key, fp)
+            if state.status == "cached":  # a missing or damaged artifact has no time to add
+                seen[(key, fp)] = float(state.manifest.get("wall_time_s", 0.0))
     line = (f"Compute: {len(seen)} distinct stages, {_duration(sum(seen.values()))} of stage wall time in all "
             "(from their manifests, whichever run made them)")
     return [line + (f"; the run that wrote this report took {_duration(wall_s)}." if wall_s is not None else ".")]
