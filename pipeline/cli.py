@@ -313,6 +313,31 @@ def cmd_show(cfg: StudyConfig, args) -> int:
     return 0
 
 
+def cmd_plan(cfg: StudyConfig, args) -> int:
+    """Print, per stage, its launch, the sequences (and tokens, at most) it generates, scores and trains on, and for
+    DeepSpeed stages the model-state memory per rank: nothing runs and nothing is written (`pipeline.plan`)."""
+    import shutil
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.plan import plan_study, policy_size_text
+
+    table = Table(title=f"plan of study {escape(cfg.study)}: {escape(policy_size_text(cfg))}", show_lines=False)
+    for col in ("stage", "launch", "procs", "generate", "score", "train", "model states per rank", "note"):
+        table.add_column(col, overflow="fold")
+    for p in plan_study(cfg):
+        table.add_row(escape(p.key), p.launch, str(p.processes), p.generate.text(), p.score.text(), p.train.text(),
+                      escape(p.memory), escape(p.note))
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
+    print("Sequences are exact where the config fixes them (≈ where gold ties or over-length pairs are dropped); "
+          "tokens are upper bounds (each sequence at its length limit). Memory: DeepSpeed's estimate of the trained "
+          "models' parameters, gradients and optimizer states per rank, plus the frozen models each rank holds whole; "
+          "activations and generation caches come on top.")
+    return 0
+
+
 def cmd_gc(args, extra: list[str]) -> int:
     from pipeline.gc import collect
 
@@ -357,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run the study's stages that are not cached"),
                         ("status", "show each stage's cache state"),
-                        ("show", "print a few gold-labeled pairs")):
+                        ("show", "print a few gold-labeled pairs"),
+                        ("plan", "per stage: processes, tokens to generate and score, memory per rank; runs nothing")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", type=Path)
         p.add_argument("overrides", nargs="*", help="section.key=value (YAML values)")
@@ -395,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args, extra)
         args.overrides = list(args.overrides) + extra
         cfg = load_config(args.config, args.overrides)
-        return {"run": cmd_run, "status": cmd_status, "show": cmd_show}[args.command](cfg, args)
+        return {"run": cmd_run, "status": cmd_status, "show": cmd_show, "plan": cmd_plan}[args.command](cfg, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,18 @@ def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", trust_remot
     return model.to(default_device()).eval()
 
 
+def tiny_llama_config(policy, tokenizer):
+    """The tiny world's base-policy architecture: a small Llama sized by `policy` (a `PolicyConfig`) over the world's
+    word-level `tokenizer`, embeddings tied to the LM head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=policy.hidden_size,
+                       intermediate_size=policy.intermediate_size, num_hidden_layers=policy.num_layers,
+                       num_attention_heads=policy.num_heads, num_key_value_heads=policy.num_heads,
+                       max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
 def build_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False, lora=None):
     """A causal LM to train with RL (PPO, GRPO, RLOO): loaded from safetensors in `dtype`, wrapped in LoRA adapters
     when `lora` (a `pipeline.config.LoraConfig`) is given."""

@@ -144,6 +144,18 @@ def all_prompts(verbs: list[str], openers: list[str], ks: list[int]) -> list[Pro
     return [PromptSpec(o, v, k, c) for o in openers for v in verbs for k in ks for c in CATEGORIES]
 
 
+def prompt_split_sizes(n_prompts: int, n_eval_prompts: int, eval_prompt_fraction: float) -> tuple[int, int]:
+    """(training, held-out evaluation) prompt counts of the in-distribution prompt space of `n_prompts` prompts:
+    `n_eval_prompts` held out, at most `eval_prompt_fraction` of them (at least one)."""
+    n_eval = min(n_eval_prompts, max(1, int(n_prompts * eval_prompt_fraction)))
+    return n_prompts - n_eval, n_eval
+
+
+def in_distribution_prompt_count() -> int:
+    """How many distinct in-distribution prompts the world has (before the train / evaluation split)."""
+    return len(TRAIN_OPENERS) * len(TRAIN_VERBS) * len(TRAIN_KS) * len(CATEGORIES)
+
+
 def correct_response(spec: PromptSpec, rng: random.Random) -> list[str]:
     return rng.sample(CATEGORIES[spec.category], spec.k)
 

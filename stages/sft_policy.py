@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline import world as W
 from pipeline.config import PolicyConfig, SamplingConfig, TrainLoopConfig
 from pipeline.generation import sample_responses
-from pipeline.models import load_tokenizer
+from pipeline.models import load_tokenizer, tiny_llama_config
 from pipeline.records import messages
 from pipeline.tokenization import collate, encode_conversation, pad_token_id
 
@@ -68,18 +68,13 @@ def policy_sample_quality(model, tokenizer, prompts: list, n: int, seed: int) ->
 
 
 def run(cfg: PolicyConfig, inputs: dict[str, Path], out: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     world = inputs["world"]
     tokenizer = load_tokenizer(world / "tokenizer")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-                         intermediate_size=cfg.intermediate_size,
-                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_heads, max_position_embeddings=128, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = tiny_llama_config(cfg, tokenizer)
     model = LlamaForCausalLM(config)
     log.info("  tiny Llama: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
 

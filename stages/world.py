@@ -38,7 +38,7 @@ def run(cfg: WorldConfig, inputs: dict[str, Path], out: Path) -> None:
     # in-distribution prompt space, split into prompts for pairs and held-out evaluation prompts
     id_specs = W.all_prompts(W.TRAIN_VERBS, W.TRAIN_OPENERS, W.TRAIN_KS)
     rng.shuffle(id_specs)
-    n_eval = min(cfg.n_eval_prompts, max(1, int(len(id_specs) * cfg.eval_prompt_fraction)))
+    _, n_eval = W.prompt_split_sizes(len(id_specs), cfg.n_eval_prompts, cfg.eval_prompt_fraction)
     eval_specs, train_specs = id_specs[:n_eval], id_specs[n_eval:]
     _prompt_frame(train_specs, "tr").to_parquet(out / "train_prompts.parquet", index=False)
     _prompt_frame(eval_specs, "ev").to_parquet(out / "eval_prompts.parquet", index=False)
