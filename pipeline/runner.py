@@ -259,13 +259,15 @@ class Runner:
         with self.cache.staging(node.key, fp, resumable=resumable) as out:
             t0 = time.time()
             if node.launcher == "accelerate":
-                launch_stage(node, inputs, out, scratch_root=self.cache.tmp_root)
+                peaks = launch_stage(node, inputs, out, scratch_root=self.cache.tmp_root)
             else:
-                node.module.run(node.config, inputs, out)
+                peaks = _run_inline(node, inputs, out)
             wall = time.time() - t0
             record = {"stage": node.stage, "version": str(node.module.VERSION), "wall_time_s": round(wall, 3),
                       "config": node.config.model_dump(mode="json"),
                       "inputs": {r: str(p) for r, p in inputs.items()}}
+            if peaks:
+                record["peak_memory"] = peaks
             return self.cache.commit(node.key, fp, out, record, scratch=scratch)
 
     def _prepare_partial(self, node: StageNode, fp: str, fresh: bool, scratch: tuple[str, ...]) -> dict | None:
@@ -301,6 +303,18 @@ class Runner:
                 target = dst / f.relative_to(src)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, target)
+
+
+def _run_inline(node: StageNode, inputs: dict[str, Path], out: Path) -> list[dict]:
+    """Run a stage in this process. On a GPU its peak allocated memory is measured (reset before the stage); on the
+    CPU this long-lived process's peak resident memory says nothing about one stage, so none is recorded."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    node.module.run(node.config, inputs, out)
+    return [peak_memory_record(0)] if cuda and torch.cuda.is_initialized() else []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -376,8 +390,9 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_root: Path | None = None) -> None:
-    """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails.
+def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_root: Path | None = None) -> list[dict]:
+    """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails, else return
+    the ranks' peak memory (`peak_memory_record`).
 
     Every rank runs `python -m pipeline.stage_main JOBFILE`. The rendezvous port is a free one picked by accelerate
     (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one. The job folder
@@ -429,9 +444,30 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_ro
                 log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
                 message += f": rank {rank}: {line}"
             raise RuntimeError(message)
+        return rank_peak_memory(Path(tmp))
 
 
 RANK_ERROR = "error_rank{rank}.txt"  # written by pipeline.stage_main beside the job file when a rank's stage raises
+PEAK_MEMORY = "peak_memory_rank{rank}.json"  # written by pipeline.stage_main beside the job file when a rank succeeds
+
+
+def peak_memory_record(rank: int) -> dict:
+    """This process's peak memory as a stage's manifest records it: on a GPU the peak of tensors allocated on it
+    (`torch.cuda.max_memory_allocated`), else the process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.cuda.current_device()
+        return {"rank": rank, "device": f"cuda:{device}", "peak_bytes": int(torch.cuda.max_memory_allocated(device))}
+    from pipeline.distributed import peak_rss_bytes
+
+    return {"rank": rank, "device": "cpu", "peak_bytes": peak_rss_bytes()}
+
+
+def rank_peak_memory(job_dir: Path) -> list[dict]:
+    """Every rank's `peak_memory_record`, in rank order, from the files the ranks left in `job_dir`."""
+    records = [json.loads(f.read_text()) for f in job_dir.glob(PEAK_MEMORY.format(rank="*"))]
+    return sorted(records, key=lambda r: r["rank"])
 
 
 def first_rank_error(job_dir: Path) -> tuple[str, str, str] | None:

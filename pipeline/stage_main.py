@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.runner import RANK_ERROR, die_with_parent
+from pipeline.runner import PEAK_MEMORY, RANK_ERROR, die_with_parent, peak_memory_record
 
 log = logging.getLogger("overopt")
 
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         _record_error(Path(argv[0]).parent, rank, e)
         raise
+    try:  # for the stage's manifest (`overopt status`, scripts/gpu_check.sh); best effort
+        (Path(argv[0]).parent / PEAK_MEMORY.format(rank=rank)).write_text(json.dumps(peak_memory_record(int(rank))))
+    except OSError:
+        pass
     _close_process_group()
     return 0
 

@@ -61,6 +61,9 @@ def _run_smoke(tmp_path: Path, ds_file: str) -> tuple[dict, Path]:
     assert cache.check(node.key, fp).status == "cached"  # committed: manifest written, every file verified
     art = cache.path(node.key, fp)
     assert not list((tmp_path / "cache" / ".tmp").iterdir())  # no staging directory left behind
+    # every rank's peak memory is in the manifest (resident memory on CPU: at least the model it trained)
+    peaks = plan[0].manifest["peak_memory"]
+    assert [p["rank"] for p in peaks] == [0, 1] and all(p["peak_bytes"] > 10 * 2 ** 20 for p in peaks)
     return json.loads((art / "metrics.json").read_text()), art
 
 
