@@ -335,8 +335,13 @@ class EvalProxyConfig(Section):
     # Paper path: local files or hub ids in the HHH-Alignment / MT-Bench human-judgment schemas (optional).
     hhh_path: str | None = None
     mt_bench_path: str | None = None  # human-judgment ties are excluded (a strict accuracy has no right answer)
+    # RewardBench (allenai/reward-bench "filtered" schema) and RewardBench 2 (allenai/reward-bench-2 schema, best-of-4):
+    # a local parquet/json/jsonl file or directory, or a hub id; scored as the benchmarks score (pipeline.rewardbench)
+    rewardbench_path: str | None = Field(None, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    rewardbench2_path: str | None = Field(None, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 
-    _home = field_validator("hhh_path", "mt_bench_path")(classmethod(lambda cls, v: _expand_home(v)))
+    _home = field_validator("hhh_path", "mt_bench_path", "rewardbench_path", "rewardbench2_path")(
+        classmethod(lambda cls, v: _expand_home(v)))
 
 
 class BonConfig(Section):

@@ -16,6 +16,12 @@ Schemas (checked against the dataset cards and the code that built them):
 - `lmsys/mt_bench_human_judgments` (splits `human`, `gpt4_pair`): `question_id`, `model_a`, `model_b`, `winner`
   ("model_a", "model_b", "tie", "tie (bothbad)"), `judge`, `conversation_a`, `conversation_b` (lists of
   {content, role}, the whole two-turn conversation), `turn` (the judged turn, 1 or 2).
+- `allenai/reward-bench` (splits `raw`, `filtered`; the benchmark is `filtered`): `prompt` (str, one user turn),
+  `chosen`, `rejected` (str), `chosen_model`, `rejected_model`, `subset` (str, e.g. "alpacaeval-easy"), `id` (int).
+- `allenai/reward-bench-2` (split `test`): `id` (str; "ref:<n>" / "tied:<n>" in the Ties subset), `prompt` (str),
+  `chosen` (list of str: one answer, several in Ties), `rejected` (list of str: three, more in Ties), `num_correct`,
+  `num_rejected`, `total_completions` (int), `models` (list of str), `subset` (str: Factuality, Precise IF, Math,
+  Safety, Focus, Ties).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ _ROLE_ALIASES = {"human": "user", "user": "user", "assistant": "assistant", "gpt
 UNIFIED_FEEDBACK_COLUMNS = ["pair_id", "prompt_id", "prompt", "response_a", "response_b", "rating_a", "rating_b",
                             "source", "row_index"]
 HHH_COLUMNS = ["pair_id", "prompt_id", "subset", "prompt", "chosen", "rejected"]
+REWARDBENCH_COLUMNS = HHH_COLUMNS
+REWARDBENCH2_COLUMNS = ["example_id", "prompt_id", "subset", "prompt", "chosen", "rejected", "kind", "group"]
 MT_BENCH_COLUMNS = ["pair_id", "prompt_id", "subset", "prompt", "chosen", "rejected", "prompt_rejected", "turn",
                     "model_chosen", "model_rejected", "judge", "tie"]
 
@@ -518,3 +526,95 @@ def load_mt_bench_human(path: str | Path, keep_ties: bool = False, split: str = 
         log.info("%s: %d of %d pairs continue different conversations (turn 2); their rejected side is scored under "
                  "prompt_rejected", source.label, n_own, len(rows))
     return pd.DataFrame(rows, columns=MT_BENCH_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RewardBench and RewardBench 2
+
+
+def _benchmark_prompt(value, label: str, row: int) -> list[dict]:
+    """A RewardBench prompt as messages: a string is one user turn; a list of {role, content} is kept as turns."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, (list, tuple)) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                for m in value):
+        return normalise_messages(value)
+    raise ValueError(f"{label}: row {row}: column 'prompt' is neither a string nor a list of {{role, content}} "
+                     f"messages (got {type(value).__name__})")
+
+
+def load_rewardbench(path: str | Path, split: str = "filtered", cache_dir: str | None = None) -> pd.DataFrame:
+    """RewardBench (`allenai/reward-bench`, the "filtered" split) as chosen/rejected pairs, every row kept.
+
+    `path`: a parquet/json/jsonl file, a directory of them (files naming `split` are taken when any do) or the hub id.
+    Required columns: prompt, chosen, rejected (strings), subset; `id` names the pair when present. Returns pair_id
+    ("rb-<id>"; "rb-<id>#<row>" for an id that repeats, "rb-<row>" without ids), prompt_id, subset, prompt
+    (messages), chosen, rejected. A missing column, or a chosen/rejected that is not a string (a RewardBench 2 file
+    given here), is a ValueError naming the file.
+    """
+    required = ["prompt", "chosen", "rejected", "subset"]
+    ds, source = _load(path, None, split, required, cache_dir)
+    data = ds.to_dict()
+    ids = [str(x) for x in data["id"]] if "id" in data else [str(i) for i in range(len(ds))]
+    repeated = {x for x, n in pd.Series(ids).value_counts().items() if n > 1}
+    ids = [f"{x}#{i}" if x in repeated else x for i, x in enumerate(ids)]  # pair ids name one row each
+    rows = []
+    for i in range(len(ds)):
+        for col in ("chosen", "rejected"):
+            if not isinstance(data[col][i], str):
+                raise ValueError(f"{source.label}: row {i} (id {ids[i]}): column {col!r} must be a string in the "
+                                 f"RewardBench schema, got {type(data[col][i]).__name__} (a RewardBench 2 file goes "
+                                 f"in eval_proxy.rewardbench2_path)")
+        prompt = _benchmark_prompt(data["prompt"][i], source.label, i)
+        rows.append({"pair_id": f"rb-{ids[i]}", "prompt_id": prompt_id_of(prompt), "subset": str(data["subset"][i]),
+                     "prompt": prompt, "chosen": data["chosen"][i], "rejected": data["rejected"][i]})
+    return pd.DataFrame(rows, columns=REWARDBENCH_COLUMNS)
+
+
+def load_rewardbench2(path: str | Path, split: str = "test", cache_dir: str | None = None) -> pd.DataFrame:
+    """RewardBench 2 (`allenai/reward-bench-2`) examples, each a prompt with lists of chosen and rejected answers.
+
+    Required columns: id, prompt, chosen, rejected (lists of strings), subset; `num_correct`, when present, must equal
+    the number of chosen answers (upstream takes the first num_correct of chosen + rejected as the correct ones).
+    Outside the Ties subset an example has exactly one chosen answer. In Ties, `id` is "ref:<n>" (one correct answer)
+    or "tied:<n>" (two or more), `kind` and `group` hold its two parts. Returns example_id, prompt_id, subset, prompt
+    (messages), chosen, rejected (lists), kind, group ("" outside Ties). Every violation is a ValueError naming the
+    file, the row and the column, raised before anything is scored.
+    """
+    required = ["id", "prompt", "chosen", "rejected", "subset"]
+    ds, source = _load(path, None, split, required, cache_dir)
+    data = ds.to_dict()
+    rows = []
+    for i in range(len(ds)):
+        where = f"{source.label}: row {i} (id {data['id'][i]})"
+        answers = {}
+        for col in ("chosen", "rejected"):
+            value = data[col][i]
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(x, str) for x in value):
+                raise ValueError(f"{where}: column {col!r} must be a non-empty list of strings in the RewardBench 2 "
+                                 f"schema, got {value!r:.80} (a RewardBench file goes in eval_proxy.rewardbench_path)")
+            answers[col] = list(value)
+        if "num_correct" in data and data["num_correct"][i] is not None \
+                and int(data["num_correct"][i]) != len(answers["chosen"]):
+            raise ValueError(f"{where}: num_correct is {data['num_correct'][i]} but 'chosen' holds "
+                             f"{len(answers['chosen'])} answer(s)")
+        subset, example_id = str(data["subset"][i]), str(data["id"][i])
+        kind = group = ""
+        if subset.lower() == "ties":
+            kind, _, group = example_id.partition(":")
+            if kind not in ("ref", "tied") or not group:
+                raise ValueError(f"{where}: a Ties id must be 'ref:<n>' or 'tied:<n>'")
+            if kind == "tied" and len(answers["chosen"]) < 2:
+                raise ValueError(f"{where}: a 'tied' example needs two or more chosen answers")
+        elif len(answers["chosen"]) != 1:
+            raise ValueError(f"{where}: column 'chosen' must hold exactly one answer outside the Ties subset "
+                             f"(holds {len(answers['chosen'])})")
+        prompt = _benchmark_prompt(data["prompt"][i], source.label, i)
+        rows.append({"example_id": example_id, "prompt_id": prompt_id_of(prompt), "subset": subset,
+                     "prompt": prompt, **answers, "kind": kind, "group": group})
+    frame = pd.DataFrame(rows, columns=REWARDBENCH2_COLUMNS)
+    ties = frame[frame.kind != ""]
+    repeated = ties[ties.duplicated(["kind", "group"])]
+    if len(repeated):
+        raise ValueError(f"{source.label}: Ties id {repeated.example_id.iloc[0]!r} appears more than once")
+    return frame

@@ -73,6 +73,8 @@ def check_local_paths(cfg: StudyConfig) -> None:
     wanted = {"policy.model_id": cfg.policy.model_id, "gold.model_id": cfg.gold.model_id,
               "gold_label.dataset_path": cfg.gold_label.dataset_path, "eval_proxy.hhh_path": cfg.eval_proxy.hhh_path,
               "eval_proxy.mt_bench_path": cfg.eval_proxy.mt_bench_path,
+              "eval_proxy.rewardbench_path": cfg.eval_proxy.rewardbench_path,
+              "eval_proxy.rewardbench2_path": cfg.eval_proxy.rewardbench2_path,
               "knowledge.pairs_path": cfg.knowledge.pairs_path,
               **{f"proxies.{p.name}.path": p.path for p in cfg.proxies}}
     missing = [f"{key}: {path}" for key, path in wanted.items()
@@ -157,7 +159,8 @@ def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes.append(StageNode(f"eval_proxy[{proxy.name}]", "eval_proxy",
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
                                {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")},
-                               external=_local(proxy.path, cfg.eval_proxy.hhh_path, cfg.eval_proxy.mt_bench_path)))
+                               external=_local(proxy.path, cfg.eval_proxy.hhh_path, cfg.eval_proxy.mt_bench_path,
+                                              cfg.eval_proxy.rewardbench_path, cfg.eval_proxy.rewardbench2_path)))
     return nodes
 
 
