@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.proxy_types import ALL_TYPES as ALL_PROXY_TYPES
 from pipeline.proxy_types import TRAINED_TYPES as TRAINED_PROXY_TYPES
+from pipeline.proxy_types import spec as proxy_spec
 from pipeline.proxy_types import used_fields
 
 
@@ -233,7 +234,8 @@ def proxy_family(name: str) -> str:
     return re.sub(r"@seed\d+$", "", name)
 
 
-# A proxy name a user writes; `@seed<k>` (and an ensemble member's `-m<i>`) is appended to name a proxy's extra seeds.
+# A proxy name a user writes; `@seed<k>` (and an ensemble's or warm's member's `-m<i>`) is appended to name a proxy's
+# extra seeds.
 PROXY_NAME = r"[A-Za-z0-9_\-]+"
 SEED_COPY_NAME = PROXY_NAME + r"(@seed\d+(-m\d+)?)?"
 
@@ -266,7 +268,14 @@ class ProxyConfig(Section):
     epsilon: float = Field(0.1, ge=0, lt=0.5)
     # margin: m = margin_scale * (gold_chosen - gold_rejected)
     margin_scale: float = Field(1.0, ge=0)
-    # ensemble: `members` copies of `member_type`, seeds seed, seed+1, ...
+    # trained types (and a composite's members): reward centering, + center_coef · mean((r_c + r_r)²) on the loss
+    # (Eisenstein et al. 2023; TRL's center_rewards_coefficient)
+    center_coef: float = Field(0.0, ge=0, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    # trained types: the seed of the initialisation (reward head, LoRA matrices); None = `seed`. The data order and
+    # dropout always follow `seed`. A warm entry sets it on its members (one shared init); not for composites.
+    init_seed: int | None = Field(None, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    # ensemble, warm: `members` copies of `member_type`, seeds seed, seed+1, ... (a warm's members all start from
+    # init_seed = the warm's seed)
     members: int = Field(3, ge=2)
     member_type: TrainedType = "bt"
     combine: Literal["mean", "min", "uwo"] = "mean"
@@ -296,6 +305,9 @@ class ProxyConfig(Section):
             raise ValueError(f"proxy {self.name!r} has type 'checkpoint' but no 'path'")
         if self.double_bos and self.type != "checkpoint":
             raise ValueError(f"proxy {self.name!r}: double_bos is only for type 'checkpoint' (a released reward model)")
+        if self.init_seed is not None and not proxy_spec(self.type).trained:
+            raise ValueError(f"proxy {self.name!r}: init_seed is for trained types; a {self.type!r} proxy's members "
+                             f"are seeded per member (remove proxies.{self.name}.init_seed)")
         if self.seeds > 1 and self.type == "checkpoint":
             raise ValueError(f"proxy {self.name!r}: seeds ({self.seeds}) is only for trained proxies; a type "
                              f"'checkpoint' proxy is one fixed model (set proxies.{self.name}.seeds to 1)")
@@ -312,20 +324,25 @@ class ProxyConfig(Section):
 
     def seed_copies(self) -> list["ProxyConfig"]:
         """The concrete proxies of this entry, one per seed (`seeds` of them, each with seeds 1), named by
-        `seed_runs`. The first is this proxy itself; an ensemble's copies are strided by `members` so that no two
-        copies train a member with the same seed."""
-        stride = self.members if self.type == "ensemble" else 1
+        `seed_runs`. The first is this proxy itself; a composite's (ensemble, warm) copies are strided by `members` so
+        that no two copies train a member with the same seed."""
+        stride = self.members if proxy_spec(self.type).composite else 1
         base = self.model_dump(exclude={"name", "seed", "seeds"})
         return [ProxyConfig(**base, name=name, seed=self.seed + i * stride)
                 for i, (name, _) in enumerate(seed_runs(self.name, self.seed, self.seeds))]
 
     def member_specs(self) -> list["ProxyConfig"]:
-        """The trained members of an ensemble, each its own seeded proxy."""
-        if self.type != "ensemble":
+        """The trained members of a composite proxy (ensemble, warm), each its own seeded proxy `<name>-m<i>` with
+        seed `seed + i`. A warm's members share one initialisation, `init_seed` = the warm's seed (WARM averages
+        weights, which needs a common starting point), and differ in data order and dropout (their own seeds)."""
+        if not proxy_spec(self.type).composite:
             return [self]
-        base = self.model_dump(exclude={"name", "type", "seed", "members", "member_type", "combine", "uwo_lambda"})
+        base = self.model_dump(exclude={"name", "type", "seed", "init_seed", "members", "member_type", "combine",
+                                        "uwo_lambda"})
+        init_seed = self.seed if self.type == "warm" else None
         return [
-            ProxyConfig(**base, name=f"{self.name}-m{i}", type=self.member_type, seed=self.seed + i)
+            ProxyConfig(**base, name=f"{self.name}-m{i}", type=self.member_type, seed=self.seed + i,
+                        init_seed=init_seed)
             for i in range(self.members)
         ]
 
@@ -648,10 +665,10 @@ class StudyConfig(Section):
             raise ValueError("proxies: a study needs at least one proxy (e.g. proxies: [{name: bt, type: bt}])")
         expanded = self.expanded_proxies()
         names = [p.name for p in expanded]
-        names += [m.name for p in expanded if p.type == "ensemble" for m in p.member_specs()]
+        names += [m.name for p in expanded if proxy_spec(p.type).composite for m in p.member_specs()]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"proxies: duplicate names {dup} (an ensemble's members are named <name>-m<i>)")
+            raise ValueError(f"proxies: duplicate names {dup} (an ensemble's or warm's members are named <name>-m<i>)")
         if self.gold_label.source == "policy_samples" and self.policy.source != "tiny":
             raise ValueError("gold_label.source 'policy_samples' needs the tiny world (policy.source: tiny)")
         if self.gold.type == "world" and self.policy.source != "tiny":
@@ -882,8 +899,15 @@ class TrainProxyStageConfig(Section):
     base: BaseModelRef
 
 
+class WarmAverageStageConfig(Section):
+    """A warm proxy's averaging: its trained members' weights, loaded in the base model's dtype, averaged into one."""
+
+    proxy: ProxyConfig
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class ScorerStageConfig(Section):
-    """A scorer by name: "gold" or a proxy (trained, checkpoint or ensemble)."""
+    """A scorer by name: "gold" or a proxy (trained, checkpoint, ensemble or warm)."""
 
     name: str
     gold: GoldConfig | None = None

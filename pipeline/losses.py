@@ -7,6 +7,8 @@ log π(y|x) = Σ_t log softmax(logits)[y_t] of those responses under the reward 
 every `mean` is over the B pairs. log σ is computed with `F.logsigmoid`, which is stable for large |x|.
 
 GRM (Yang et al. 2024):  L = (1 − α)·L_BT + α·L_reg,  α = 0.01, β = 0.1 by default.
+Reward centering (Eisenstein et al. 2023; TRL's `center_rewards_coefficient`): + c·mean((r_c + r_r)²), added to any of
+the losses above.
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ def label_smoothing_loss(r_c: torch.Tensor, r_r: torch.Tensor, eps: float) -> to
         raise ValueError(f"label smoothing eps must lie in [0, 1], got {eps}")
     d = r_c - r_r
     return -(1.0 - eps) * F.logsigmoid(d).mean() - eps * F.logsigmoid(-d).mean()
+
+
+def reward_centering(r_c: torch.Tensor, r_r: torch.Tensor, coef: float) -> torch.Tensor:
+    """Reward centering's auxiliary term: c · mean((r_c + r_r)²).
+
+    The BT losses see only reward differences, so the reward's offset drifts freely; this term pulls the sum of each
+    pair's rewards (twice its mean) to 0, so rewards come out centred. TRL's RewardTrainer adds the same term with
+    `center_rewards_coefficient` (Eisenstein et al. 2023 suggest c = 0.01).
+    """
+    _check_pair(r_c, r_r)
+    if coef < 0:
+        raise ValueError(f"reward centering coefficient must be >= 0, got {coef}")
+    return coef * torch.mean((r_c + r_r) ** 2)
 
 
 def grm_regulariser(kind: str, logp_c: torch.Tensor, logp_r: torch.Tensor | None = None, beta: float = 0.1,

@@ -15,6 +15,9 @@ from typing import Any, Callable
 
 # Fields every proxy uses whatever its type (the reward head and the shared training settings).
 COMMON_FIELDS = frozenset({"name", "type", "seed", "head", "head_width", "head_dropout", "training"})
+# Fields every trained type uses on top of its own: the reward-centering coefficient (an auxiliary term added to any
+# trained loss, `training_loss`) and the seed of the initialisation (reward head, LoRA matrices) when it is not `seed`.
+TRAINED_FIELDS = frozenset({"center_coef", "init_seed"})
 
 
 def _bt(proxy, r_c, r_r, batch, out, ref_model):
@@ -65,6 +68,9 @@ class ProxyTypeSpec:
     needs_logits: bool = False  # the loss reads the LM logits of the same forward pass
     frozen_backbone: bool = False  # only the reward head trains
     needs_reference: Callable[[Any], bool] = lambda proxy: False  # a frozen copy of the base LM for the loss
+    # made of `members` trained models of `member_type` (`ProxyConfig.member_specs`), each with its own train_proxy
+    # stage; the members inherit the fields their type uses from the entry (`used_fields`)
+    composite: bool = False
 
 
 PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
@@ -74,8 +80,11 @@ PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
     ProxyTypeSpec("grm", frozenset({"reg", "alpha", "beta"}), True, _grm, needs_logits=True,
                   needs_reference=lambda proxy: proxy.reg == "dpo"),
     ProxyTypeSpec("frozen", frozenset(), True, _bt, frozen_backbone=True),
-    # `members` copies of `member_type`; the fields that member type uses count too (see `used_fields`)
-    ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False),
+    # `members` copies of `member_type` whose standardised scores are combined (Coste et al. 2023)
+    ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False, composite=True),
+    # `members` copies of `member_type` from one shared initialisation, seen in different data orders, whose weights
+    # are averaged into one model (Ramé et al. 2024, WARM; stage warm_average)
+    ProxyTypeSpec("warm", frozenset({"members", "member_type"}), False, composite=True),
     # an existing reward model (local dir or hub id): no training stage
     ProxyTypeSpec("checkpoint", frozenset({"path", "trust_remote_code", "dtype", "double_bos"}), False),
 )}
@@ -92,19 +101,29 @@ def spec(proxy_type: str) -> ProxyTypeSpec:
 
 def used_fields(proxy) -> set[str]:
     """The ProxyConfig fields that can change what `proxy` is (the rest are reset by `canonical`)."""
-    used = set(COMMON_FIELDS) | spec(proxy.type).fields
-    if proxy.type == "ensemble":  # its members inherit the fields their member_type uses
-        used |= spec(proxy.member_type).fields
-        used |= {"uwo_lambda"} if proxy.combine == "uwo" else set()
+    kind = spec(proxy.type)
+    used = set(COMMON_FIELDS) | kind.fields
+    if kind.trained:
+        used |= TRAINED_FIELDS
+    if kind.composite:  # its members inherit the fields their member_type uses (their init seeds are set per member)
+        used |= spec(proxy.member_type).fields | (TRAINED_FIELDS - {"init_seed"})
+    if proxy.type == "ensemble" and proxy.combine == "uwo":
+        used |= {"uwo_lambda"}
     return used
 
 
 def training_loss(proxy, r_c, r_r, batch: dict, out, ref_model=None):
-    """The loss `train_proxy` minimises for a proxy of a trained type."""
+    """The loss `train_proxy` minimises for a proxy of a trained type: its type's loss, plus the reward-centering
+    term c·mean((r_c + r_r)²) when `center_coef` c > 0 (`losses.reward_centering`)."""
     s = spec(proxy.type)
     if not s.trained or s.loss is None:
         raise ValueError(f"proxy type {proxy.type!r} is not trained by train_proxy")
-    return s.loss(proxy, r_c, r_r, batch, out, ref_model)
+    loss = s.loss(proxy, r_c, r_r, batch, out, ref_model)
+    if proxy.center_coef:
+        from pipeline import losses
+
+        loss = loss + losses.reward_centering(r_c, r_r, proxy.center_coef)
+    return loss
 
 
 # How a legend or a table names a GRM regulariser (`ProxyConfig.reg`).
@@ -113,6 +132,19 @@ GRM_REGULARISERS = {"sft": "SFT", "sft_nll": "SFT-NLL", "dpo": "DPO", "dpo_noref
 
 def _describe_type(proxy) -> str:
     """What a proxy's type and its type-specific fields make it, without training settings."""
+    text = _describe_loss(proxy)
+    if spec(proxy.type).trained and proxy.center_coef:
+        text += f", centred c={proxy.center_coef:g}"
+    return text
+
+
+def _describe_members(proxy) -> str:
+    """A composite proxy's member type in words ("" for plain BT), from the fields its members inherit."""
+    member = _as_type(proxy, proxy.member_type)
+    return "" if proxy.member_type == "bt" and not proxy.center_coef else " " + _describe_type(member)
+
+
+def _describe_loss(proxy) -> str:
     t = proxy.type
     if t == "bt":
         return "BT"
@@ -128,15 +160,16 @@ def _describe_type(proxy) -> str:
     if t == "ensemble":
         combine = f"uwo λ={proxy.uwo_lambda:g}" if proxy.combine == "uwo" else proxy.combine
         # the members' type-specific fields live on the ensemble's entry (`used_fields`)
-        member = "" if proxy.member_type == "bt" else " " + _describe_type(_as_type(proxy, proxy.member_type))
-        return f"ensemble ({combine}) of {proxy.members}{member}"
+        return f"ensemble ({combine}) of {proxy.members}{_describe_members(proxy)}"
+    if t == "warm":
+        return f"WARM of {proxy.members}{_describe_members(proxy)}"
     if t == "checkpoint":
         return f"checkpoint {str(proxy.path).rstrip('/').split('/')[-1]}"
     return t
 
 
 def _as_type(proxy, proxy_type: str):
-    """A view of `proxy` with another type (an ensemble's member type), its other fields unchanged."""
+    """A view of `proxy` with another type (a composite's member type), its other fields unchanged."""
     from types import SimpleNamespace
 
     return SimpleNamespace(**{**vars(proxy), "type": proxy_type})
@@ -144,9 +177,10 @@ def _as_type(proxy, proxy_type: str):
 
 def describe_proxy(proxy, training=None) -> str:
     """A proxy in words, for legends and tables: its type and the fields that make it what it is ("GRM-SFT α=0.01",
-    "BT", "label smoothing ε=0.1", "ensemble (mean) of 3"), then what its training settings `training` (resolved, an
-    `RMTrainingConfig`; None: not stated) change from full fine-tuning on every training pair: ", LoRA r=8",
-    ", 300 pairs", ", clean labels". A checkpoint is not trained here, so no training settings are stated for it."""
+    "BT", "BT, centred c=0.01", "label smoothing ε=0.1", "ensemble (mean) of 3", "WARM of 3"), then what its
+    training settings `training` (resolved, an `RMTrainingConfig`; None: not stated) change from full fine-tuning on
+    every training pair: ", LoRA r=8", ", 300 pairs", ", clean labels". A checkpoint is not trained here, so no
+    training settings are stated for it."""
     text = _describe_type(proxy)
     if training is None or proxy.type == "checkpoint":
         return text

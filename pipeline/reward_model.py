@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -343,6 +344,64 @@ class GRMRewardModel(nn.Module):
         """The causal LM's state dict with every active LoRA delta folded into its base weight (model untouched)."""
 
         return merged_state_dict(self.causal_lm())
+
+
+# ---------------------------------------------------------------------------------------------- weight averaging
+def average_state_dicts(state_dicts: Iterable[Mapping[str, torch.Tensor]],
+                        labels: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The uniform average of K ≥ 2 state dicts (WARM, Ramé et al. 2024): each floating tensor is the mean of its K
+    values (summed in float32, returned in the first dict's dtype); every other tensor (an integer buffer) must be
+    equal in all K and is kept as it is.
+
+    The dicts are read one at a time, so an iterable that loads each model lazily holds only the running sum and one
+    model. Members whose tensor names or shapes differ from the first's are refused (ValueError naming the member,
+    `labels[i]`, and the first differing names) - they are not the same architecture and cannot be averaged.
+    """
+    total: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    count = 0
+    for i, state in enumerate(state_dicts):
+        name = labels[i] if labels is not None else f"member {i}"
+        if count == 0:
+            first = {k: v.detach() for k, v in state.items()}
+            total = {k: v.detach().to(torch.float32, copy=True) for k, v in first.items() if v.is_floating_point()}
+            first_name = name
+        else:
+            missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))
+            shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(first[k].shape)}" for k in first
+                      if k in state and state[k].shape != first[k].shape]
+            if missing or extra or shapes:
+                raise ValueError(f"cannot average the weights of {name} with those of {first_name}: different "
+                                 f"parameters (missing {missing[:5]}, extra {extra[:5]}, shapes {shapes[:5]}); "
+                                 f"weight averaging needs members of one architecture and reward head")
+            for k, v in state.items():
+                if k in total:
+                    total[k] += v.detach().to(torch.float32)
+                elif not torch.equal(v.detach().cpu(), first[k].cpu()):
+                    raise ValueError(f"cannot average {name} with {first_name}: their non-floating tensor {k!r} "
+                                     f"differs (only floating-point weights are averaged)")
+        count += 1
+    if count < 2:
+        raise ValueError(f"weight averaging needs at least 2 members, got {count}")
+    return {k: (total[k].div_(count).to(v.dtype) if k in total else v) for k, v in first.items()}
+
+
+def weight_averaged_reward_model(paths: Sequence[str | Path], dtype: torch.dtype = torch.float32) -> "GRMRewardModel":
+    """One `GRMRewardModel` whose weights (backbone, LM head and reward head) are the uniform average of the saved
+    reward models at `paths` (`average_state_dicts`), loaded one at a time. Every member's head must have the first's
+    settings. LoRA-trained members are saved with their adapters merged, so this averages the merged weights:
+    base + mean of the members' low-rank deltas."""
+    if len(paths) < 2:
+        raise ValueError(f"weight averaging needs at least 2 members, got {len(paths)}")
+    model = GRMRewardModel.from_pretrained(paths[0], dtype=dtype)
+
+    def others():
+        for path in paths[1:]:
+            yield GRMRewardModel.from_pretrained(path, dtype=dtype, head=model.head_config).state_dict()
+
+    averaged = average_state_dicts(itertools.chain([model.state_dict()], others()), [str(p) for p in paths])
+    model.load_state_dict(averaged, strict=True)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

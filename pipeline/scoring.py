@@ -317,7 +317,8 @@ def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
     """The `RewardScorer` a `ScorerStageConfig` names: the gold, or a proxy (trained, checkpoint or ensemble).
 
     Trained proxies are read from their `train_proxy` artifacts in `inputs` ("model", or "member<i>" for an
-    ensemble, whose members are standardised with the reference-set statistics saved beside them). `strict_length`:
+    ensemble, whose members are standardised with the reference-set statistics saved beside them); a warm proxy's
+    "model" is its `warm_average` artifact, one model like a trained proxy's. `strict_length`:
     a sequence over the scorer's max length is an error raised before any forward pass, instead of a NaN score.
     """
 

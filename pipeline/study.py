@@ -8,6 +8,9 @@
     world ─► knowledge_pairs ─┬─► knowledge_base (with sft_policy) ───────────────────────────────────────────► report
                               └─► knowledge[p] (with train_proxy[p]) ─────────────────────────────────────────► report
 
+A warm proxy's members train as train_proxy[p-m<i>]; warm_average[p] averages their weights into the model its scorer
+stages read in place of train_proxy[p].
+
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
 dataset in the Unified-Feedback schema, and an `eval_prompts` stage holds out prompts of that dataset for best-of-n.
@@ -38,7 +41,9 @@ from pipeline.config import (
     ScorerStageConfig,
     StudyConfig,
     TrainProxyStageConfig,
+    WarmAverageStageConfig,
 )
+from pipeline.proxy_types import spec as proxy_spec
 from pipeline.runner import StageNode
 
 
@@ -50,11 +55,14 @@ def _base_ref(cfg: StudyConfig) -> BaseModelRef:
 
 
 def _scorer_inputs(proxy: ProxyConfig, artifact: str) -> dict[str, str]:
-    """Upstream artifacts a proxy's scorer needs: its trained model, or each ensemble member's."""
+    """Upstream artifacts a proxy's scorer needs: its trained model, each ensemble member's, or a warm's averaged
+    model (which plays the part of a trained model)."""
     if proxy.type == "checkpoint":
         return {}
     if proxy.type == "ensemble":
         return {f"member{i}": f"{artifact}[{m.name}]" for i, m in enumerate(proxy.member_specs())}
+    if proxy.type == "warm":
+        return {"model": f"warm_average[{proxy.name}]"}
     return {"model": f"{artifact}[{proxy.name}]"}
 
 
@@ -141,18 +149,24 @@ def _base_and_labels(cfg: StudyConfig) -> list[StageNode]:
 
 
 def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
-    """One train_proxy per trained model (ensemble members are trained models of their own), one eval_proxy per
-    proxy; a proxy with `seeds: K` is K proxies here (`StudyConfig.expanded_proxies`)."""
+    """One train_proxy per trained model (an ensemble's or warm's members are trained models of their own), a
+    warm_average per warm proxy, one eval_proxy per proxy; a proxy with `seeds: K` is K proxies here
+    (`StudyConfig.expanded_proxies`)."""
     nodes: list[StageNode] = []
     for proxy in cfg.expanded_proxies():
         for member in proxy.member_specs():
-            if member.type in ("checkpoint", "ensemble"):
+            if not proxy_spec(member.type).trained:
                 continue
             nodes.append(StageNode(
                 f"train_proxy[{member.name}]", "train_proxy",
                 TrainProxyStageConfig(proxy=member.canonical(), training=member.resolved_training(cfg.proxy_training),
                                       base=_base_ref(cfg)),
                 {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id)))
+        if proxy.type == "warm":
+            nodes.append(StageNode(
+                f"warm_average[{proxy.name}]", "warm_average",
+                WarmAverageStageConfig(proxy=proxy.canonical(), dtype=cfg.policy.dtype),
+                {f"member{i}": f"train_proxy[{m.name}]" for i, m in enumerate(proxy.member_specs())}))
         scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=cfg.eval_proxy.batch_size,
                                    max_length=proxy.resolved_training(cfg.proxy_training).max_length,
                                    dtype=cfg.policy.dtype)

@@ -8,6 +8,10 @@ picks the loss, from the table of proxy types in `pipeline.proxy_types` (losses 
     label_smoothing  -(1-ε) mean log σ(r_c - r_r) - ε mean log σ(r_r - r_c)
     frozen           bt, backbone frozen (only the head trains)
     grm              (1-α)·bt + α·reg, reg from the response-token log-probs of the same forward pass
+    any of them      + center_coef · mean((r_c + r_r)²) when center_coef > 0 (reward centering)
+
+The initialisation (reward head, LoRA matrices) is seeded by `init_seed` (default: `seed`), the data order and
+dropout by `seed`: a warm proxy's members share one init and differ in data order.
 
 Writes model/ (`GRMRewardModel.save_pretrained`, tokenizer included), reference_stats.json (mean/std of its rewards on
 the training responses, used to standardise ensemble members), train_log.json, metrics.json.
@@ -102,9 +106,44 @@ def make_trainer_class():
     return RewardTrainer
 
 
-def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
-    from transformers import TrainingArguments, set_seed
+def init_reward_model(cfg: TrainProxyStageConfig, base: str):
+    """The proxy's model before training, and the frozen reference LM its loss needs (or None).
 
+    The initialisation (reward head, LoRA matrices) is seeded by `proxy.init_seed` when set, else by `proxy.seed`: a
+    warm's members share one init this way, while the Trainer re-seeds with `proxy.seed` for their data order and
+    dropout (`make_trainer`)."""
+    from transformers import set_seed
+
+    proxy, tr = cfg.proxy, cfg.training
+    kind = proxy_types.spec(proxy.type)
+    set_seed(proxy.seed if proxy.init_seed is None else proxy.init_seed)
+    head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout)
+    model = GRMRewardModel.from_base(base, head, DTYPES[cfg.base.dtype], cfg.base.trust_remote_code, lora=tr.lora)
+    if kind.frozen_backbone:
+        model.freeze_backbone()
+    ref_model = None
+    if kind.needs_reference(proxy):
+        ref_model = copy.deepcopy(model.causal_lm()).eval().requires_grad_(False)
+    return model, ref_model
+
+
+def make_trainer(cfg: TrainProxyStageConfig, model, dataset, tokenizer, ref_model, output_dir):
+    """The Hugging Face Trainer of one proxy: data order (`data_seed`) and dropout (`seed`) follow `proxy.seed`."""
+    from transformers import TrainingArguments
+
+    proxy, tr = cfg.proxy, cfg.training
+    args = TrainingArguments(
+        output_dir=output_dir, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
+        lr_scheduler_type=tr.lr_scheduler, warmup_steps=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
+        weight_decay=tr.weight_decay, seed=proxy.seed, data_seed=proxy.seed, logging_steps=10,
+        save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    return make_trainer_class()(model=model, args=args, train_dataset=dataset,
+                                data_collator=PairCollator(pad_token_id(tokenizer)), proxy=proxy, ref_model=ref_model)
+
+
+def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     proxy, tr = cfg.proxy, cfg.training
     kind = proxy_types.spec(proxy.type)
     if not kind.trained:
@@ -117,27 +156,10 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if len(dataset) == 0:
         raise ValueError(f"proxy {proxy.name!r}: no training pairs fit proxy_training.max_length={tr.max_length}")
 
-    set_seed(proxy.seed)  # the head's initialisation and the data order depend on the proxy's seed
-    head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout)
-    model = GRMRewardModel.from_base(base, head, DTYPES[cfg.base.dtype], cfg.base.trust_remote_code, lora=tr.lora)
-    if kind.frozen_backbone:
-        model.freeze_backbone()
-    ref_model = None
-    if kind.needs_reference(proxy):
-        ref_model = copy.deepcopy(model.causal_lm()).eval().requires_grad_(False)
+    model, ref_model = init_reward_model(cfg, base)
     model.train()
-
     with tempfile.TemporaryDirectory(dir=out) as scratch:  # the Trainer wants an output_dir; nothing in it is kept
-        args = TrainingArguments(
-            output_dir=scratch, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size,
-            gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
-            lr_scheduler_type=tr.lr_scheduler, warmup_steps=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
-            weight_decay=tr.weight_decay, seed=proxy.seed, data_seed=proxy.seed, logging_steps=10,
-            save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=True,
-            dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
-        trainer = make_trainer_class()(model=model, args=args, train_dataset=dataset,
-                                       data_collator=PairCollator(pad_token_id(tokenizer)), proxy=proxy,
-                                       ref_model=ref_model)
+        trainer = make_trainer(cfg, model, dataset, tokenizer, ref_model, scratch)
         result = trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
     model.eval()
