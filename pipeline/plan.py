@@ -271,6 +271,8 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
         plan.note = f"{exports} exports"
     elif node.stage in ("world", "gold_label", "eval_prompts", "knowledge_pairs"):
         plan.note = "data only"
+    elif node.stage == "warm_average":
+        plan.note = f"averages {len(node.inputs)} members' weights"
     elif node.stage in ("bon_curve", "ppo_curve", "report"):
         plan.note = "statistics only"
     else:
