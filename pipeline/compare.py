@@ -32,7 +32,8 @@ from pipeline.seed_stats import seed_stats
 ARMS = {"bon": ("best-of-n", "bon_curves.csv", "sqrt_kl_bound", "kl_bound"),
         "ppo": ("PPO", "ppo_curves.csv", "sqrt_kl", "kl_k1"),
         "grpo": ("GRPO", "grpo_curves.csv", "sqrt_kl", "kl_k1"),
-        "rloo": ("RLOO", "rloo_curves.csv", "sqrt_kl", "kl_k1")}
+        "rloo": ("RLOO", "rloo_curves.csv", "sqrt_kl", "kl_k1"),
+        "dpo": ("DPO", "dpo_curves.csv", "sqrt_kl", "kl_k1")}
 X_LABEL = {"bon": "√KL  (KL = log n − (n−1)/n, an upper bound)", "rl": "√KL to the initial policy (measured, k1)"}
 # what a curve table needs for the comparison (besides proxy_name and run)
 NEEDED = {"bon": ["n", "kl_bound", "sqrt_kl_bound", "gold", "gold_lo", "gold_hi", "gold_rel"],
