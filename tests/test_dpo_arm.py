@@ -128,6 +128,9 @@ def test_report_renders_the_dpo_arm(study):
     table = pd.read_csv(report / "dpo_curves.csv")
     assert set(table.run) == {"bt"} and set(table.proxy_name) == {"bt"}
     assert "DPO − PPO against `bt`" in readme
+    from pipeline.compare import read_report_dir  # `overopt compare` reads the arm from a report directory
+
+    assert set(read_report_dir(report, "smoke").curves) == {"bon", "ppo", "dpo"}
 
 
 def test_dpo_stages_and_config_errors(tmp_path):
@@ -151,3 +154,25 @@ def test_dpo_stages_and_config_errors(tmp_path):
         load_config(SMOKE, base + ["dpo={num_processes: 1}", "bon=null", "ppo=null"])
     with pytest.raises(ConfigError, match=r"dpo.batch_size \(5\) must be divisible by dpo.num_processes \(2\)"):
         load_config(SMOKE, base + ["dpo={batch_size: 5}"])
+
+
+@pytest.mark.slow
+def test_dpo_trains_under_zero2_with_two_processes(study, monkeypatch):
+    """The launched path: dpo[bt] under `accelerate launch` with 2 processes and ZeRO-2 (a GPU-less machine runs both
+    on the CPU), its exports on the same schedule and its curve through the shared stages."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    root = study["root"]
+    overrides = [f"run.cache_root={root / 'cache'}", f"run.reports_dir={root / 'report'}", DPO, "ppo=null",
+                 "dpo.num_processes=2", "dpo.deepspeed_config=configs/deepspeed/zero2.json"]
+    cfg = load_config(SMOKE, overrides)
+    runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
+    plan = {p.node.key: p for p in runner.run(until={"dpo_curve[bt]"})}
+    art = runner.cache.path("dpo[bt]", plan["dpo[bt]"].fingerprint)
+    summary = json.loads((art / "summary.json").read_text())
+    steps = math.ceil(summary["train_pairs"] / 32)
+    assert (summary["world_size"], summary["zero_stage"], summary["optimizer_steps"]) == (2, 2, steps)
+    assert sorted(int(d.name.split("_")[1]) for d in (art / "exports").iterdir()) == log_spaced_steps(steps)
+    curve = pd.read_parquet(runner.cache.path("dpo_curve[bt]", plan["dpo_curve[bt]"].fingerprint) / "curve.parquet")
+    assert curve.step.tolist() == log_spaced_steps(steps) and curve.gold.notna().all()
