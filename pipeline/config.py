@@ -7,6 +7,7 @@ dotted path and the closest valid key in the message.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -611,6 +612,15 @@ class DPOConfig(Section):
             raise ValueError(f"dpo.batch_size ({self.batch_size}) must be divisible by dpo.num_processes "
                              f"({self.num_processes})")
         return self
+
+    def optimizer_steps(self, train_pairs: int) -> int:
+        """The run's length on `train_pairs` pairs: `steps`, else `epochs` passes of batch_size pairs (as the
+        Trainer counts them: a last short batch is a step)."""
+        return self.steps or math.ceil(self.epochs * math.ceil(train_pairs / self.batch_size))
+
+    def export_steps(self, train_pairs: int) -> list[int]:
+        """Optimizer steps after which the policy is exported: 0, 1, 2, 4, ..., last."""
+        return log_spaced_steps(self.optimizer_steps(train_pairs))
 
     def training_view(self, seed: int) -> "DPOConfig":
         """What one run's training depends on (the dpo stage's config): its seed, not the scoring proxy, how many

@@ -103,7 +103,8 @@ def test_dpo_run_exports_trains_and_is_evaluated(study):
     art = study["art"]
     summary = json.loads((art["dpo[bt]"] / "summary.json").read_text())
     steps = math.ceil(summary["train_pairs"] / 32)  # one epoch of batches of 32 pairs
-    assert summary["optimizer_steps"] == steps and summary["exports"] == log_spaced_steps(steps)
+    assert summary["optimizer_steps"] == steps == study["cfg"].dpo.optimizer_steps(summary["train_pairs"])
+    assert summary["exports"] == log_spaced_steps(steps)
     exports = sorted(int(d.name.split("_")[1]) for d in (art["dpo[bt]"] / "exports").iterdir())
     assert exports == log_spaced_steps(steps)
     rows = [json.loads(line) for line in (art["dpo[bt]"] / "metrics.jsonl").read_text().splitlines()]
@@ -146,6 +147,11 @@ def test_dpo_stages_and_config_errors(tmp_path):
     assert nodes["report"].config.rl_runs["dpo"] == {"grm_sft": ["grm_sft", "grm_sft@seed1"]}
     default = load_config(SMOKE, base + ["dpo={num_processes: 1}"])
     assert [n.key for n in build_stages(default) if n.stage == "dpo"] == ["dpo[bt]"]
+    from pipeline.plan import plan_study
+
+    plan = {p.key: p for p in plan_study(default)}  # `overopt plan`: 170 pairs, one epoch of 6 steps of 32 pairs
+    assert plan["dpo[bt]"].train.sequences == 2 * 6 * 32 and plan["dpo[bt]"].note == "5 exports"
+    assert plan["dpo_sample[bt]"].note == "5 exports"
     plain = Runner(build_stages(load_config(SMOKE, base)), ArtifactCache("unused")).fingerprints()
     assert not any(k.startswith("dpo") for k in plain)
     with pytest.raises(ConfigError, match=r"dpo.proxy names \['nope'\]"):
