@@ -1,8 +1,8 @@
 """`overopt compare STUDY_A STUDY_B ...`: the over-optimization curves of several studies on shared axes.
 
 A study is a report directory (`reports/<study>/`, holding bon_curves.csv and, when it ran RL, ppo_curves.csv,
-grpo_curves.csv, rloo_curves.csv) or a study config with optional `section.key=value` overrides after it, as `overopt
-run` takes them. A config's curves are read from the cache, at the fingerprints that config and those overrides give:
+grpo_curves.csv, rloo_curves.csv, dpo_curves.csv) or a study config with optional `section.key=value` overrides after
+it, as `overopt run` takes them. A config's curves are read from the cache, at the fingerprints that config and those overrides give:
 nothing runs, every curve stage must be cached, and an override (say `gold_label.noise_rate=0.25`) can never pick up
 a report directory made without it.
 
@@ -32,7 +32,8 @@ from pipeline.seed_stats import seed_stats
 ARMS = {"bon": ("best-of-n", "bon_curves.csv", "sqrt_kl_bound", "kl_bound"),
         "ppo": ("PPO", "ppo_curves.csv", "sqrt_kl", "kl_k1"),
         "grpo": ("GRPO", "grpo_curves.csv", "sqrt_kl", "kl_k1"),
-        "rloo": ("RLOO", "rloo_curves.csv", "sqrt_kl", "kl_k1")}
+        "rloo": ("RLOO", "rloo_curves.csv", "sqrt_kl", "kl_k1"),
+        "dpo": ("DPO", "dpo_curves.csv", "sqrt_kl", "kl_k1")}
 X_LABEL = {"bon": "√KL  (KL = log n − (n−1)/n, an upper bound)", "rl": "√KL to the initial policy (measured, k1)"}
 # what a curve table needs for the comparison (besides proxy_name and run)
 NEEDED = {"bon": ["n", "kl_bound", "sqrt_kl_bound", "gold", "gold_lo", "gold_hi", "gold_rel"],
@@ -116,7 +117,7 @@ def read_report_dir(path: Path, label: str) -> Study:
             curves[arm], note = normalise(pd.read_csv(path / name), arm, path / name)
             notes += [note] if note else []
     if not curves:
-        raise CompareError(f"study {label!r}: {path} has no bon_curves.csv (nor ppo/grpo/rloo_curves.csv); is it a "
+        raise CompareError(f"study {label!r}: {path} has no bon_curves.csv (nor ppo/grpo/rloo/dpo_curves.csv); is it a "
                            f"report directory? Run the study first (overopt run CONFIG) or name its reports_dir")
     return Study(label, str(path), curves, notes)
 
@@ -139,7 +140,7 @@ def read_config_study(path: Path, overrides: list[str], label: str | None) -> St
     for arm, by_proxy in rl_runs(cfg).items():
         wanted[arm] = [(f"{arm}_curve[{r}]", p, r) for p, runs in by_proxy.items() for r in runs]
     if not any(wanted.values()):
-        raise CompareError(f"study {label!r} ({path}) has no curve stages (no bon, ppo or rl section)")
+        raise CompareError(f"study {label!r} ({path}) has no curve stages (no bon, ppo, rl or dpo section)")
     missing = [key for keys in wanted.values() for key, _, _ in keys
                if runner.cache.check(key, fps[key]).status != "cached"]
     if missing:

@@ -7,6 +7,7 @@ dotted path and the closest valid key in the message.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -600,6 +601,59 @@ class GroupRLConfig(Section):
         return seed_runs(proxy, self.seed, self.seeds)
 
 
+class DPOConfig(Section):
+    """Direct preference optimisation (Rafailov et al. 2023) of the base policy through TRL 1.16's DPOTrainer: stage
+    dpo[p], then the same sampling-with-measured-KL, gold and curve stages as the RL arms (dpo_sample[p], dpo_gold[p],
+    dpo_curve[p]). No proxy is in its loop: it trains on the gold-labelled training pairs every proxy sees (the label
+    column `proxy_training.labels`, the budget `proxy_training.n_train_pairs`), tokenized as the proxies tokenize
+    them, against a frozen reference = the base policy. The policy is exported at optimizer steps 0, 1, 2, 4, ...,
+    last. Its runs are keyed by `proxy`, the proxy whose scores fill the curves' proxy column and whose best-of-n
+    curve it is drawn beside (so the report's arm -> proxy -> runs structure holds); that proxy only scores samples
+    after training. TRL's defaults are noted where overopt's differ."""
+
+    proxy: str | None = None  # a proxy entry; None = the study's first entry (the baseline)
+    seeds: int = Field(1, ge=1)  # runs with seeds seed, seed + 1, ... (data order; the reference is the base policy)
+    seed: int = 0
+    num_processes: int = Field(2, ge=1)
+    deepspeed_config: Path | None = Path("configs/deepspeed/zero2.json")
+    beta: float = Field(0.1, gt=0)  # TRL default 0.1: the strength of the implicit KL to the reference
+    # TRL loss_type: sigmoid (DPO), hinge (SLiC), ipo (IPO, TRL's per-token-averaged form)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    lr: float = Field(1e-4, gt=0)  # TRL default 1e-6, for billion-parameter models; constant schedule, no warmup
+    epochs: float = Field(1.0, gt=0)  # passes over the training pairs, unless `steps` is set
+    steps: int | None = Field(None, ge=1)  # optimizer steps; None = `epochs` passes over the pairs
+    batch_size: int = Field(32, ge=1)  # pairs per optimizer step over all processes (TRL default 8 per device)
+    # prompt + response tokens; a longer pair is dropped, never truncated (as in proxy training)
+    max_length: int = Field(1024, ge=8)
+    max_grad_norm: float = Field(1.0, gt=0)  # TRL default 1.0
+    eval: PPOEvalConfig = PPOEvalConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "DPOConfig":
+        if self.batch_size % self.num_processes:
+            raise ValueError(f"dpo.batch_size ({self.batch_size}) must be divisible by dpo.num_processes "
+                             f"({self.num_processes})")
+        return self
+
+    def optimizer_steps(self, train_pairs: int) -> int:
+        """The run's length on `train_pairs` pairs: `steps`, else `epochs` passes of batch_size pairs (as the
+        Trainer counts them: a last short batch is a step)."""
+        return self.steps or math.ceil(self.epochs * math.ceil(train_pairs / self.batch_size))
+
+    def export_steps(self, train_pairs: int) -> list[int]:
+        """Optimizer steps after which the policy is exported: 0, 1, 2, 4, ..., last."""
+        return log_spaced_steps(self.optimizer_steps(train_pairs))
+
+    def training_view(self, seed: int) -> "DPOConfig":
+        """What one run's training depends on (the dpo stage's config): its seed, not the scoring proxy, how many
+        seeds or the evaluation."""
+        return self.model_copy(update={"proxy": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1})
+
+    def runs(self, proxy: str) -> list[tuple[str, int]]:
+        """(run name, seed) of each DPO run, keyed by the proxy that scores its samples."""
+        return seed_runs(proxy, self.seed, self.seeds)
+
+
 class DistributedSmokeConfig(Section):
     """A stage that proves the multi-process path: a few ZeRO steps on a tiny causal LM under accelerate."""
 
@@ -623,6 +677,7 @@ class StudyConfig(Section):
     bon: BonConfig | None = BonConfig()
     ppo: PPOConfig | None = None
     rl: GroupRLConfig | None = None
+    dpo: DPOConfig | None = None
     knowledge: KnowledgeConfig = KnowledgeConfig()
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
     # A sweep (`pipeline.sweep`): override key -> the values it takes; the keys are crossed into points, each the
@@ -676,12 +731,14 @@ class StudyConfig(Section):
         if self.knowledge.enabled and self.policy.source != "tiny" and not self.knowledge.pairs_path:
             raise ValueError("knowledge.enabled is true at paper scale but knowledge.pairs_path is not set (minimal "
                              "pairs are generated only in the tiny world)")
-        for arm, section in (("ppo", self.ppo), ("rl", self.rl)):
+        for arm, section in (("ppo", self.ppo), ("rl", self.rl), ("dpo", self.dpo)):
             if section is None:
                 continue
-            unknown = sorted(set(section.proxies or []) - {p.name for p in self.proxies})
+            named = section.proxies if arm != "dpo" else [section.proxy] if section.proxy else None
+            unknown = sorted(set(named or []) - {p.name for p in self.proxies})
             if unknown:
-                raise ValueError(f"{arm}.proxies names {unknown}, which are not proxies of this study "
+                key = "dpo.proxy" if arm == "dpo" else f"{arm}.proxies"
+                raise ValueError(f"{key} names {unknown}, which are not proxies of this study "
                                  f"({[p.name for p in self.proxies]})")
             if self.bon is None:
                 raise ValueError(f"{arm} evaluates on the best-of-n evaluation prompts and beside the best-of-n "
@@ -1012,6 +1069,16 @@ class GroupRLStageConfig(Section):
     algo: Literal["grpo", "rloo"]
     rl: GroupRLConfig
     scorer: ScorerStageConfig
+    policy: BaseModelRef
+
+
+class DPOStageConfig(Section):
+    """dpo[p]: the training settings, the pairs it trains on (which label column, how many) and the initial policy
+    (also its frozen reference). No proxy: the run is keyed by one only for the evaluation stages after it."""
+
+    dpo: DPOConfig
+    labels: Literal["noisy", "clean"]
+    n_train_pairs: int | None
     policy: BaseModelRef
 
 

@@ -204,10 +204,17 @@ def _pairs(cfg: StudyConfig) -> tuple[int, int]:
     return lab.n_pairs - test, test
 
 
-def _exports(node: StageNode) -> int:
-    """How many policies an RL training stage exports (its config's `export_steps`)."""
+def _exports(cfg: StudyConfig, node: StageNode) -> int:
+    """How many policies an RL training stage exports (its config's `export_steps`; DPO's depend on its pairs)."""
+    if node.stage == "dpo":
+        return len(node.config.dpo.export_steps(_dpo_pairs(cfg, node.config)))
     section = getattr(node.config, "ppo", None) or getattr(node.config, "rl", None)
     return len(section.export_steps()) if section is not None and hasattr(section, "export_steps") else 0
+
+
+def _dpo_pairs(cfg: StudyConfig, c) -> int:
+    """The training pairs DPO sees (about: over-length pairs are dropped)."""
+    return min(c.n_train_pairs or _pairs(cfg)[0], _pairs(cfg)[0])
 
 
 def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], produced: dict[str, Work],
@@ -263,8 +270,14 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
         plan.generate = Work(n, n * rl.sampling.max_new_tokens)
         plan.score = Work(n, n * c.scorer.max_length)
         plan.train = Work(n * rl.num_iterations, n * rl.num_iterations * c.scorer.max_length)
+    elif node.stage == "dpo":
+        d = c.dpo
+        n = 2 * d.optimizer_steps(_dpo_pairs(cfg, c)) * d.batch_size  # both sides of each pair of every step
+        plan.train = Work(n, n * d.max_length)
+        plan.score = Work(n, n * d.max_length)  # the frozen reference's log-probs of the same sequences
+        plan.note = f"{len(d.export_steps(_dpo_pairs(cfg, c)))} exports"
     elif node.stage == "ppo_sample":
-        exports = _exports(by_key[node.inputs["rl"]])
+        exports = _exports(cfg, by_key[node.inputs["rl"]])
         n = exports * _eval_prompts(cfg) * c.n_samples
         plan.generate = produced[node.key] = Work(n, n * c.max_new_tokens)
         plan.score = Work(2 * n, 2 * n * c.scorer.max_length)  # the proxy, and the initial policy for the KL
@@ -285,13 +298,14 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
 def _memory_text(cfg: StudyConfig, node: StageNode, sizes: Sizes) -> str:
     """DeepSpeed's model-state estimate per rank for what a ZeRO stage trains, and the weights of the frozen models.
 
-    PPO's engine holds the policy and a value model (a second decoder, counted as a policy); GRPO/RLOO's the policy.
+    PPO's engine holds the policy and a value model (a second decoder, counted as a policy); GRPO/RLOO's and DPO's the
+    policy.
     With LoRA only the adapters (and PPO's value model) train: DeepSpeed's formula is applied to the trained
     parameters and the policy's frozen base weights are added as weights (partitioned over the ranks under ZeRO-3).
     The reference policy (none with LoRA: the adapters are switched off) and the proxy are frozen copies on every rank.
     """
     ds = deepspeed_settings(node.deepspeed_config)
-    section = getattr(node.config, "ppo", None) or getattr(node.config, "rl", None)
+    section = next((getattr(node.config, k) for k in ("ppo", "rl", "dpo") if getattr(node.config, k, None)), None)
     lora = getattr(section, "lora", None)
     try:
         policy = sizes.policy()

@@ -57,6 +57,8 @@ def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:
         out.append(("ppo.deepspeed_config", cfg.ppo.deepspeed_config))
     if cfg.rl is not None and cfg.rl.deepspeed_config is not None:
         out.append(("rl.deepspeed_config", cfg.rl.deepspeed_config))
+    if cfg.dpo is not None and cfg.dpo.deepspeed_config is not None:
+        out.append(("dpo.deepspeed_config", cfg.dpo.deepspeed_config))
     if cfg.distributed_smoke.enabled:
         out.append(("distributed_smoke.deepspeed_config", cfg.distributed_smoke.deepspeed_config))
     return out
@@ -72,7 +74,7 @@ def check_deepspeed_configs(cfg: StudyConfig, cuda: bool | None = None) -> None:
     if cuda is None:
         cuda = _visible_cuda_devices() > 0
     problems = []
-    for section, arm in (("ppo", cfg.ppo), ("rl", cfg.rl)):
+    for section, arm in (("ppo", cfg.ppo), ("rl", cfg.rl), ("dpo", cfg.dpo)):
         if arm is not None and arm.num_processes > 1 and arm.deepspeed_config is None and not cuda:
             problems.append(f"{section}.num_processes: {arm.num_processes} processes without a DeepSpeed config: on "
                             f"CPU `accelerate launch --cpu` starts one process; set {section}.deepspeed_config "

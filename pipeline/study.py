@@ -5,6 +5,7 @@
                  ├─► bon_sample ─────────────────┼─────────────────────► bon_score[gold] ┘     │       │
                  │                               │          └─► ppo[p] ─► ppo_sample[p] ─► ppo_gold[p] │
                  └───────────────────────────────┴───────────────┘              └─► ppo_curve[p] ◄────┴► report
+    (grpo[p] / rloo[p] as ppo[p]; dpo[p] from gold_label's pairs alone, no proxy; each with its _sample, _gold, _curve)
     world ─► knowledge_pairs ─┬─► knowledge_base (with sft_policy) ───────────────────────────────────────────► report
                               └─► knowledge[p] (with train_proxy[p]) ─────────────────────────────────────────► report
 
@@ -24,6 +25,7 @@ from pipeline.config import (
     BaseModelRef,
     BonCurveStageConfig,
     BonSampleStageConfig,
+    DPOStageConfig,
     EvalPromptsStageConfig,
     EvalProxyStageConfig,
     GoldLabelStageConfig,
@@ -100,6 +102,8 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes += _ppo_stages(cfg)
     if cfg.rl is not None:
         nodes += _group_rl_stages(cfg)
+    if cfg.dpo is not None:
+        nodes += _dpo_stages(cfg)
     if cfg.knowledge_enabled():
         nodes += _knowledge_stages(cfg)
     if cfg.distributed_smoke.enabled:
@@ -223,13 +227,15 @@ def arm_proxies(cfg: StudyConfig, wanted: list[str] | None) -> list[ProxyConfig]
 
 
 def rl_runs(cfg: StudyConfig) -> dict[str, dict[str, list[str]]]:
-    """arm -> proxy -> run names, for every RL arm of the study (PPO, and each algorithm of the rl section)."""
+    """arm -> proxy -> run names, for every RL arm of the study (PPO, each algorithm of the rl section, DPO)."""
     arms: dict[str, dict[str, list[str]]] = {}
     if cfg.ppo is not None:
         arms["ppo"] = {p.name: [r for r, _ in cfg.ppo.runs(p.name)] for p in arm_proxies(cfg, cfg.ppo.proxies)}
     if cfg.rl is not None:
         for algo in cfg.rl.algos:
             arms[algo] = {p.name: [r for r, _ in cfg.rl.runs(p.name)] for p in arm_proxies(cfg, cfg.rl.proxies)}
+    if cfg.dpo is not None:
+        arms["dpo"] = {dpo_proxy(cfg).name: [r for r, _ in cfg.dpo.runs(dpo_proxy(cfg).name)]}
     return arms
 
 
@@ -288,6 +294,28 @@ def _group_rl_stages(cfg: StudyConfig) -> list[StageNode]:
                     {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
                     external=_local(cfg.policy.model_id, proxy.path), **_launch(rl.num_processes, rl.deepspeed_config))
                 nodes += _rl_arm(cfg, algo, proxy, run, seed, train, rl.eval)
+    return nodes
+
+
+def dpo_proxy(cfg: StudyConfig) -> ProxyConfig:
+    """The proxy that scores DPO's samples (the curves' proxy column) and whose best-of-n curve DPO is drawn beside:
+    `dpo.proxy`, default the study's first entry (the baseline). It plays no part in DPO's training."""
+    return arm_proxies(cfg, [cfg.dpo.proxy or cfg.proxies[0].name])[0]
+
+
+def _dpo_stages(cfg: StudyConfig) -> list[StageNode]:
+    """Per DPO seed: dpo[run] (trained on the gold-labelled pairs, no proxy in its loop; keyed by `dpo_proxy`) and
+    the shared RL evaluation stages."""
+    dpo, proxy = cfg.dpo, dpo_proxy(cfg)
+    nodes: list[StageNode] = []
+    for run, seed in dpo.runs(proxy.name):
+        train = StageNode(
+            f"dpo[{run}]", "dpo",
+            DPOStageConfig(dpo=dpo.training_view(seed), labels=cfg.proxy_training.labels,
+                           n_train_pairs=cfg.proxy_training.n_train_pairs, policy=_base_ref(cfg)),
+            {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id),
+            **_launch(dpo.num_processes, dpo.deepspeed_config))
+        nodes += _rl_arm(cfg, "dpo", proxy, run, seed, train, dpo.eval)
     return nodes
 
 

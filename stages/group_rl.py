@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import GroupRLStageConfig
-from pipeline.distributed import make_accelerator, save_causal_lm, zero_stage
+from pipeline.distributed import make_accelerator, zero_stage
 from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_tokenizer
 from pipeline.records import messages, training_prompts
 from pipeline.scoring import TRLRewardFunction, build_scorer
+from pipeline.trl_runs import export_callback, export_policy, write_log_history
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -62,7 +63,6 @@ def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int):
 
 def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOTrainer, RLOOTrainer
 
     rl = cfg.rl
@@ -86,33 +86,19 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     prompts = training_prompts(inputs["pairs"])
     data = Dataset.from_dict({"prompt": [messages(p) for p in prompts.prompt], "prompt_id": list(prompts.prompt_id)})
     exports = rl.export_steps()
-    (out / "exports").mkdir(parents=True, exist_ok=True)
-    save_causal_lm(policy, accelerator, tokenizer, out / "exports" / "step_00000")  # the initial policy
-
-    per_update = rl.optimizer_steps_per_update()
-
-    class ExportAtUpdates(TrainerCallback):
-        """TRL counts optimizer steps; an update (one generation batch) is `per_update` of them."""
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            update, rest = divmod(state.global_step, per_update)
-            if rest == 0 and update in exports:
-                save_causal_lm(accelerator.unwrap_model(model), accelerator, tokenizer,
-                               out / "exports" / f"step_{update:05d}")
+    export_policy(policy, accelerator, tokenizer, out, 0)  # the initial policy
+    per_update = rl.optimizer_steps_per_update()  # TRL counts optimizer steps; an update is `per_update` of them
+    exporter = export_callback(accelerator, tokenizer, out, per_update, exports)
 
     trainer_class = GRPOTrainer if cfg.algo == "grpo" else RLOOTrainer
     # TRL's output_dir; nothing in it is kept. Made inside the stage's own staging folder (under the cache's .tmp/),
     # so a killed run leaves nothing in the system's temp folder: the next run sweeps .tmp/
     with tempfile.TemporaryDirectory(prefix="trl-scratch-", dir=out) as scratch:
         trainer = trainer_class(model=policy, reward_funcs=reward, args=trl_config(cfg, scratch, per_device),
-                                train_dataset=data, processing_class=tokenizer, callbacks=[ExportAtUpdates()])
+                                train_dataset=data, processing_class=tokenizer, callbacks=[exporter])
         trainer.train()
     if accelerator.is_main_process:
-        with open(out / "metrics.jsonl", "w") as f:
-            for row in trainer.state.log_history:
-                if "step" in row and "train_runtime" not in row:
-                    f.write(json.dumps({k: (float(v) if isinstance(v, (int, float)) else v)
-                                        for k, v in row.items()}) + "\n")
+        write_log_history(trainer, out / "metrics.jsonl")
         summary = {"algo": cfg.algo, "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
                    "device": str(accelerator.device), "train_prompts": len(prompts), "exports": exports,
                    "updates": rl.steps, "optimizer_steps": rl.steps * per_update, "completions_per_update": completions,

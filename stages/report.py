@@ -206,8 +206,15 @@ def setting_lines(cfg: ReportStageConfig, inputs: dict[str, Path]) -> list[str]:
         lines.append(f"- **Proxies**: {'; '.join(entries)}.")
     for arm, by_proxy in cfg.rl_runs.items():
         seeds = sorted({len(rs) for rs in by_proxy.values()})
+        seed_text = f"{' or '.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}"
+        if arm == "dpo":  # trained on the pairs themselves: the proxy only scores its samples afterwards
+            labels = f"{s.proxy_training.labels} labels" if s is not None else "labels"
+            lines.append(f"- **DPO**: the base policy trained by DPO on the proxies' training pairs ({labels}), "
+                         f"reference the base policy; no proxy in its loop — its proxy column is "
+                         f"{', '.join(f'`{p}`' for p in by_proxy)}'s score of its samples; {seed_text}.")
+            continue
         lines.append(f"- **{ARM_NAMES.get(arm, arm)}**: against {', '.join(f'`{p}`' for p in by_proxy)}, "
-                     f"{' or '.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} each.")
+                     f"{seed_text} each.")
     return lines
 
 
@@ -416,12 +423,12 @@ def _made_with(env: dict) -> list[str]:
             "Exact figures vary across CPUs (float kernels differ); conclusions aggregated over seeds should not.", ""]
 
 
-ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
+ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
 
 
 def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame],
                  out: Path) -> tuple[list[str], list[dict]]:
-    """One section per RL arm (PPO, GRPO, RLOO); the runs at matched KL; with several arms, every arm and best-of-n
+    """One section per RL arm (PPO, GRPO, RLOO, DPO); the runs at matched KL; with several arms, every arm and best-of-n
     per proxy on shared axes. Returns the sections and the matched-KL comparisons (rows for `comparisons_section`)."""
     arms = {arm: {p: rs for p, rs in by_proxy.items() if all(f"{arm}[{r}]" in inputs for r in rs)}
             for arm, by_proxy in cfg.rl_runs.items()}
@@ -472,7 +479,11 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
           {p: bon[p] for p in by_proxy if p in bon}, out / figure,
           f"{cfg.study}: {name} and best-of-n over-optimization", labels=legend_labels(cfg),
           fits={p: [fits[(arm, r)] for r in rs] for p, rs in by_proxy.items()})
-    parts = [f"## {name}", "", f"{name} of the base policy against each proxy; at every exported step the policy is "
+    trained = (f"{name} of the base policy against each proxy" if arm != "dpo" else
+               f"{name} of the base policy on the gold-labelled pairs the proxies train on, with the base policy as its "
+               f"reference and no proxy in its loop (the proxy column is {', '.join(f'`{p}`' for p in by_proxy)}'s "
+               f"score of its samples, for comparison with the arms that optimise it)")
+    parts = [f"## {name}", "", f"{trained}; at every exported step the policy is "
              "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
              "on those samples (k1: mean of Σ log π/π_init per sequence; k3 beside it). Gold and proxy ± bootstrap CI "
              "over prompts; in the plots proxy scores are in standard deviations of each proxy's scores on the "
