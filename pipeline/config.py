@@ -528,7 +528,8 @@ class PPOConfig(Section):
     # section's training settings, e.g. {clip: {reward_transform: {kind: clip, clip_range: [-1, 1]}}, kl: {kl_coef:
     # 0.05}}. Arm `ppo_<name>`, stages ppo_<name>[p], ppo_<name>_sample[p], ... A mapping is merged into this
     # section's value key by key; `proxies` may be overridden (default: this section's); the keys in
-    # PPO_VARIANT_SHARED may not. Not fingerprinted: it says which arms run, and the plain arm's stages stay as they are.
+    # PPO_VARIANT_SHARED (seeds, evaluation, launch) may not. Not fingerprinted: it says which arms run; the plain
+    # arm's stages stay as they are.
     variants: dict[str, dict[str, Any]] = Field({}, json_schema_extra=NOT_FINGERPRINTED)
 
     @model_validator(mode="after")

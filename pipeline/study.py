@@ -8,6 +8,9 @@
     world ─► knowledge_pairs ─┬─► knowledge_base (with sft_policy) ───────────────────────────────────────────► report
                               └─► knowledge[p] (with train_proxy[p]) ─────────────────────────────────────────► report
 
+Each PPO variant (`ppo.variants`) adds an arm of the same shape: ppo_<name>[p] ─► ppo_<name>_sample[p] ─► ... The
+rl section's GRPO and RLOO (grpo[p], rloo[p]) share the same evaluation stages.
+
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
 dataset in the Unified-Feedback schema, and an `eval_prompts` stage holds out prompts of that dataset for best-of-n.

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import reward_transforms
 from pipeline.config import PPOConfig, PPOStageConfig
 from pipeline.distributed import (
     RESUME_DIR,
@@ -57,7 +58,6 @@ from pipeline.distributed import (
 from pipeline.durable import append_jsonl, read_jsonl, write_jsonl_atomically, write_text_atomically
 from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
-from pipeline import reward_transforms
 from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
 from pipeline.ppo.rollout import prompt_batch, proxy_scores, sample_reference_rollout, sample_rollout, sampling_seed

@@ -16,7 +16,8 @@ A Gao fit is quoted only when its `fit_check` (fit.json) passes; a failing fit i
 empirical peak is given with its CI over prompts (`empirical_peak_ci`) and over seeds instead. RL runs are compared
 at matched measured KL (`pipeline.matched_kl`): gold at fixed KLs every run reaches and gold lost per √nat over one
 common range (rl_matched_kl.csv per run, rl_matched_kl_over_seeds.csv over seeds, rl_curves_over_seeds.csv on a
-common √KL grid). Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
+common √KL grid). A PPO variant (`ppo.variants`, arm `ppo_<name>`) is an arm of its own, "PPO (<name>)", compared
+with plain PPO only. Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
 gold and accuracy) are one family (`pipeline.comparison_stats`: paired by seed or Welch, MDD80, Holm): comparisons.csv
 and one generated sentence each. The README ends with what it was made with (package versions, CPU, threads, date),
 so it differs between machines: exact figures vary across CPUs.

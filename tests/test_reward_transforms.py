@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import reward_transforms as rt
 from pipeline.cache import ArtifactCache
 from pipeline.config import ConfigError, RewardTransformConfig, load_config
-from pipeline import reward_transforms as rt
 from pipeline.ppo.rollout import prompt_batch
 from pipeline.runner import Runner, fingerprint_view
 from pipeline.study import build_stages
