@@ -149,6 +149,8 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
     report's inputs name them. Columns: proxy (the run, for RL arms), arm, peak gold, KL at the peak, gold at the
     largest KL, the largest KL. Several seeds of one proxy (its `seeds:` copies) or of one RL arm against it make one
     row, `name (K seeds)`, with mean ± sd over the seeds, when the run covered all of them; otherwise a row each."""
+    from stages.report import arm_name
+
     report = runner.by_key.get("report")
     if report is None:
         return []
@@ -165,7 +167,7 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
         rows += _summary_group(group, "best-of-n", fits(proxies, "bon[{}]"), len(proxies), "kl_bound", "≤ ")
         for arm, by_proxy in report.config.rl_runs.items():
             runs = by_proxy.get(group, [])
-            rows += _summary_group(group, arm.upper(), fits(runs, f"{arm}[{{}}]"), len(runs), "kl", "")
+            rows += _summary_group(group, arm_name(arm), fits(runs, f"{arm}[{{}}]"), len(runs), "kl", "")
     return rows
 
 

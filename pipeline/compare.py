@@ -138,6 +138,8 @@ def read_config_study(path: Path, overrides: list[str], label: str | None) -> St
     if cfg.bon is not None:
         wanted["bon"] = [(f"bon_curve[{p.name}]", p.name, p.name) for p in cfg.expanded_proxies()]
     for arm, by_proxy in rl_runs(cfg).items():
+        if arm not in ARMS:  # a PPO variant (ppo_<name>) is compared with plain PPO in its own study's report
+            continue
         wanted[arm] = [(f"{arm}_curve[{r}]", p, r) for p, runs in by_proxy.items() for r in runs]
     if not any(wanted.values()):
         raise CompareError(f"study {label!r} ({path}) has no curve stages (no bon, ppo, rl or dpo section)")

@@ -447,37 +447,60 @@ def log_spaced_steps(total: int) -> list[int]:
 
 
 class RewardTransformConfig(Section):
-    """A policy-side mitigation of over-optimization: the proxy's raw score r is transformed before PPO's reward
-    normalisation and KL penalty (`pipeline.ppo.core.transform_rewards`; the missing-EOS penalty is subtracted after
-    it). Best-of-n is unchanged by these (monotone per prompt), so they only move the RL curves.
+    """A policy-side mitigation of over-optimization: the proxy's raw score r is transformed before the RL algorithm
+    sees it (`pipeline.reward_transforms`, one implementation for every arm). PPO (`ppo.reward_transform`) transforms
+    before its reward normalisation and KL penalty (the missing-EOS penalty is subtracted after it); GRPO and RLOO
+    (`rl.reward_transform`) before their group baselines. Best-of-n is unchanged by these (monotone per prompt), so
+    they only move the RL curves.
 
     none             r as it is
     clip             clip(r, lo, hi) with `clip_range: [lo, hi]` in the proxy's raw units
     par              σ(r − r_ref) (Fu et al. 2025, PAR), r_ref the proxy's score of one response sampled from the
                      initial policy for the same prompt in the same update
     log_sigmoid      log σ(r − r_ref) (Wang et al. 2024, log-sigmoid centring), r_ref as for par
-    per_prompt_norm  (r − mean) / std over the `rollouts_per_prompt` rollouts of each prompt (GRPO's group
-                     normalisation, Shao et al. 2024); refused with one rollout per prompt, whose std is undefined
+    per_prompt_norm  PPO only: (r − mean) / std over the `rollouts_per_prompt` rollouts of each prompt (GRPO's group
+                     normalisation, Shao et al. 2024); refused with one rollout per prompt, whose std is undefined.
+                     Refused under `rl`: GRPO already normalises each group so, and RLOO's leave-one-out baseline
+                     centres it
     """
 
     kind: Literal["none", "clip", "par", "log_sigmoid", "per_prompt_norm"] = "none"
     clip_range: tuple[float, float] | None = None  # [lo, hi]: required by kind clip
-    # responses sampled per prompt in each update (the rollout batch holds rollout_batch_size / this many distinct
-    # prompts, each repeated); per_prompt_norm needs ≥ 2
+    # PPO: responses sampled per prompt in each update (the rollout batch holds rollout_batch_size / this many
+    # distinct prompts, each repeated); per_prompt_norm needs ≥ 2. GRPO / RLOO sample rl.group_size per prompt.
     rollouts_per_prompt: int = Field(1, ge=1)
 
-    @model_validator(mode="after")
-    def _kind_has_what_it_needs(self) -> "RewardTransformConfig":
+    def check(self, section: str) -> None:
+        """Raise ValueError naming `<section>.reward_transform.<key>` where the settings cannot run (`section`: ppo
+        or rl; the sections check what depends on their own batch sizes)."""
+        key = f"{section}.reward_transform"
         if self.kind == "clip":
             if self.clip_range is None:
-                raise ValueError("ppo.reward_transform.clip_range: [lo, hi] is required with kind clip")
+                raise ValueError(f"{key}.clip_range: [lo, hi] is required with kind clip")
             lo, hi = self.clip_range
             if not lo < hi:
-                raise ValueError(f"ppo.reward_transform.clip_range: lo ({lo}) must be below hi ({hi})")
+                raise ValueError(f"{key}.clip_range: lo ({lo}) must be below hi ({hi})")
         if self.kind == "per_prompt_norm" and self.rollouts_per_prompt < 2:
-            raise ValueError("ppo.reward_transform.rollouts_per_prompt must be ≥ 2 with kind per_prompt_norm (one "
-                             "rollout per prompt has no standard deviation)")
-        return self
+            raise ValueError(f"{key}.rollouts_per_prompt must be ≥ 2 with kind per_prompt_norm (one rollout per "
+                             f"prompt has no standard deviation)")
+
+
+# PPO settings a variant (`ppo.variants`) may not override: its runs share the ppo section's seeds (run names and
+# seeds pair up across arms, so differences are paired by seed), its evaluation (samples, bootstrap: curves on the
+# same footing) and its launch (processes, DeepSpeed; checkpointing and logging say nothing about a result)
+PPO_VARIANT_SHARED = ("seed", "seeds", "eval", "num_processes", "deepspeed_config", "checkpoint_every", "report_to",
+                      "variants")
+PPO_VARIANT_NAME = r"[A-Za-z][A-Za-z0-9_]*"
+# suffixes of the shared RL stages (`pipeline.study._rl_arm`): a variant named so would take another arm's stage keys
+RL_STAGE_SUFFIXES = ("sample", "gold", "curve")
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """`override` laid over `base`: mappings key by key (as `ppo.KEY.SUB=value` overrides do), anything else
+    replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in override.items()}}
+    return override
 
 
 class PPOConfig(Section):
@@ -524,9 +547,17 @@ class PPOConfig(Section):
     checkpoint_every: int = Field(25, ge=1, json_schema_extra=NOT_FINGERPRINTED)  # and at every export
     report_to: list[Literal["tensorboard", "wandb"]] = Field([], json_schema_extra=NOT_FINGERPRINTED)
     eval: PPOEvalConfig = PPOEvalConfig()
+    # Named PPO variants, each an RL arm of its own beside the plain `ppo` arm (`variant`): name -> overrides of this
+    # section's training settings, e.g. {clip: {reward_transform: {kind: clip, clip_range: [-1, 1]}}, kl: {kl_coef:
+    # 0.05}}. Arm `ppo_<name>`, stages ppo_<name>[p], ppo_<name>_sample[p], ... A mapping is merged into this
+    # section's value key by key; `proxies` may be overridden (default: this section's); the keys in
+    # PPO_VARIANT_SHARED (seeds, evaluation, launch) may not. Not fingerprinted: it says which arms run; the plain
+    # arm's stages stay as they are.
+    variants: dict[str, dict[str, Any]] = Field({}, json_schema_extra=NOT_FINGERPRINTED)
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "PPOConfig":
+        self.reward_transform.check("ppo")
         if self.rollout_batch_size % self.num_processes:
             raise ValueError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
                              f"ppo.num_processes ({self.num_processes})")
@@ -540,13 +571,59 @@ class PPOConfig(Section):
                              f"ppo.reward_transform.rollouts_per_prompt ({k})")
         return self
 
+    @model_validator(mode="after")
+    def _variants_valid(self) -> "PPOConfig":
+        for name in self.variants:
+            self.variant(name)
+        return self
+
+    def variant(self, name: str) -> "PPOConfig":
+        """The ppo section with variant `name`'s overrides laid over it (and no variants of its own); a ValueError
+        naming `ppo.variants.<name>.<key>` for a bad name or override."""
+        where = f"ppo.variants.{name}"
+        if not re.fullmatch(PPO_VARIANT_NAME, name) or name in RL_STAGE_SUFFIXES or name.endswith(
+                tuple(f"_{s}" for s in RL_STAGE_SUFFIXES)):
+            raise ValueError(f"{where}: a variant's name must match {PPO_VARIANT_NAME} (it names the arm ppo_{name} "
+                             f"and its stages) and not be or end in {', '.join(RL_STAGE_SUFFIXES)}")
+        overrides = self.variants[name]
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{where}: a mapping of PPO settings to override, e.g. {{kl_coef: 0.05}}")
+        fields = type(self).model_fields
+        for key in overrides:
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), [f for f in fields if f not in PPO_VARIANT_SHARED], n=1)
+                raise ValueError(f"{where}.{key} is not a PPO setting" + (f" (did you mean '{hint[0]}'?)" if hint
+                                                                            else ""))
+            if key in PPO_VARIANT_SHARED:
+                raise ValueError(f"{where}.{key}: a variant shares the ppo section's {key} (its seeds, evaluation and "
+                                 f"launch are every PPO arm's, so the arms' runs pair up); set ppo.{key} instead")
+        try:
+            return PPOConfig.model_validate(_merged(self.model_dump(exclude={"variants"}), overrides))
+        except ValidationError as e:
+            problems = []
+            for err in e.errors():
+                msg = err["msg"].removeprefix("Value error, ")
+                loc = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"{where}.{loc}: unknown key")
+                elif loc:
+                    problems.append(f"{where}.{loc}: {msg}")
+                else:  # a check across keys names them as the ppo section's; they are the variant's here
+                    problems.append(f"{where} (the ppo section with its overrides): {msg}")
+            raise ValueError("; ".join(problems)) from None
+
+    def arms(self) -> dict[str, "PPOConfig"]:
+        """Arm name -> its settings: `ppo` (this section) and `ppo_<name>` for each variant, in the config's order."""
+        return {"ppo": self, **{f"ppo_{name}": self.variant(name) for name in self.variants}}
+
     def export_steps(self) -> list[int]:
         return log_spaced_steps(self.steps)
 
     def training_view(self, seed: int) -> "PPOConfig":
-        """What one run's training depends on (the ppo stage's config): its seed, not which proxies, how many seeds
-        or the evaluation."""
-        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1})
+        """What one run's training depends on (the ppo stage's config): its seed, not which proxies, how many seeds,
+        the evaluation or the other arms (variants)."""
+        return self.model_copy(update={"proxies": None, "eval": PPOEvalConfig(), "seed": seed, "seeds": 1,
+                                       "variants": {}})
 
     def runs(self, proxy: str) -> list[tuple[str, int]]:
         """(run name, seed) of each PPO run against `proxy`."""
@@ -578,9 +655,25 @@ class GroupRLConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)  # TRL default 1.0
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=16)  # rollouts
     eval: PPOEvalConfig = PPOEvalConfig()
+    # a policy-side mitigation applied to the proxy's raw score before the group baseline: none, clip, par or
+    # log_sigmoid (par / log_sigmoid: centred on the proxy's score of one response per prompt sampled from the initial
+    # policy in the same update); per_prompt_norm is refused (GRPO does it already)
+    reward_transform: RewardTransformConfig = Field(RewardTransformConfig(),
+                                                    json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 
     @model_validator(mode="after")
     def _batches_divide(self) -> "GroupRLConfig":
+        from pipeline.reward_transforms import GROUP_RL_KINDS
+
+        transform = self.reward_transform
+        if transform.kind not in GROUP_RL_KINDS:
+            raise ValueError(f"rl.reward_transform.kind {transform.kind!r} is not for group-baseline RL (one of "
+                             f"{', '.join(GROUP_RL_KINDS)}): GRPO already standardises each group of rl.group_size "
+                             f"completions by its mean and std, and RLOO's leave-one-out baseline centres it")
+        if transform.rollouts_per_prompt != 1:
+            raise ValueError("rl.reward_transform.rollouts_per_prompt is PPO's; the rl section samples rl.group_size "
+                             "completions per prompt (leave it unset)")
+        transform.check("rl")
         completions = self.prompts_per_step * self.group_size
         if completions % (self.num_processes * self.minibatches):
             raise ValueError(f"rl.prompts_per_step × rl.group_size ({completions}) must be divisible by "
@@ -731,7 +824,10 @@ class StudyConfig(Section):
         if self.knowledge.enabled and self.policy.source != "tiny" and not self.knowledge.pairs_path:
             raise ValueError("knowledge.enabled is true at paper scale but knowledge.pairs_path is not set (minimal "
                              "pairs are generated only in the tiny world)")
-        for arm, section in (("ppo", self.ppo), ("rl", self.rl), ("dpo", self.dpo)):
+        sections = [("ppo", self.ppo), ("rl", self.rl), ("dpo", self.dpo)]
+        if self.ppo is not None:
+            sections += [(f"ppo.variants.{n}", self.ppo.variant(n)) for n in self.ppo.variants]
+        for arm, section in sections:
             if section is None:
                 continue
             named = section.proxies if arm != "dpo" else [section.proxy] if section.proxy else None
@@ -1049,8 +1145,11 @@ class ReportStageConfig(Section):
     proxies: list[str]  # every expanded proxy (seed copies included), in the study's order
     # entry name -> its seed copies; an entry with several is aggregated over seeds (empty: each proxy its own)
     groups: dict[str, list[str]] = {}
-    # arm ("ppo", "grpo", "rloo") -> proxy -> its runs (one per seed)
+    # arm ("ppo", "ppo_<variant>", "grpo", "rloo") -> proxy -> its runs (one per seed)
     rl_runs: dict[str, dict[str, list[str]]] = {}
+    # arm -> what sets it apart, for the setting lines: a PPO variant's overrides of the ppo section, an arm's
+    # reward transform
+    rl_settings: dict[str, dict[str, Any]] = Field({}, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     # None (a slice from before it existed, or a hand-made report): the setting lines say what the inputs tell
     setting: ReportSetting | None = Field(None, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
 

@@ -11,6 +11,8 @@
 
 A warm proxy's members train as train_proxy[p-m<i>]; warm_average[p] averages their weights into the model its scorer
 stages read in place of train_proxy[p].
+Each PPO variant (`ppo.variants`) adds an arm of the same shape: ppo_<name>[p] ─► ppo_<name>_sample[p] ─► ... The
+rl section's GRPO and RLOO (grpo[p], rloo[p]) share the same evaluation stages.
 
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
@@ -227,16 +229,32 @@ def arm_proxies(cfg: StudyConfig, wanted: list[str] | None) -> list[ProxyConfig]
 
 
 def rl_runs(cfg: StudyConfig) -> dict[str, dict[str, list[str]]]:
-    """arm -> proxy -> run names, for every RL arm of the study (PPO, each algorithm of the rl section, DPO)."""
+    """arm -> proxy -> run names, for every RL arm of the study (PPO, each PPO variant as `ppo_<name>`, each algorithm
+    of the rl section, DPO)."""
     arms: dict[str, dict[str, list[str]]] = {}
-    if cfg.ppo is not None:
-        arms["ppo"] = {p.name: [r for r, _ in cfg.ppo.runs(p.name)] for p in arm_proxies(cfg, cfg.ppo.proxies)}
+    if cfg.ppo is not None:  # the plain arm, then each variant (`ppo.variants`), sharing the section's seeds
+        for arm, ppo in cfg.ppo.arms().items():
+            arms[arm] = {p.name: [r for r, _ in ppo.runs(p.name)] for p in arm_proxies(cfg, ppo.proxies)}
     if cfg.rl is not None:
         for algo in cfg.rl.algos:
             arms[algo] = {p.name: [r for r, _ in cfg.rl.runs(p.name)] for p in arm_proxies(cfg, cfg.rl.proxies)}
     if cfg.dpo is not None:
         arms["dpo"] = {dpo_proxy(cfg).name: [r for r, _ in cfg.dpo.runs(dpo_proxy(cfg).name)]}
     return arms
+
+
+def rl_settings(cfg: StudyConfig) -> dict[str, dict]:
+    """arm -> what sets it apart, for the report's setting lines: each PPO variant's overrides of the ppo section,
+    and the reward transform of an arm (plain PPO, GRPO, RLOO) that uses one. Empty for a study with neither."""
+    out: dict[str, dict] = {}
+    sections = [("ppo", cfg.ppo)] if cfg.ppo is not None else []
+    sections += [(algo, cfg.rl) for algo in cfg.rl.algos] if cfg.rl is not None else []
+    for arm, section in sections:
+        if section.reward_transform.kind != "none":
+            out[arm] = {"reward_transform": section.reward_transform.model_dump(mode="json", exclude_defaults=True)}
+    if cfg.ppo is not None:
+        out |= {f"ppo_{name}": overrides for name, overrides in cfg.ppo.variants.items()}
+    return out
 
 
 def _launch(n_processes: int, deepspeed_config: Path | None) -> dict:
@@ -266,17 +284,21 @@ def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int,
 
 
 def _ppo_stages(cfg: StudyConfig) -> list[StageNode]:
-    """Per PPO proxy and seed: ppo[run] (multi-process) and the shared RL evaluation stages."""
-    ppo = cfg.ppo
+    """Per PPO arm (the plain `ppo` and each variant `ppo_<name>`), proxy and seed: arm[run] (multi-process) and the
+    shared RL evaluation stages. A variant differs from the plain arm only in its training settings: seeds,
+    evaluation and launch are the ppo section's."""
     nodes: list[StageNode] = []
-    for proxy in arm_proxies(cfg, ppo.proxies):
-        for run, seed in ppo.runs(proxy.name):
-            train = StageNode(
-                f"ppo[{run}]", "ppo",
-                PPOStageConfig(ppo=ppo.training_view(seed), scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
-                {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
-                external=_local(cfg.policy.model_id, proxy.path), **_launch(ppo.num_processes, ppo.deepspeed_config))
-            nodes += _rl_arm(cfg, "ppo", proxy, run, seed, train, ppo.eval)
+    for arm, ppo in cfg.ppo.arms().items():
+        for proxy in arm_proxies(cfg, ppo.proxies):
+            for run, seed in ppo.runs(proxy.name):
+                train = StageNode(
+                    f"{arm}[{run}]", "ppo",
+                    PPOStageConfig(ppo=ppo.training_view(seed), scorer=_sample_scorer(cfg, proxy),
+                                   policy=_base_ref(cfg)),
+                    {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
+                    external=_local(cfg.policy.model_id, proxy.path),
+                    **_launch(ppo.num_processes, ppo.deepspeed_config))
+                nodes += _rl_arm(cfg, arm, proxy, run, seed, train, ppo.eval)
     return nodes
 
 
@@ -359,5 +381,6 @@ def _report(cfg: StudyConfig) -> StageNode:
                             # fields a proxy's type does not use do not count; its number of seeds does
                             proxies=[p.canonical().model_copy(update={"seeds": p.seeds}) for p in cfg.proxies])
     return StageNode("report", "report", ReportStageConfig(study=cfg.study, proxies=names, groups=cfg.proxy_groups(),
-                                                           rl_runs=arms, setting=setting),
+                                                           rl_runs=arms, rl_settings=rl_settings(cfg),
+                                                           setting=setting),
                      inputs, publish_to=Path(cfg.run.reports_dir))

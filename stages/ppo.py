@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import reward_transforms
 from pipeline.config import PPOConfig, PPOStageConfig
 from pipeline.distributed import (
     RESUME_DIR,
@@ -59,10 +60,10 @@ from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
 from pipeline.ppo.models import PolicyAndValue, ValueModel
-from pipeline.ppo.rollout import Rollout, prompt_batch, sample_reference_rollout, sample_rollout, sampling_seed
+from pipeline.ppo.rollout import prompt_batch, proxy_scores, sample_reference_rollout, sample_rollout, sampling_seed
 from pipeline.ppo.update import ppo_epochs, rollout_logprobs_values
 from pipeline.records import messages, training_prompts
-from pipeline.scoring import build_scorer, check_finite, score_rollouts
+from pipeline.scoring import build_scorer
 from pipeline.tokenization import pad_token_id, prompt_ids
 
 VERSION = "1"
@@ -88,18 +89,6 @@ def kl_controller(ppo: PPOConfig) -> core.FixedKLController:
     return core.FixedKLController(ppo.kl_coef)
 
 
-def proxy_scores(scorer, tokenizer, rollout: Rollout, prompts, rows: np.ndarray, scorer_name: str,
-                 where: str) -> torch.Tensor:
-    """The proxy's raw scores of `rollout`, whose rows answer training prompts `rows`; one path for the policy's
-    rollouts and the reference responses, so both are scored alike. A non-finite score stops the run."""
-    contents = rollout.content_ids()
-    texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
-    raw = score_rollouts(scorer, tokenizer, [messages(prompts.prompt[i]) for i in rows], rollout.prompt_rows(),
-                         contents, [s.strip() for s in texts])
-    check_finite(raw, scorer_name, [prompts.prompt_id[i] for i in rows], ("prompt_id",), where=where)
-    return torch.tensor(raw, dtype=torch.float32)
-
-
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -107,7 +96,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     from accelerate.utils import set_seed
 
     ppo, transform = cfg.ppo, cfg.ppo.reward_transform
-    needs_reference = transform.kind in core.REFERENCE_TRANSFORMS
+    needs_reference = transform.kind in reward_transforms.REFERENCE_TRANSFORMS
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if ppo.rollout_batch_size % world:
         raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by the number of "
@@ -142,7 +131,8 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     device = accelerator.device
 
     prompts = training_prompts(inputs["pairs"])
-    query_rows = [prompt_ids(tokenizer, messages(p)) for p in prompts.prompt]
+    chats = [messages(p) for p in prompts.prompt]
+    query_rows = [prompt_ids(tokenizer, chat) for chat in chats]
     controller, normaliser = kl_controller(ppo), core.RewardNormaliser(ppo.reward_norm)
     exports = ppo.export_steps()
     (out / "exports").mkdir(parents=True, exist_ok=True)
@@ -195,12 +185,14 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
         # 2. score with the frozen proxy, transform, penalise a missing EOS, normalise
         t = time.perf_counter()
-        raw = proxy_scores(scorer, tokenizer, rollout, prompts, batch, cfg.scorer.name,
+        raw = proxy_scores(scorer, tokenizer, rollout, [chats[i] for i in batch],
+                           [prompts.prompt_id[i] for i in batch], cfg.scorer.name,
                            where=f"rollout of PPO update {step + 1}")
         reference = None if ref_rollout is None else proxy_scores(
-            scorer, tokenizer, ref_rollout, prompts, distinct, cfg.scorer.name,
-            where=f"reference responses of PPO update {step + 1}")[torch.as_tensor(row_prompt)]
-        transformed = core.transform_rewards(transform.kind, raw, reference, torch.as_tensor(batch), transform)
+            scorer, tokenizer, ref_rollout, [chats[i] for i in distinct], [prompts.prompt_id[i] for i in distinct],
+            cfg.scorer.name, where=f"reference responses of PPO update {step + 1}")[torch.as_tensor(row_prompt)]
+        transformed = reward_transforms.transform_rewards(transform.kind, raw, reference, torch.as_tensor(batch),
+                                                          transform)
         penalty = 0.0 if ppo.missing_eos_penalty is None else ppo.missing_eos_penalty * (~rollout.finished).float()
         scores = raw - penalty
         normalised = normaliser(transformed - penalty, all_reduce)

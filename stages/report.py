@@ -16,7 +16,8 @@ A Gao fit is quoted only when its `fit_check` (fit.json) passes; a failing fit i
 empirical peak is given with its CI over prompts (`empirical_peak_ci`) and over seeds instead. RL runs are compared
 at matched measured KL (`pipeline.matched_kl`): gold at fixed KLs every run reaches and gold lost per √nat over one
 common range (rl_matched_kl.csv per run, rl_matched_kl_over_seeds.csv over seeds, rl_curves_over_seeds.csv on a
-common √KL grid). Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
+common √KL grid). A PPO variant (`ppo.variants`, arm `ppo_<name>`) is an arm of its own, "PPO (<name>)", compared
+with plain PPO only. Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
 gold and accuracy) are one family (`pipeline.comparison_stats`: paired by seed or Welch, MDD80, Holm): comparisons.csv
 and one generated sentence each. The README ends with what it was made with (package versions, CPU, threads, date),
 so it differs between machines: exact figures vary across CPUs.
@@ -213,8 +214,11 @@ def setting_lines(cfg: ReportStageConfig, inputs: dict[str, Path]) -> list[str]:
                          f"reference the base policy; no proxy in its loop — its proxy column is "
                          f"{', '.join(f'`{p}`' for p in by_proxy)}'s score of its samples; {seed_text}.")
             continue
-        lines.append(f"- **{ARM_NAMES.get(arm, arm)}**: against {', '.join(f'`{p}`' for p in by_proxy)}, "
-                     f"{seed_text} each.")
+        changed = cfg.rl_settings.get(arm)
+        what = ("" if not changed else f"; the ppo section's settings with {settings_text(changed)}"
+                if is_ppo_variant(arm) else f"; {settings_text(changed)}")
+        lines.append(f"- **{arm_name(arm)}**: against {', '.join(f'`{p}`' for p in by_proxy)}, "
+                     f"{seed_text} each{what}.")
     return lines
 
 
@@ -424,6 +428,32 @@ def _made_with(env: dict) -> list[str]:
 
 
 ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+PPO_VARIANT_PREFIX = "ppo_"  # a PPO variant's arm is ppo_<name> (`PPOConfig.arms`)
+
+
+def arm_name(arm: str) -> str:
+    """An RL arm as a reader names it: PPO, GRPO, RLOO, DPO, and a PPO variant `ppo_<name>` as "PPO (<name>)"."""
+    if arm in ARM_NAMES:
+        return ARM_NAMES[arm]
+    if arm.startswith(PPO_VARIANT_PREFIX):
+        return f"PPO ({arm.removeprefix(PPO_VARIANT_PREFIX)})"
+    return arm
+
+
+def is_ppo_variant(arm: str) -> bool:
+    return arm not in ARM_NAMES and arm.startswith(PPO_VARIANT_PREFIX)
+
+
+def settings_text(overrides: dict, prefix: str = "") -> str:
+    """Overrides of a config section as `key.sub = value` items, nested mappings flattened: what a setting line
+    says an arm changes."""
+    items = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value:
+            items.append(settings_text(value, f"{prefix}{key}."))
+        else:
+            items.append(f"{prefix}{key} = {json.dumps(value) if not isinstance(value, str) else value}")
+    return ", ".join(items)
 
 
 def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str, pd.DataFrame],
@@ -455,13 +485,13 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
         rows = []
         for proxy in dict.fromkeys(p for by_proxy in arms.values() for p in by_proxy):
             figure = f"arms_{proxy}.png"
-            plots.plot_rl_curves({ARM_NAMES[arm]: [curves[(arm, r)] for r in by_proxy[proxy]]
+            plots.plot_rl_curves({arm_name(arm): [curves[(arm, r)] for r in by_proxy[proxy]]
                                          for arm, by_proxy in arms.items() if proxy in by_proxy},
                   {"best-of-n": bon[proxy]} if proxy in bon else {}, out / figure,
                   f"{cfg.study}: RL arms and best-of-n against {proxy}" + (f" ({labels[proxy]})" if proxy in labels
                                                                            else ""))
             parts += [f"![{proxy}]({figure})", ""]
-            rows += [{"arm": ARM_NAMES[arm], **_seed_row(proxy, by_proxy[proxy], {r: fits[(arm, r)] for r in
+            rows += [{"arm": arm_name(arm), **_seed_row(proxy, by_proxy[proxy], {r: fits[(arm, r)] for r in
                                                                                     by_proxy[proxy]}, None, inputs)}
                      for arm, by_proxy in arms.items() if proxy in by_proxy]
         parts += [_md(pd.DataFrame(rows)), ""]
@@ -469,7 +499,7 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
 
 
 def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bon, inputs, out) -> list[str]:
-    name = ARM_NAMES[arm]
+    name = arm_name(arm)
     table = pd.concat([curves[(arm, r)].assign(proxy_name=p, run=r) for p, rs in by_proxy.items() for r in rs],
                       ignore_index=True)
     table[["proxy_name", "run"] + [c for c in table.columns if c not in ("proxy_name", "run")]].to_csv(
@@ -592,7 +622,7 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
     def measures(c: pd.DataFrame, x: str = "sqrt_kl") -> list[float]:
         return matched_kl.value_at(c, kls, "gold", x) + [matched_kl.loss_rate(c, lo, hi, "gold", x)]
 
-    rows = [{"arm": ARM_NAMES[a], "proxy_name": p, "run": r, "quantity": q, "value": v}
+    rows = [{"arm": arm_name(a), "proxy_name": p, "run": r, "quantity": q, "value": v}
             for a, p, r in runs for q, v in zip(quantities, measures(curves[(a, r)]))]
     bon_rows = []
     for p in dict.fromkeys(p for _, p, _ in runs):
@@ -611,11 +641,11 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
     grid = matched_kl.common_grid([curves[(a, r)] for a, _, r in runs])
     bands = {(arm, p): matched_kl.over_seeds([curves[(arm, r)] for r in rs], grid)
              for arm, by_proxy in arms.items() for p, rs in by_proxy.items()}
-    pd.concat([b.assign(arm=ARM_NAMES[arm], proxy_name=p) for (arm, p), b in bands.items()],
+    pd.concat([b.assign(arm=arm_name(arm), proxy_name=p) for (arm, p), b in bands.items()],
               ignore_index=True).to_csv(out / "rl_curves_over_seeds.csv", index=False)
     figures = []
     for p in dict.fromkeys(p for _, p in bands):
-        seeded = {ARM_NAMES[arm]: b for (arm, q), b in bands.items() if q == p and len(arms[arm][p]) > 1}
+        seeded = {arm_name(arm): b for (arm, q), b in bands.items() if q == p and len(arms[arm][p]) > 1}
         if seeded:  # one figure per proxy: its arms' mean gold with 95 % t-bands, on the common range
             figures.append(f"matched_kl_{p}.png")
             plots.plot_seed_bands(seeded, out / figures[-1], f"{cfg.study}: RL arms against {p}, over seeds",
@@ -639,28 +669,35 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
     if figures:
         parts += ["The arms' mean gold over seeds on the √KL range every run covers, with 95 % t-bands (every point "
                   "in rl_curves_over_seeds):", "", *[f"![{f[:-4]}]({f})\n" for f in figures]]
-    return parts, _matched_comparisons(arms, per_run[per_run.arm.isin(ARM_NAMES.values())], quantities)
+    return parts, _matched_comparisons(arms, per_run[per_run.arm.isin([arm_name(a) for a in arms])], quantities)
 
 
 def _matched_comparisons(arms: dict[str, dict[str, list[str]]], per_run: pd.DataFrame,
                          quantities: list[str]) -> list[dict]:
-    """`comparison_stats.difference_of_runs` rows: every pair of arms against one proxy, and every proxy of an arm
-    against the arm's first proxy, for each matched-KL quantity."""
+    """`comparison_stats.difference_of_runs` rows for each matched-KL quantity: every pair of the algorithm arms
+    (PPO, GRPO, RLOO) against one proxy, each PPO variant against plain PPO against the same proxy (not variants
+    against each other or the other algorithms, nor their proxies against each other: the Holm family grows by one
+    comparison per variant, proxy and quantity), and every proxy of an algorithm arm against the arm's first
+    proxy."""
     def values(arm: str, proxy: str, q: str) -> pd.Series:
-        t = per_run[(per_run.arm == ARM_NAMES[arm]) & (per_run.proxy_name == proxy) & (per_run.quantity == q)]
+        t = per_run[(per_run.arm == arm_name(arm)) & (per_run.proxy_name == proxy) & (per_run.quantity == q)]
         return t.set_index("run").value
 
     rows = []
     proxies = list(dict.fromkeys(p for by_proxy in arms.values() for p in by_proxy))
     for q in quantities:
         for p in proxies:
-            with_p = [a for a in arms if p in arms[a]]
-            rows += [{"family": "RL at matched KL", "what": f"{ARM_NAMES[b]} − {ARM_NAMES[a]} against `{p}`, {q}",
-                      **cs.difference_of_runs(values(a, p, q), values(b, p, q))}
-                     for i, a in enumerate(with_p) for b in with_p[i + 1:]]
+            with_p = [a for a in arms if p in arms[a] and not is_ppo_variant(a)]
+            pairs = [(a, b) for i, a in enumerate(with_p) for b in with_p[i + 1:]]
+            if "ppo" in with_p:
+                pairs += [("ppo", v) for v in arms if is_ppo_variant(v) and p in arms[v]]
+            rows += [{"family": "RL at matched KL", "what": f"{arm_name(b)} − {arm_name(a)} against `{p}`, {q}",
+                      **cs.difference_of_runs(values(a, p, q), values(b, p, q))} for a, b in pairs]
         for arm, by_proxy in arms.items():
+            if is_ppo_variant(arm):
+                continue
             first, *others = list(by_proxy)
-            rows += [{"family": "RL at matched KL", "what": f"`{p}` − `{first}` under {ARM_NAMES[arm]}, {q}",
+            rows += [{"family": "RL at matched KL", "what": f"`{p}` − `{first}` under {arm_name(arm)}, {q}",
                       **cs.difference_of_runs(values(arm, first, q), values(arm, p, q))} for p in others]
     return rows
 
@@ -741,7 +778,7 @@ def _examples_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path
         for arm, by_proxy in cfg.rl_runs.items():
             for r in by_proxy.get(p, []):
                 if f"{arm}[{r}]" in inputs and (inputs[f"{arm}[{r}]"] / "examples.json").is_file():
-                    frames.append(examples_frame(inputs[f"{arm}[{r}]"] / "examples.json", p, ARM_NAMES[arm]))
+                    frames.append(examples_frame(inputs[f"{arm}[{r}]"] / "examples.json", p, arm_name(arm)))
     if not frames:
         return []
     table = pd.concat(frames, ignore_index=True)

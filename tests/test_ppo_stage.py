@@ -267,13 +267,13 @@ def test_ppo_options_run_together(study):
 
 
 def test_a_non_finite_proxy_score_stops_ppo_and_commits_nothing(study, monkeypatch):
-    import stages.ppo
+    import pipeline.ppo.rollout
     from pipeline.scoring import NonFiniteScoreError
 
     def broken(scorer, tokenizer, prompts, heads, contents, texts):
         return np.where(np.arange(len(texts)) == 1, np.nan, 0.0)
 
-    monkeypatch.setattr(stages.ppo, "score_rollouts", broken)
+    monkeypatch.setattr(pipeline.ppo.rollout, "score_rollouts", broken)  # under proxy_scores, the one path
     cfg = load_config(SMOKE, study["overrides"] + ["ppo.steps=2"])
     runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
     with pytest.raises(NonFiniteScoreError, match=r"scorer 'bt' returned a non-finite score \(nan\) for prompt_id="):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import reward_transforms as rt
 from pipeline.cache import ArtifactCache
 from pipeline.config import ConfigError, RewardTransformConfig, load_config
-from pipeline.ppo import core
 from pipeline.ppo.rollout import prompt_batch
 from pipeline.runner import Runner, fingerprint_view
 from pipeline.study import build_stages
@@ -26,23 +26,23 @@ REFERENCE = torch.tensor([0.0, 0.5, 2.0, 1.0])
 
 
 def test_clip_bounds_the_scores():
-    assert core.clip(SCORES, -1.0, 2.0).tolist() == [-1.0, 0.5, 1.0, 2.0]
+    assert rt.clip(SCORES, -1.0, 2.0).tolist() == [-1.0, 0.5, 1.0, 2.0]
 
 
 def test_par_is_the_sigmoid_of_the_score_centred_on_the_reference():
     # r − r_ref = −2, 0, −1, 2; σ(x) = 1 / (1 + e^−x)
     expected = [1 / (1 + math.e ** 2), 0.5, 1 / (1 + math.e), 1 / (1 + math.e ** -2)]
-    assert core.par(SCORES, REFERENCE).tolist() == pytest.approx(expected, rel=1e-6)
+    assert rt.par(SCORES, REFERENCE).tolist() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx([0.1192029, 0.5, 0.2689414, 0.8807971], rel=1e-6)
 
 
 def test_log_sigmoid_centring():
     # log σ(x) = −log(1 + e^−x) at x = −2, 0, −1, 2
     expected = [-math.log(1 + math.e ** 2), -math.log(2), -math.log(1 + math.e), -math.log(1 + math.e ** -2)]
-    assert core.log_sigmoid_centred(SCORES, REFERENCE).tolist() == pytest.approx(expected, rel=1e-6)
+    assert rt.log_sigmoid_centred(SCORES, REFERENCE).tolist() == pytest.approx(expected, rel=1e-6)
     assert expected == pytest.approx([-2.1269280, -0.6931472, -1.3132617, -0.1269280], rel=1e-6)
     # far below the reference it is r − c itself; far above it, 0 (computed stably, no overflow)
-    far = core.log_sigmoid_centred(torch.tensor([-100.0, 100.0]), torch.tensor([0.0, 0.0]))
+    far = rt.log_sigmoid_centred(torch.tensor([-100.0, 100.0]), torch.tensor([0.0, 0.0]))
     assert far.tolist() == pytest.approx([-100.0, 0.0], abs=1e-6)
 
 
@@ -51,30 +51,30 @@ def test_per_prompt_normalisation_uses_each_prompts_mean_and_unbiased_std():
     prompts = torch.tensor([5, 5, 2, 2, 9, 9, 9])
     # prompt 5: mean 2, sd √((1 + 1) / 1) = √2; prompt 2: all equal -> 0; prompt 9: mean 4, sd √((0 + 9 + 9) / 2) = 3
     expected = [-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0, 0.0, 1.0, -1.0]
-    assert core.per_prompt_normalise(scores, prompts).tolist() == pytest.approx(expected, abs=1e-6)
+    assert rt.per_prompt_normalise(scores, prompts).tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_per_prompt_normalisation_refuses_a_prompt_with_one_rollout():
     with pytest.raises(ValueError, match=r"1 of 2 prompt\(s\) have one.*ppo\.reward_transform\.rollouts_per_prompt"):
-        core.per_prompt_normalise(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
+        rt.per_prompt_normalise(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
 
 
 def test_the_dispatcher_routes_each_kind():
     ids = torch.tensor([0, 0, 1, 1])
     cfg = RewardTransformConfig(kind="clip", clip_range=(0.0, 1.0))
-    assert core.transform_rewards("none", SCORES, None, ids, RewardTransformConfig()) is SCORES
-    assert core.transform_rewards("clip", SCORES, None, ids, cfg).tolist() == [0.0, 0.5, 1.0, 1.0]
-    assert torch.equal(core.transform_rewards("par", SCORES, REFERENCE, ids, cfg), torch.sigmoid(SCORES - REFERENCE))
-    assert core.transform_rewards("log_sigmoid", SCORES, REFERENCE, ids, cfg).tolist() == pytest.approx(
+    assert rt.transform_rewards("none", SCORES, None, ids, RewardTransformConfig()) is SCORES
+    assert rt.transform_rewards("clip", SCORES, None, ids, cfg).tolist() == [0.0, 0.5, 1.0, 1.0]
+    assert torch.equal(rt.transform_rewards("par", SCORES, REFERENCE, ids, cfg), torch.sigmoid(SCORES - REFERENCE))
+    assert rt.transform_rewards("log_sigmoid", SCORES, REFERENCE, ids, cfg).tolist() == pytest.approx(
         torch.log(torch.sigmoid(SCORES - REFERENCE)).tolist(), rel=1e-6)
     # prompt 0: −2, 0.5 -> mean −0.75, sd 1.25·√2; prompt 1: 1, 3 -> mean 2, sd √2
     s = 1 / math.sqrt(2)
-    assert core.transform_rewards("per_prompt_norm", SCORES, None, ids, cfg).tolist() == pytest.approx(
+    assert rt.transform_rewards("per_prompt_norm", SCORES, None, ids, cfg).tolist() == pytest.approx(
         [-s, s, -s, s], abs=1e-6)
     with pytest.raises(ValueError, match="needs the reference responses' scores"):
-        core.transform_rewards("par", SCORES, None, ids, cfg)
+        rt.transform_rewards("par", SCORES, None, ids, cfg)
     with pytest.raises(ValueError, match="unknown reward transform 'tanh'"):
-        core.transform_rewards("tanh", SCORES, None, ids, cfg)
+        rt.transform_rewards("tanh", SCORES, None, ids, cfg)
 
 
 @pytest.mark.parametrize("value, message", [

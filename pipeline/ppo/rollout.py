@@ -16,6 +16,7 @@ import torch
 from pipeline.config import SamplingConfig
 from pipeline.generation import generate_ids, left_pad
 from pipeline.ppo.models import position_ids, response_logprobs
+from pipeline.scoring import check_finite, score_rollouts
 
 
 @dataclass
@@ -77,6 +78,18 @@ def sample_reference_rollout(ref_policy, policy, query_rows: Sequence[Sequence[i
         return sample_rollout(ref_policy, query_rows, sampling, pad_id, stop_ids)
     with policy.disable_adapter():
         return sample_rollout(policy, query_rows, sampling, pad_id, stop_ids)
+
+
+def proxy_scores(scorer, tokenizer, rollout: Rollout, chats: Sequence, prompt_ids: Sequence, scorer_name: str,
+                 where: str) -> torch.Tensor:
+    """The proxy's raw scores of `rollout`, whose rows answer the prompts `chats` (chat messages; `prompt_ids` name
+    them in an error); one path for an RL arm's rollouts and its reference responses, so both are scored alike. A
+    non-finite score stops the run."""
+    contents = rollout.content_ids()
+    texts = tokenizer.batch_decode(contents, skip_special_tokens=True)
+    raw = score_rollouts(scorer, tokenizer, list(chats), rollout.prompt_rows(), contents, [s.strip() for s in texts])
+    check_finite(raw, scorer_name, list(prompt_ids), ("prompt_id",), where=where)
+    return torch.tensor(raw, dtype=torch.float32)
 
 
 @torch.no_grad()
