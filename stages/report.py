@@ -476,6 +476,9 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
     matched, comparisons = _matched_kl_section(cfg, arms, curves, fits, {g: [bon[p] for p in ps if p in bon]
                                                                           for g, ps in groups.items()}, out)
     parts += matched
+    baseline_parts, baseline_comparisons = _against_baseline_section(arms, fits)
+    parts += baseline_parts
+    comparisons += baseline_comparisons
     if len(arms) > 1:
         parts += ["## RL arms compared", "", "Every RL arm and best-of-n against the same proxy, on shared axes "
                   "(runs of one arm share a colour; best-of-n at the KL estimated from its samples where its curve has "
@@ -670,6 +673,60 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
         parts += ["The arms' mean gold over seeds on the √KL range every run covers, with 95 % t-bands (every point "
                   "in rl_curves_over_seeds):", "", *[f"![{f[:-4]}]({f})\n" for f in figures]]
     return parts, _matched_comparisons(arms, per_run[per_run.arm.isin([arm_name(a) for a in arms])], quantities)
+
+
+# What a run's fit.json says about where it over-optimizes: its empirical gold peak (the first maximum over exports),
+# the measured KL there, and the gold and KL of its last export.
+RUN_ENDPOINTS = {"peak gold": ("empirical_peak", "gold"), "KL at the gold peak": ("empirical_peak", "kl"),
+                 "gold at the last export": ("gold_at_last_step", None), "KL at the last export": ("kl_at_last_step", None)}
+
+
+def _endpoint(fit: dict, quantity: str) -> float:
+    key, sub = RUN_ENDPOINTS[quantity]
+    return float(fit[key][sub] if sub else fit[key])
+
+
+def _against_baseline_section(arms: dict[str, dict[str, list[str]]], fits: dict) -> tuple[list[str], list[dict]]:
+    """Every RL arm and proxy against the baseline — plain PPO against its first proxy (else the first arm's first
+    proxy) — in where over-optimization happens: peak gold, the KL of the peak (a mitigation that delays
+    over-optimization moves it right), gold and KL at the last export. Per run from its fit.json, over seeds with
+    t-intervals, and each difference from the baseline paired by seed (`difference_of_runs`), one comparison row each
+    for the report's Holm family. Empty with a single arm and proxy."""
+    pairs = [(arm, p) for arm, by_proxy in arms.items() for p in by_proxy]
+    if len(pairs) < 2:
+        return [], []
+    base = ("ppo", next(iter(arms["ppo"]))) if "ppo" in arms else pairs[0]
+
+    def values(arm: str, proxy: str, q: str) -> pd.Series:
+        return pd.Series({r: _endpoint(fits[(arm, r)], q) for r in arms[arm][proxy]})
+
+    rows, comparisons = [], []
+    for arm, p in pairs:
+        row = {"arm": arm_name(arm), "proxy": p, "seeds": len(arms[arm][p])}
+        for q in RUN_ENDPOINTS:
+            v = values(arm, p, q)
+            row[q] = _over_seeds_text(v.to_numpy(), ".2f" if q.startswith("KL") else ".3f")
+            if (arm, p) != base:
+                d = cs.difference_of_runs(values(*base, q), v)
+                row[f"Δ {q}"] = (f"{d['difference']:+.3f} [{d['ci_lo']:.3f}, {d['ci_hi']:.3f}]"
+                                 if math.isfinite(d["ci_lo"]) else f"{d['difference']:+.3f} (no interval)")
+                comparisons.append({"family": "RL against the baseline",
+                                    "what": f"{arm_name(arm)} against `{p}` − {arm_name(base[0])} against "
+                                            f"`{base[1]}`, {q}", **d})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    deltas = [f"Δ {q}" for q in RUN_ENDPOINTS]
+    table = table[["arm", "proxy", "seeds", *[c for q in RUN_ENDPOINTS for c in (q, f"Δ {q}")]]]
+    parts = ["## RL against the baseline", "",
+             f"Where each arm and proxy over-optimizes, against the baseline {arm_name(base[0])} against `{base[1]}`: "
+             "each run's empirical gold peak over its exports and the measured KL there (a mitigation that delays "
+             "over-optimization moves the peak to a larger KL, or raises it), and its last export's gold and KL (a KL "
+             "penalty that stops short of the peak keeps its end gold). Mean ± sd over seeds [95 % t-interval]; "
+             "Δ is the difference from the baseline with its 95 % interval, paired by seed (every difference is in "
+             "the comparisons below, Holm-adjusted with the rest). The peak lies on the export grid (steps 0, 1, 2, "
+             "4, ...), so its KL moves in steps.", "",
+             _md(table.drop(columns=[c for c in deltas if table[c].isna().all()]).fillna("baseline")), ""]
+    return parts, comparisons
 
 
 def _matched_comparisons(arms: dict[str, dict[str, list[str]]], per_run: pd.DataFrame,
