@@ -343,3 +343,32 @@ def test_matched_points_of_short_runs_and_late_peaks():
     # common range √KL 0–3 (KL 9): KL 2, 4, 8; peaks by √KL 1.2: the rate over 1.2–3
     kls, (lo, hi), why = matched_points([run([0, 1, 3]), run([0, 1.2, 3.5])], [1.0, 1.44])
     assert kls == [2.0, 4.0, 8.0] and (lo, hi) == pytest.approx((1.2, 3.0)) and why.startswith("from the latest")
+
+
+def test_rl_against_the_baseline_by_hand():
+    """Each arm and proxy against plain PPO on the first proxy: peak gold, its KL, and the last export's gold and KL
+    from the runs' fit.json, over seeds, differences paired by seed (B − A)."""
+    from stages.report import _against_baseline_section
+
+    def fit(peak_gold, peak_kl, last_gold, last_kl):
+        return {"empirical_peak": {"gold": peak_gold, "kl": peak_kl, "step": 4},
+                "gold_at_last_step": last_gold, "kl_at_last_step": last_kl}
+
+    arms = {"ppo": {"bt": ["bt", "bt@seed1"]}, "ppo_clip": {"bt": ["bt", "bt@seed1"]}}
+    fits = {("ppo", "bt"): fit(1.0, 0.5, 0.2, 6.0), ("ppo", "bt@seed1"): fit(1.2, 0.7, 0.0, 5.0),
+            ("ppo_clip", "bt"): fit(1.5, 2.0, 1.0, 3.0), ("ppo_clip", "bt@seed1"): fit(1.3, 1.0, 0.6, 2.0)}
+    parts, rows = _against_baseline_section(arms, fits)
+    by_what = {r["what"]: r for r in rows}
+    assert len(rows) == 4  # the baseline is not compared with itself
+    peak = by_what["PPO (clip) against `bt` − PPO against `bt`, peak gold"]
+    assert peak["difference"] == pytest.approx(((1.5 - 1.0) + (1.3 - 1.2)) / 2)
+    kl = by_what["PPO (clip) against `bt` − PPO against `bt`, KL at the gold peak"]
+    assert kl["difference"] == pytest.approx(((2.0 - 0.5) + (1.0 - 0.7)) / 2)
+    last = by_what["PPO (clip) against `bt` − PPO against `bt`, gold at the last export"]
+    # paired over seeds: the per-seed differences are 0.8 and 0.6, so the t-interval is mean ± t(1) · sd / √2
+    d = np.array([0.8, 0.6])
+    half = 12.706204736 * d.std(ddof=1) / math.sqrt(2)
+    assert (last["ci_lo"], last["ci_hi"]) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-6)
+    assert all(r["family"] == "RL against the baseline" for r in rows)
+    assert "| PPO | bt | 2 |" in "\n".join(parts) and "baseline" in "\n".join(parts)
+    assert _against_baseline_section({"ppo": {"bt": ["bt"]}}, fits) == ([], [])
