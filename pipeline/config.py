@@ -265,6 +265,13 @@ class ProxyConfig(Section):
     reg: Literal["sft", "sft_nll", "dpo", "dpo_noref"] = "sft"
     alpha: float = Field(0.01, ge=0, le=1)
     beta: float = Field(0.1, gt=0)
+    # odin (Chen et al. 2024): weights of the length-correlation terms |ρ(r_q, L)| − ρ(r_l, L) and of the head
+    # orthogonality term |W_q · W_l| (1 and 1, as in the authors' public training code)
+    odin_length_weight: float = Field(1.0, ge=0, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    odin_ortho_weight: float = Field(1.0, ge=0, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    # inform (Miao et al. 2024): latent dimension and weight β of the KL to N(0, I) (the paper's 128 and 0.1)
+    ib_dim: int = Field(128, ge=1, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    ib_beta: float = Field(0.1, ge=0, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     # label_smoothing
     epsilon: float = Field(0.1, ge=0, lt=0.5)
     # margin: m = margin_scale * (gold_chosen - gold_rejected)

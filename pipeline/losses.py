@@ -127,3 +127,52 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     targets = input_ids[rows, cols + 1]
     token_logp = selected.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(selected, dim=-1)
     return out.index_add(0, rows, token_logp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ODIN (Chen et al. 2024, arXiv 2402.07319): a quality head r_q and a length head r_l on the same features, BT on
+# r_q + r_l, the length carried by r_l and kept out of r_q by Pearson-correlation terms over the batch's responses,
+# and the two heads' weight vectors kept orthogonal. Only r_q scores.
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pearson correlation of two (N,) tensors; 0 when either is constant. `eps` inside the square root keeps the
+    gradient finite where a variance is 0 (a batch of equal lengths or equal rewards)."""
+    if x.shape != y.shape or x.dim() != 1:
+        raise ValueError(f"pearson needs two (N,) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
+    xc, yc = x - x.mean(), y - y.mean()
+    return (xc * yc).sum() / torch.sqrt(((xc * xc).sum() + eps) * ((yc * yc).sum() + eps))
+
+
+def odin_loss(r_c: torch.Tensor, r_r: torch.Tensor, len_r_c: torch.Tensor, len_r_r: torch.Tensor,
+              lengths: torch.Tensor, head_weight_dot: torch.Tensor, length_weight: float,
+              ortho_weight: float) -> torch.Tensor:
+    """ODIN's loss: L = L_BT(r_q + r_l) + λ_L·(|ρ(r_q, L)| − ρ(r_l, L)) + λ_O·|W_q · W_l|.
+
+    `r_c`, `r_r` are the quality head's (B,) rewards, `len_r_c`, `len_r_r` the length head's; `lengths` (2B,) the
+    response lengths in tokens, chosen rows first (the order of `torch.cat([r_c, r_r])`); ρ is the Pearson
+    correlation over the batch's 2B responses; `head_weight_dot` the inner product of the two heads' final weight
+    vectors. (The authors' public code writes the length head's term as 1 − ρ: the same gradient.)"""
+    _check_pair(r_c, r_r)
+    _check_pair(len_r_c, len_r_r)
+    r_q, r_l = torch.cat([r_c, r_r]), torch.cat([len_r_c, len_r_r])
+    lengths = lengths.to(r_q.dtype)
+    correlation = pearson(r_q, lengths).abs() - pearson(r_l, lengths)
+    return bt_loss(r_c + len_r_c, r_r + len_r_r) + length_weight * correlation + ortho_weight * head_weight_dot.abs()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# InfoRM (Miao et al. 2024, arXiv 2402.09345): a variational information bottleneck between the hidden state and the
+# reward.
+
+
+def gaussian_kl_to_standard(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, diag σ²) ‖ N(0, I)) of each row, (B, D) -> (B,): ½ Σ_d (μ² + σ² − 1 − log σ²)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def inform_loss(r_c: torch.Tensor, r_r: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                beta: float) -> torch.Tensor:
+    """InfoRM's loss: L = L_BT + β · mean KL(N(μ, σ²) ‖ N(0, I)), the mean over all the batch's responses (rows of
+    `mean`, `logvar`). The rewards come from the sampled latent z = μ + σ·ε (the head in training mode)."""
+    return bt_loss(r_c, r_r) + beta * gaussian_kl_to_standard(mean, logvar).mean()

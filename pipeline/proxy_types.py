@@ -54,6 +54,21 @@ def _grm(proxy, r_c, r_r, batch, out, ref_model):
     return losses.grm_loss(r_c, r_r, reg, proxy.alpha)
 
 
+def _odin(proxy, r_c, r_r, batch, out, ref_model):
+    from pipeline import losses
+
+    len_c, len_r = out.head["length_rewards"].chunk(2)
+    lengths = batch["response_mask"].sum(-1).to(r_c.device)  # response length in tokens, chosen rows first
+    return losses.odin_loss(r_c, r_r, len_c, len_r, lengths, out.head["head_weight_dot"], proxy.odin_length_weight,
+                            proxy.odin_ortho_weight)
+
+
+def _inform(proxy, r_c, r_r, batch, out, ref_model):
+    from pipeline import losses
+
+    return losses.inform_loss(r_c, r_r, out.head["latent_mean"], out.head["latent_logvar"], proxy.ib_beta)
+
+
 # loss(proxy, r_c, r_r, batch, out, ref_model) -> scalar tensor; `batch` is the collated PairCollator batch (chosen
 # rows first), `out` the model's RewardModelOutput, `ref_model` a frozen copy of the base LM (or None).
 LossFn = Callable[[Any, Any, Any, dict, Any, Any], Any]
@@ -71,6 +86,8 @@ class ProxyTypeSpec:
     # made of `members` trained models of `member_type` (`ProxyConfig.member_specs`), each with its own train_proxy
     # stage; the members inherit the fields their type uses from the entry (`used_fields`)
     composite: bool = False
+    # extra `RewardHeadConfig` settings of the type's head (ODIN: two outputs; InfoRM: a Gaussian latent)
+    head_settings: Callable[[Any], dict] = lambda proxy: {}
 
 
 PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
@@ -80,6 +97,10 @@ PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
     ProxyTypeSpec("grm", frozenset({"reg", "alpha", "beta"}), True, _grm, needs_logits=True,
                   needs_reference=lambda proxy: proxy.reg == "dpo"),
     ProxyTypeSpec("frozen", frozenset(), True, _bt, frozen_backbone=True),
+    ProxyTypeSpec("odin", frozenset({"odin_length_weight", "odin_ortho_weight"}), True, _odin,
+                  head_settings=lambda proxy: {"outputs": 2}),
+    ProxyTypeSpec("inform", frozenset({"ib_dim", "ib_beta"}), True, _inform,
+                  head_settings=lambda proxy: {"ib_dim": proxy.ib_dim}),
     # `members` copies of `member_type` whose standardised scores are combined (Coste et al. 2023)
     ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False, composite=True),
     # `members` copies of `member_type` from one shared initialisation, seen in different data orders, whose weights
@@ -157,6 +178,12 @@ def _describe_loss(proxy) -> str:
         return f"GRM-{GRM_REGULARISERS[proxy.reg]} α={proxy.alpha:g}{beta}"
     if t == "frozen":
         return "BT, frozen backbone"
+    if t == "odin":
+        weights = "" if (proxy.odin_length_weight, proxy.odin_ortho_weight) == (1, 1) else \
+            f" λ_L={proxy.odin_length_weight:g} λ_O={proxy.odin_ortho_weight:g}"
+        return "ODIN (quality head)" + weights
+    if t == "inform":
+        return f"InfoRM β={proxy.ib_beta:g}, {proxy.ib_dim}-dim latent"
     if t == "ensemble":
         combine = f"uwo λ={proxy.uwo_lambda:g}" if proxy.combine == "uwo" else proxy.combine
         # the members' type-specific fields live on the ensemble's entry (`used_fields`)

@@ -14,11 +14,16 @@ overopt (written by `save_pretrained`)::
         the head's weights, named `v_head.summary.*` (the same names as the GRM authors' checkpoints)
     DIR/reward_head.json
         {"format": "overopt-grm-reward-head", "format_version": 1,
-         "head": {"type": "mlp"|"linear", "width": W, "dropout": p, "num_layers": L},
+         "head": {"type": "mlp"|"linear", "width": W, "dropout": p, "num_layers": L[, "outputs": 2][, "ib_dim": D]},
          "hidden_size": H, "weights": "reward_head.safetensors"}
     DIR/tokenizer files (when a tokenizer is given)
 
 The backbone directory is an ordinary causal LM: it loads as a policy (`AutoModelForCausalLM`) unchanged.
+
+Two head variants (settings written only when used, so a plain head's reward_head.json is as it always was):
+`outputs: 2` (ODIN): the head's last Linear has two rows on the same features, row 0 the quality reward (the only
+one that scores) and row 1 the length reward (trained, never scored); `ib_dim: D` (InfoRM): the last Linear gives
+a Gaussian latent's mean and log-variance (2·D values) and `v_head.decoder` maps the latent to the reward.
 
 GRM authors' layout (Ray2333/GRM-* on the hub; `AutoModelForCausalLMWithValueHead` / `GRewardModel` in
 YangRui2015/Generalizable-Reward-Model): one set of safetensors files holding the causal LM's weights (`model.*`, plus
@@ -62,14 +67,21 @@ AUTHORS_DEFAULT_DROPOUT = 0.1  # `summary_dropout_prob` default of the authors' 
 class RewardHeadConfig:
     """Reward head settings.
 
-    type "mlp" (paper default): Dropout(p) → [Linear(·, width) → ReLU] × num_layers → Linear(width, 1);
-    type "linear": Dropout(p) → Linear(H, 1) (`width` and `num_layers` unused).
+    type "mlp" (paper default): Dropout(p) → [Linear(·, width) → ReLU] × num_layers → Linear(width, k);
+    type "linear": Dropout(p) → Linear(H, k) (`width` and `num_layers` unused).
+
+    k = 1 for a plain head. `outputs` = 2 (ODIN, Chen et al. 2024): two reward heads on the same features, output 0
+    the quality reward (what scores), output 1 the length reward (training only). `ib_dim` = D > 0 (InfoRM, Miao et
+    al. 2024): k = 2·D, the mean μ and log-variance of a Gaussian latent z, and the reward is Linear(D, 1)(z) with
+    z = μ + σ·ε in training and z = μ in eval mode.
     """
 
     type: str = "mlp"
     width: int = 1024
     dropout: float = 0.1
     num_layers: int = 1
+    outputs: int = 1
+    ib_dim: int = 0
 
     def __post_init__(self):
         if self.type not in ("mlp", "linear"):
@@ -78,50 +90,85 @@ class RewardHeadConfig:
             raise ValueError(f"an mlp reward head needs width >= 1 and num_layers >= 1, got {self}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"reward head dropout must lie in [0, 1), got {self.dropout}")
+        if self.outputs not in (1, 2):
+            raise ValueError(f"reward head outputs must be 1 or 2 (ODIN's quality and length heads), got {self.outputs}")
+        if int(self.ib_dim) < 0 or (self.ib_dim and self.outputs != 1):
+            raise ValueError(f"reward head ib_dim must be >= 0 and cannot be combined with outputs=2, got {self}")
+
+    @property
+    def final_width(self) -> int:
+        """Width of the head's last Linear: 1, 2 (ODIN) or 2·ib_dim (InfoRM's mean and log-variance)."""
+        return 2 * self.ib_dim if self.ib_dim else self.outputs
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for name in ("outputs", "ib_dim"):  # written only when used: a plain head's json stays as it always was
+            if d[name] == getattr(RewardHeadConfig, name):
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RewardHeadConfig":
-        unknown = set(d) - {"type", "width", "dropout", "num_layers"}
+        unknown = set(d) - {"type", "width", "dropout", "num_layers", "outputs", "ib_dim"}
         if unknown:
             raise ValueError(f"unknown reward head settings {sorted(unknown)}")
         return cls(**d)
 
     def same_shape(self, other: "RewardHeadConfig") -> bool:
         """Same weights layout (dropout does not matter)."""
-        if self.type != other.type:
+        if (self.type, self.outputs, self.ib_dim) != (other.type, other.outputs, other.ib_dim):
             return False
         return self.type == "linear" or (self.width, self.num_layers) == (other.width, other.num_layers)
 
 
 class RewardHead(nn.Module):
-    """The reward head; parameter names (`summary.*`) match the GRM authors' `ValueHead`."""
+    """The reward head; parameter names (`summary.*`) match the GRM authors' `ValueHead` (InfoRM's latent-to-reward
+    map is `decoder.*`)."""
 
     def __init__(self, hidden_size: int, config: RewardHeadConfig):
         super().__init__()
         self.config = config
         self.dropout = nn.Dropout(config.dropout)
         if config.type == "linear":
-            self.summary = nn.Linear(hidden_size, 1)
+            self.summary = nn.Linear(hidden_size, config.final_width)
         else:
             layers: list[nn.Module] = []
             width_in = hidden_size
             for _ in range(config.num_layers):
                 layers += [nn.Linear(width_in, config.width), nn.ReLU()]
                 width_in = config.width
-            layers.append(nn.Linear(width_in, 1))
+            layers.append(nn.Linear(width_in, config.final_width))
             self.summary = nn.Sequential(*layers)
+        if config.ib_dim:
+            self.decoder = nn.Linear(config.ib_dim, 1)
+
+    def final_linear(self) -> nn.Linear:
+        """The head's last Linear (ODIN: its two rows are the quality and length heads' weights)."""
+        return self.summary if isinstance(self.summary, nn.Linear) else self.summary[-1]
+
+    def outputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(..., H) -> the (...,) rewards that score, and what else the head computes: ODIN's "length_rewards" (...,)
+        and "head_weight_dot" (W_q · W_l, a scalar); InfoRM's "latent_mean" and "latent_logvar" (..., D)."""
+        out = self.summary(self.dropout(hidden))
+        cfg = self.config
+        if cfg.ib_dim:
+            mean, logvar = out[..., :cfg.ib_dim], out[..., cfg.ib_dim:]
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
+            return self.decoder(z).squeeze(-1), {"latent_mean": mean, "latent_logvar": logvar}
+        if cfg.outputs == 2:
+            w = self.final_linear().weight
+            return out[..., 0], {"length_rewards": out[..., 1], "head_weight_dot": w[0] @ w[1]}
+        return out.squeeze(-1), {}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (...,) rewards."""
-        return self.summary(self.dropout(hidden)).squeeze(-1)
+        """(..., H) -> (...,) rewards (ODIN: the quality head only; InfoRM: the reward of z, z = μ in eval mode)."""
+        return self.outputs(hidden)[0]
 
 
 class RewardModelOutput(NamedTuple):
     rewards: torch.Tensor  # (B,) float32, head applied at the last real token
     logits: torch.Tensor | None  # (B, T, V) LM logits of the same pass (None when not requested)
+    head: dict[str, torch.Tensor] = {}  # the head's other outputs (`RewardHead.outputs`; never mutated)
 
 
 def _get(obj, *names, default=None):
@@ -221,21 +268,23 @@ class GRMRewardModel(nn.Module):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
-    def _reward_at_last(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _reward_at_last(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         last = last_token_index(attention_mask)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.v_head(h.to(torch.float32))
+        return self.v_head.outputs(h.to(torch.float32))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 return_logits: bool = True) -> RewardModelOutput:
-        """Rewards (B,) read at the last real token and, when `return_logits`, the LM logits (B, T, V) of the same
-        forward pass (GRM's text-generation loss needs both)."""
+        """Rewards (B,) read at the last real token, the head's other outputs (ODIN's length head, InfoRM's latent;
+        see `RewardHead.outputs`) and, when `return_logits`, the LM logits (B, T, V) of the same forward pass (GRM's
+        text-generation loss needs both)."""
         lm = self.causal_lm()
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                       **self._position_kwargs(lm, attention_mask))
         if not return_logits:
             hidden = getattr(lm, lm.base_model_prefix)(**kwargs).last_hidden_state
-            return RewardModelOutput(self._reward_at_last(hidden, attention_mask), None)
+            rewards, head = self._reward_at_last(hidden, attention_mask)
+            return RewardModelOutput(rewards, None, head)
         if not self.lm_head_loaded:
             raise RuntimeError("this reward model was loaded from a checkpoint without its LM head weights; "
                                "it can score (return_logits=False) but not compute LM logits")
@@ -249,7 +298,8 @@ class GRMRewardModel(nn.Module):
             handle.remove()
         if len(captured) != 1 or captured[0].shape[:2] != input_ids.shape:
             raise RuntimeError("could not capture the LM head's input for every position")
-        return RewardModelOutput(self._reward_at_last(captured[0], attention_mask), out.logits)
+        rewards, head = self._reward_at_last(captured[0], attention_mask)
+        return RewardModelOutput(rewards, out.logits, head)
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) rewards only (no LM logits computed); the `rewards_fn` of `pipeline.scoring.ModelScorer`."""

@@ -52,8 +52,10 @@ class RewardScorer(Protocol):
         ...
 
 
-# rewards_fn(input_ids, attention_mask) -> (B,) tensor of rewards read at the last real token
-RewardsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# rewards_fn(input_ids, attention_mask) -> (B,) tensor of rewards read at the last real token, or a pair (rewards,
+# extras) whose extras {name: (B, ...) tensor} are per-sequence values computed in the same pass (InfoRM's latent
+# and its outlier score); `ModelScorer.score(..., extras=dict)` collects them.
+RewardsFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 class ModelScorer:
@@ -78,19 +80,21 @@ class ModelScorer:
             self._encoder = ConversationEncoder(self.tokenizer, self.max_length, double_bos=self.double_bos)
         return self._encoder
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str], extras: dict | None = None) -> np.ndarray:
+        """Rewards of each (prompt, response). `extras`, when a dict, receives the rewards function's per-sequence
+        extra outputs (see `RewardsFn`) as arrays aligned with the rewards (NaN where unscored)."""
         if len(prompts) != len(responses):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
-        return self.score_encoded(self.encoder.encode(prompts, responses))
+        return self.score_encoded(self.encoder.encode(prompts, responses), extras)
 
     def score_token_ids(self, prompt_token_ids: Sequence[Sequence[int]],
-                        response_token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+                        response_token_ids: Sequence[Sequence[int]], extras: dict | None = None) -> np.ndarray:
         """Rewards from token ids of a policy that shares this scorer's tokenizer: prompt ids (chat template with
         generation prompt) and response ids without the token that ended the turn. No decoding, no re-tokenizing;
         equal to `score` on the decoded text when the text re-tokenizes to the same ids."""
-        return self.score_encoded(self.encoder.encode_ids(prompt_token_ids, response_token_ids))
+        return self.score_encoded(self.encoder.encode_ids(prompt_token_ids, response_token_ids), extras)
 
-    def score_encoded(self, encoded: list[Encoded]) -> np.ndarray:
+    def score_encoded(self, encoded: list[Encoded], extras: dict | None = None) -> np.ndarray:
         out = np.full(len(encoded), np.nan, dtype=np.float64)
         keep = [i for i, e in enumerate(encoded) if not e.truncated]
         if len(keep) < len(encoded) and self.strict_length:
@@ -106,11 +110,18 @@ class ModelScorer:
             for s in range(0, len(keep), self.batch_size):
                 idx = keep[s:s + self.batch_size]
                 batch = collate([encoded[i] for i in idx], self.pad_id, self.padding_side)
-                out[idx] = self.batch_rewards(batch).float().cpu().numpy()
+                rewards = self.batch_rewards(batch)
+                rewards, batch_extras = rewards if isinstance(rewards, tuple) else (rewards, {})
+                out[idx] = rewards.float().cpu().numpy()
+                for name, value in (batch_extras.items() if extras is not None else ()):
+                    value = value.double().cpu().numpy()
+                    if name not in extras:
+                        extras[name] = np.full((len(encoded), *value.shape[1:]), np.nan)
+                    extras[name][idx] = value
         return out
 
-    def batch_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) rewards of one collated batch (`pipeline.tokenization.collate`)."""
+    def batch_rewards(self, batch: dict[str, torch.Tensor]):
+        """(B,) rewards of one collated batch (`pipeline.tokenization.collate`), or (rewards, extras) (`RewardsFn`)."""
         return self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
 
@@ -173,6 +184,65 @@ def combine_members(member_scores: Sequence[np.ndarray], stats: Sequence[dict], 
 def load_member_stats(train_artifact) -> dict:
     """The reference-set mean/std a `train_proxy` artifact saved for standardising it as an ensemble member."""
     return json.loads((Path(train_artifact) / "reference_stats.json").read_text())
+
+
+# InfoRM's latent outlier score (Miao et al. 2024): how far a response's latent mean μ lies from the distribution of μ
+# on the proxy's training responses, as a Mahalanobis distance. Mean and covariance are fitted by `train_proxy` and
+# saved beside the model; the covariance gets a ridge (as the authors' code adds 1e-3·I) so that it inverts when the
+# latent has more dimensions than there are training responses.
+LATENT_STATS_FILE = "latent_stats.safetensors"
+LATENT_COV_RIDGE = 1e-3
+
+
+def fit_latent_stats(latent_means: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean (D,) and sample covariance (D, D) (N − 1 in the denominator) of N ≥ 2 latent means (N, D)."""
+    x = np.asarray(latent_means, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"latent statistics need at least two (N, D) latent means, got shape {x.shape}")
+    return {"mean": x.mean(axis=0), "covariance": np.atleast_2d(np.cov(x, rowvar=False))}
+
+
+def save_latent_stats(stats: dict[str, np.ndarray], path: Path, n: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()}, str(path),
+              metadata={"n": str(n), "set": "training responses", "ridge": str(LATENT_COV_RIDGE)})
+
+
+def load_latent_stats(train_artifact) -> dict[str, torch.Tensor]:
+    """The latent mean and the precision (covariance + ridge·I)⁻¹ an InfoRM `train_proxy` artifact saved (float64)."""
+    from safetensors.torch import load_file
+
+    path = Path(train_artifact) / LATENT_STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an InfoRM proxy's train_proxy artifact saves its latent statistics")
+    saved = load_file(str(path))
+    cov = saved["covariance"].double()
+    return {"mean": saved["mean"].double(),
+            "precision": torch.linalg.inv(cov + LATENT_COV_RIDGE * torch.eye(cov.shape[0], dtype=cov.dtype))}
+
+
+def mahalanobis(latent_means: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, D) latent means -> (B,) Mahalanobis distances √((μ − m)ᵀ P (μ − m)) to the saved distribution."""
+    diff = latent_means.double() - stats["mean"].to(latent_means.device)
+    return ((diff @ stats["precision"].to(latent_means.device)) * diff).sum(-1).clamp_min(0.0).sqrt()
+
+
+def grm_rewards_fn(model: GRMRewardModel, latent_stats: dict[str, torch.Tensor] | None = None) -> RewardsFn:
+    """The `RewardsFn` of a GRM: `model.rewards`, and for an InfoRM head (rewards, extras) with extras "latent_mean"
+    (B, D) and, given the latent statistics, "outlier" (B,), the Mahalanobis distance of each latent mean."""
+    if not model.head_config.ib_dim:
+        return model.rewards
+
+    def rewards(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = model(input_ids, attention_mask, return_logits=False)
+        mean = out.head["latent_mean"]
+        extras = {"latent_mean": mean}
+        if latent_stats is not None:
+            extras["outlier"] = mahalanobis(mean, latent_stats)
+        return out.rewards, extras
+
+    return rewards
 
 
 class EnsembleScorer:
@@ -242,12 +312,17 @@ def over_length_check(scorer, prompts: Sequence[Prompt], responses: Sequence[str
 
 def score_rollouts(scorer: RewardScorer, policy_tokenizer, prompts: Sequence[Prompt],
                    prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]],
-                   responses: Sequence[str]) -> np.ndarray:
+                   responses: Sequence[str], extras: dict | None = None) -> np.ndarray:
     """Rewards of a policy's samples, from token ids when the scorer shares the policy's tokenizer (no decode and
-    re-encode: the fast path PPO needs), else from the decoded text through `scorer.score`."""
+    re-encode: the fast path PPO needs), else from the decoded text through `scorer.score`. `extras` (a dict, for a
+    `ModelScorer` only) receives its per-sequence extra outputs, as in `ModelScorer.score`."""
     if isinstance(scorer, ModelScorer) and same_tokenizer(scorer.tokenizer, policy_tokenizer) \
             and scorer.encoder.suffix is not None:
-        return scorer.score_token_ids(prompt_token_ids, response_token_ids)
+        return scorer.score_token_ids(prompt_token_ids, response_token_ids, extras)
+    if extras is not None:
+        if not isinstance(scorer, ModelScorer):
+            raise ValueError(f"extras are only collected from a single model's scorer, not {type(scorer).__name__}")
+        return scorer.score(prompts, responses, extras)
     if isinstance(scorer, EnsembleScorer):
         return combine_members([score_rollouts(m, policy_tokenizer, prompts, prompt_token_ids, response_token_ids,
                                                responses) for m in scorer.members], scorer.stats, scorer.combine,
@@ -289,16 +364,18 @@ class TRLRewardFunction:
 
 
 def load_reward_scorer(name_or_path: str | Path, batch_size: int = 32, max_length: int = 1024, dtype: str = "float32",
-                       trust_remote_code: bool = False, strict_length: bool = False, double_bos: bool = False):
+                       trust_remote_code: bool = False, strict_length: bool = False, double_bos: bool = False,
+                       latent_stats: dict | None = None):
     """A `ModelScorer` for any reward model: an overopt/GRM-authors GRM directory or an HF sequence classifier.
-    `double_bos`: tokenize as the GRM authors' released checkpoints were trained (see `encode_conversation`)."""
+    `double_bos`: tokenize as the GRM authors' released checkpoints were trained (see `encode_conversation`).
+    `latent_stats` (`load_latent_stats`): an InfoRM GRM's scorer also gives the "outlier" extra (`grm_rewards_fn`)."""
     checked_local(name_or_path)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     if Path(name_or_path).is_dir() and is_grm_checkpoint(name_or_path):
         model = GRMRewardModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         model.to(default_device())
-        return ModelScorer(model.rewards, model, tokenizer, batch_size, max_length, strict_length=strict_length,
-                           double_bos=double_bos)
+        return ModelScorer(grm_rewards_fn(model, latent_stats), model, tokenizer, batch_size, max_length,
+                           strict_length=strict_length, double_bos=double_bos)
     model = load_seq_cls_reward_model(name_or_path, dtype, trust_remote_code)
     return ModelScorer(seq_cls_rewards(model), model, tokenizer, batch_size, max_length, strict_length=strict_length,
                        double_bos=double_bos)
@@ -340,5 +417,6 @@ def build_scorer(cfg, inputs: dict[str, Path], strict_length: bool = False):
                                       strict_length=strict_length) for d in dirs]
         stats = [load_member_stats(d) for d in dirs]
         return EnsembleScorer(members, stats, proxy.combine, proxy.uwo_lambda)
+    latent_stats = load_latent_stats(inputs["model"]) if proxy.type == "inform" else None
     return load_reward_scorer(inputs["model"] / "model", cfg.batch_size, cfg.max_length, cfg.dtype,
-                              strict_length=strict_length)
+                              strict_length=strict_length, latent_stats=latent_stats)

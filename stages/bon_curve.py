@@ -23,6 +23,9 @@ Examples (`examples.json`, see `pipeline.examples`): for a few evaluation prompt
 the first n samples (`nested_picks`: one concrete draw, the proxy's argmax) for n = 1, the n of the empirical gold
 peak and the largest n, with its proxy and gold scores; text and keys come from the `samples` records (bon_sample).
 
+An InfoRM proxy's scores carry each sample's latent outlier score (bon_score's `outlier`); its curve then also has
+outlier (with _lo/_hi), the expected outlier score of the picked response per n (`with_outlier`).
+
 Writes curve.parquet, fit.json, curve.png and examples.json.
 """
 
@@ -35,7 +38,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.bon import bon_curve_table, bon_per_prompt, kl_bon_bound, nested_picks, with_kl_estimated
+from pipeline.bon import (
+    bon_curve_table,
+    bon_per_prompt,
+    bootstrap_ci,
+    kl_bon_bound,
+    nested_picks,
+    unbiased_bon,
+    with_kl_estimated,
+)
 from pipeline.config import BonCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
 from pipeline.gao import bootstrap_fit, check_curve_fit, fit_bon
@@ -69,6 +80,10 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     table = with_kl_estimated(table, proxy, response_matrix(samples, prompt_ids, sample_ids, inputs["samples"]),
                               n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     table = with_proxy_rel_std(table, proxy)
+    if "outlier" in proxy_records.columns:  # an InfoRM proxy: the latent outlier score of the picked responses
+        outlier, _ = score_matrix(proxy_records[["prompt_id", "sample_idx"]].assign(score=proxy_records.outlier),
+                                  proxy_file, prompt_ids)
+        table = with_outlier(table, proxy, outlier, ns, cfg.bootstrap, cfg.ci, cfg.seed)
     table.to_parquet(out / "curve.parquet", index=False)
     fit = fit_bon(table.sqrt_kl_bound.to_numpy(), table.gold_rel.to_numpy())
     # the same fit with CIs: prompts resampled, each resample's mean relative-gold curve refitted
@@ -121,6 +136,15 @@ def with_proxy_rel_std(table: pd.DataFrame, proxy: np.ndarray) -> pd.DataFrame:
     for offset, suffix in enumerate(("", "_lo", "_hi")):
         out.insert(at + offset, f"proxy_rel_std{suffix}", out[f"proxy_rel{suffix}"] / sd)
     return out
+
+
+def with_outlier(table: pd.DataFrame, proxy: np.ndarray, outlier: np.ndarray, ns: list[int], n_boot: int, ci: float,
+                 seed: int) -> pd.DataFrame:
+    """The table with outlier(_lo, _hi) last: the expected outlier score of the response best-of-n picks (the
+    unbiased estimator's weights, as for gold), averaged over prompts with a bootstrap CI over prompts."""
+    _, per_prompt = unbiased_bon(proxy, outlier, ns)
+    mean, lo, hi = bootstrap_ci(per_prompt, n_boot, ci, seed)
+    return table.assign(outlier=mean, outlier_lo=lo, outlier_hi=hi)
 
 
 def kl_estimated_at(row: pd.Series) -> dict:

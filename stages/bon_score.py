@@ -4,7 +4,9 @@ proxy). Best-of-n samples are keyed (prompt_id, sample_idx); samples of RL expor
 Cached per (samples, scorer), so adding a proxy scores only with that proxy. An ensemble does not re-score: it
 combines its members' bon_score artifacts, each standardised with the member's reference-set statistics.
 
-Writes scores.parquet ((step,) prompt_id, sample_idx, score).
+Writes scores.parquet ((step,) prompt_id, sample_idx, score); an InfoRM proxy's also has `outlier`, the Mahalanobis
+distance of each sample's latent mean to the latent distribution on the proxy's training responses
+(`pipeline.scoring.mahalanobis`), a detector of over-optimization.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         # an unscored sample cannot be dropped (best-of-n would favour short ones): over-length is an error, found
         # before any forward pass
         scorer = build_scorer(cfg, inputs, strict_length=True)
+        extras = {} if cfg.proxy is not None and cfg.proxy.type == "inform" else None
         try:
-            values = scorer.score([messages(p) for p in samples.prompt], list(samples.response))
+            texts = [messages(p) for p in samples.prompt], list(samples.response)
+            values = scorer.score(*texts) if extras is None else scorer.score(*texts, extras=extras)
         except SequenceTooLongError as e:
             raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None
         scores = samples[sample_keys(samples)].assign(score=values)
+        if extras is not None:
+            scores["outlier"] = extras["outlier"]
     keys = sample_keys(scores)
     check_finite(scores.score, cfg.name, list(scores[keys].itertuples(index=False, name=None)), keys)
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)

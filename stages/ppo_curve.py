@@ -23,6 +23,9 @@ Examples (`examples.json`, see `pipeline.examples`): for the same few evaluation
 (the lowest sample_idx) of the step-0 export, the export of the empirical gold peak and the last export, with its
 proxy and gold scores and its KL, from the sample records.
 
+Against an InfoRM proxy the curve also carries the mean latent outlier score of each export's samples, outlier (with
+_lo/_hi), from ppo_sample's `outlier` column.
+
 Writes curve.parquet, fit.json, curve.png and examples.json.
 """
 
@@ -48,22 +51,25 @@ log = logging.getLogger("overopt")
 QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
 
 
-def per_prompt_means(samples: pd.DataFrame) -> dict[str, np.ndarray]:
+def per_prompt_means(samples: pd.DataFrame, quantities: list[str] = QUANTITIES) -> dict[str, np.ndarray]:
     """(steps, prompts) matrices of each quantity's mean over a prompt's samples; steps and prompts sorted."""
-    means = samples.groupby(["step", "prompt_id"])[QUANTITIES].mean()
-    return {q: means[q].unstack("prompt_id").sort_index().to_numpy() for q in QUANTITIES}
+    means = samples.groupby(["step", "prompt_id"])[quantities].mean()
+    return {q: means[q].unstack("prompt_id").sort_index().to_numpy() for q in quantities}
 
 
 def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
                    source: Path | str = "RL samples") -> pd.DataFrame:
     """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs, and
-    proxy_std(_lo, _hi): proxy_rel over the standard deviation of the step-0 samples' proxy scores."""
-    m = per_prompt_means(samples)
+    proxy_std(_lo, _hi): proxy_rel over the standard deviation of the step-0 samples' proxy scores. Samples with an
+    `outlier` column (an InfoRM proxy's latent outlier score) add its mean, outlier(_lo, _hi), as the last columns."""
+    extra = ["outlier"] if "outlier" in samples.columns else []
+    m = per_prompt_means(samples, QUANTITIES + extra)
     steps = np.sort(samples.step.unique())
     if steps[0] != 0:
         raise RecordError(f"{source}: no samples of the step-0 export (the initial policy) to measure gains against; "
                           f"steps present: {steps.tolist()}")
-    blocks = {**m, "proxy_rel": m["proxy"] - m["proxy"][0], "gold_rel": m["gold"] - m["gold"][0]}
+    blocks = {**{q: m[q] for q in QUANTITIES}, "proxy_rel": m["proxy"] - m["proxy"][0],
+              "gold_rel": m["gold"] - m["gold"][0], **{q: m[q] for q in extra}}
     S = len(steps)
     # one bootstrap over prompts for every quantity and step: columns are (quantity, step) pairs
     mean, lo, hi = bootstrap_ci(np.concatenate([b.T for b in blocks.values()], axis=1), n_boot, ci, seed)

@@ -13,7 +13,8 @@ Every export samples with the same seed (common random numbers: differences betw
 Each export's samples are a shard written atomically, so a killed run resumes at the first missing one. The gold
 scores these samples in its own stage (ppo_gold[p]), so the gold model never sits in RL memory.
 
-Writes shards/shard_<step>.parquet (`RL_SAMPLE_COLUMNS`) and samples.json.
+Writes shards/shard_<step>.parquet (`RL_SAMPLE_COLUMNS`; against an InfoRM proxy also `outlier`, each sample's latent
+outlier score, as in bon_score) and samples.json.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         rows = sample_responses(policy, tokenizer, chat, cfg.n_samples, sampling, cfg.seed)
         query_rows = [heads[r["prompt_index"]] for r in rows]
         k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
+        extras = {} if cfg.scorer.proxy is not None and cfg.scorer.proxy.type == "inform" else None
         proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
-                               [r["token_ids"] for r in rows], [r["response"] for r in rows])
+                               [r["token_ids"] for r in rows], [r["response"] for r in rows], extras)
         check_finite(proxy, cfg.scorer.name,
                      [(prompts.prompt_id[r["prompt_index"]], r["sample_idx"]) for r in rows],
                      ("prompt_id", "sample_idx"), where=f"samples of the step-{step} export")
@@ -84,7 +86,10 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
         frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
-        write_shard(frame[RL_SAMPLE_COLUMNS], shard_dir / f"shard_{step:05d}.parquet", RL_SAMPLE_COLUMNS)
+        columns = RL_SAMPLE_COLUMNS + (["outlier"] if extras is not None else [])
+        if extras is not None:
+            frame["outlier"] = extras["outlier"]
+        write_shard(frame[columns], shard_dir / f"shard_{step:05d}.parquet", columns)
         log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, k1.mean(), k3.mean(),
                  proxy.mean(), frame.n_tokens.mean())
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,

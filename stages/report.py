@@ -98,6 +98,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
             len(ps) > 1 for ps in bon_groups.values()) else ""
         parts += ["## Best-of-n", "",
                   "KL is the analytic upper bound log n − (n−1)/n. Gold ± bootstrap CI over prompts." + _fit_note(fits)
+                  + _outlier_note(curves.values())
                   + several, "", "![best-of-n](bon_gold_vs_kl.png)", ""]
         for g, ps in bon_groups.items():
             # a group of several seeds shows its first seed's table here; the others are in bon_curves.csv and
@@ -108,6 +109,8 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                                        for g, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
             if "kl_estimated" in c:  # the bound overstates best-of-n's KL; the estimate is what RL is set beside
                 t.insert(2, "KL estimated", c.kl_estimated)
+            if "outlier" in c:  # an InfoRM proxy: how far the picked responses' latents lie from its training data
+                t["latent outlier"] = _outlier_cells(c)
             peak = fit["empirical_peak"]
             # (the README names no file: report.html stands alone)
             others = ("" if len(ps) == 1 else f"The first of {len(ps)} seeds; the curves of "
@@ -523,7 +526,8 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
              "initial policy's samples, RL points carry KL error bars, fits are dashed (dotted when they fail their "
              "check), and best-of-n is dash-dotted with squares at its KL estimated from its samples (the analytic "
              "log n − (n−1)/n is only an upper bound)."
-             + _fit_note({r: fits[(arm, r)] for rs in by_proxy.values() for r in rs}), "",
+             + _fit_note({r: fits[(arm, r)] for rs in by_proxy.values() for r in rs})
+             + _outlier_note([curves[(arm, r)] for rs in by_proxy.values() for r in rs]), "",
              f"![{name} and best-of-n]({figure})", ""]
     if any(len(rs) > 1 for rs in by_proxy.values()):
         parts += ["### Over seeds", "", f"Mean ± standard deviation over {name} seeds with a 95 % t-interval for the "
@@ -538,11 +542,28 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
     return parts
 
 
+def _outlier_note(curves) -> str:
+    """What the latent-outlier column of an InfoRM proxy's tables is, when some table has one."""
+    if not any("outlier" in c for c in curves):
+        return ""
+    return (" For an InfoRM proxy, *latent outlier* is the mean Mahalanobis distance of the selected (or sampled) "
+            "responses' latent means to their distribution on the proxy's training responses (± bootstrap CI); "
+            "InfoRM reads a rise as a sign of over-optimization.")
+
+
 def _rl_table(c: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
-                         "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-                                   for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
-                         "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
+    t = pd.DataFrame({"step": c.step, "KL (k1)": c.kl_k1, "KL (k3)": c.kl_k3,
+                      "proxy": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.proxy, c.proxy_lo, c.proxy_hi)],
+                      "gold": [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(c.gold, c.gold_lo, c.gold_hi)]})
+    if "outlier" in c:  # an InfoRM proxy: how far the samples' latents lie from its training data
+        t["latent outlier"] = _outlier_cells(c)
+    return t
+
+
+def _outlier_cells(c: pd.DataFrame) -> list[str]:
+    """An InfoRM curve's mean latent outlier score (Mahalanobis distance to the latent distribution on the proxy's
+    training responses) with its bootstrap CI, one cell per row."""
+    return [f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in zip(c.outlier, c.outlier_lo, c.outlier_hi)]
 
 
 def _rl_sentence(c: pd.DataFrame, fit: dict) -> str:

@@ -8,13 +8,17 @@ picks the loss, from the table of proxy types in `pipeline.proxy_types` (losses 
     label_smoothing  -(1-ε) mean log σ(r_c - r_r) - ε mean log σ(r_r - r_c)
     frozen           bt, backbone frozen (only the head trains)
     grm              (1-α)·bt + α·reg, reg from the response-token log-probs of the same forward pass
+    odin             bt(r_q + r_l) + λ_L·(|ρ(r_q, L)| − ρ(r_l, L)) + λ_O·|W_q·W_l|, two heads, only r_q scores
+    inform           bt + β·mean KL(N(μ, σ²) ‖ N(0, I)), reward of a sampled Gaussian latent (its mean at scoring)
     any of them      + center_coef · mean((r_c + r_r)²) when center_coef > 0 (reward centering)
 
 The initialisation (reward head, LoRA matrices) is seeded by `init_seed` (default: `seed`), the data order and
 dropout by `seed`: a warm proxy's members share one init and differ in data order.
 
 Writes model/ (`GRMRewardModel.save_pretrained`, tokenizer included), reference_stats.json (mean/std of its rewards on
-the training responses, used to standardise ensemble members), train_log.json, metrics.json.
+the training responses, used to standardise ensemble members), train_log.json, metrics.json; an InfoRM proxy also
+latent_stats.safetensors (mean and covariance of its latent mean μ on the training responses: the reference of its
+outlier score, `pipeline.scoring.mahalanobis`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pipeline.config import TrainProxyStageConfig
 from pipeline.models import DTYPES, load_tokenizer
 from pipeline.records import PAIR_COLUMNS, messages, read_records
 from pipeline.reward_model import GRMRewardModel, RewardHeadConfig
-from pipeline.scoring import ModelScorer
+from pipeline.scoring import LATENT_STATS_FILE, ModelScorer, fit_latent_stats, grm_rewards_fn, save_latent_stats
 from pipeline.tokenization import collate, encode_conversation, pad_token_id
 
 VERSION = "1"
@@ -117,7 +121,8 @@ def init_reward_model(cfg: TrainProxyStageConfig, base: str):
     proxy, tr = cfg.proxy, cfg.training
     kind = proxy_types.spec(proxy.type)
     set_seed(proxy.seed if proxy.init_seed is None else proxy.init_seed)
-    head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout)
+    head = RewardHeadConfig(type=proxy.head, width=proxy.head_width, dropout=proxy.head_dropout,
+                            **kind.head_settings(proxy))
     model = GRMRewardModel.from_base(base, head, DTYPES[cfg.base.dtype], cfg.base.trust_remote_code, lora=tr.lora)
     if kind.frozen_backbone:
         model.freeze_backbone()
@@ -166,13 +171,19 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     model.save_pretrained(out / "model", tokenizer=tokenizer)
 
     # reference statistics on the training responses (standardises ensemble members) and training accuracy
-    scorer = ModelScorer(model.rewards, model, tokenizer, batch_size=64, max_length=tr.max_length)
+    scorer = ModelScorer(grm_rewards_fn(model), model, tokenizer, batch_size=64, max_length=tr.max_length)
     prompts = [messages(p) for p in train.prompt]
-    r_c, r_r = scorer.score(prompts, list(train.chosen)), scorer.score(prompts, list(train.rejected))
+    extras_c, extras_r = {}, {}
+    r_c = scorer.score(prompts, list(train.chosen), extras_c)
+    r_r = scorer.score(prompts, list(train.rejected), extras_r)
     both = np.concatenate([r_c, r_r])
-    both = both[~np.isnan(both)]
+    scored = ~np.isnan(both)
+    both = both[scored]
     (out / "reference_stats.json").write_text(json.dumps({"mean": float(both.mean()), "std": float(both.std()),
                                                           "n": int(both.size), "set": "training responses"}))
+    if "latent_mean" in extras_c:  # InfoRM: the latent's distribution on the training responses (outlier scores)
+        latent = np.concatenate([extras_c["latent_mean"], extras_r["latent_mean"]])[scored]
+        save_latent_stats(fit_latent_stats(latent), out / LATENT_STATS_FILE, n=len(latent))
     (out / "train_log.json").write_text(json.dumps(history))
     metrics = {"train_pairs": len(dataset), "dropped_over_length": dataset.dropped,
                "train_loss": result.training_loss, "steps": result.global_step,

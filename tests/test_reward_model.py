@@ -142,8 +142,8 @@ def test_lm_head_kept_and_logits_equal_plain_causal_lm(arch, bases, tok):
     assert torch.allclose(ref, by_hand, atol=1e-5)
     # the logits pass and the rewards-only pass give the same rewards
     assert torch.allclose(out.rewards, model.rewards(b["input_ids"], b["attention_mask"]).detach(), atol=1e-6)
-    rewards, logits = out  # tuple-like
-    assert rewards is out.rewards and logits is out.logits
+    rewards, logits, head = out  # tuple-like
+    assert rewards is out.rewards and logits is out.logits and head == {}  # a plain head has no other outputs
 
 
 def test_dropout_active_in_train_off_in_eval(bases, tok):
