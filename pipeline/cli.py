@@ -286,13 +286,33 @@ def _sweep_status(cfg: StudyConfig, points: dict[str, StudyConfig]) -> int:
     return 0
 
 
+def print_catalog() -> None:
+    """What can be swapped in: every proxy type, the options every trained proxy takes, the RL reward transforms and
+    the RL arms, each with the paper it comes from (`pipeline.proxy_types`, `pipeline.reward_transforms`)."""
+    from pipeline.proxy_types import PROXY_OPTIONS, PROXY_TYPES
+    from pipeline.reward_transforms import DESCRIPTIONS
+
+    def line(name: str, what: str, ref: str) -> str:
+        return f"  {name:<16} {what}" + (f"  [{ref}]" if ref else "")
+
+    print("proxy types (proxies[].type):")
+    print("\n".join(line(t.name, t.summary, t.reference) for t in PROXY_TYPES.values()))
+    print("proxy options (any trained type):")
+    print("\n".join(line(name, what, ref) for name, (what, ref) in PROXY_OPTIONS.items()))
+    print("reward transforms (ppo.reward_transform.kind, rl.reward_transform.kind, ppo.variants):")
+    print("\n".join(line(kind, what, ref) for kind, (what, ref) in DESCRIPTIONS.items()))
+    print("RL arms: ppo (+ ppo.variants, e.g. a KL penalty: kl_coef, adaptive_kl), grpo and rloo (rl:), dpo (dpo:)")
+    print()
+
+
 def cmd_show(cfg: StudyConfig, args) -> int:
-    """Print a few labeled pairs so a person can check the world and the gold labels by eye, and (tiny world) what
-    difference decides the training pairs."""
+    """Print what can be swapped in (`print_catalog`), then a few labeled pairs so a person can check the world and
+    the gold labels by eye, and (tiny world) what difference decides the training pairs."""
     import pandas as pd
 
     from pipeline.records import prompt_text
 
+    print_catalog()
     runner = _runner(cfg)
     plan = {p.node.key: p for p in runner.plan()}
     p = plan.get("gold_label")
@@ -384,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "run the study's stages that are not cached"),
                         ("status", "show each stage's cache state"),
-                        ("show", "print a few gold-labeled pairs"),
+                        ("show", "list proxy types and reward transforms, then print a few gold-labeled pairs"),
                         ("plan", "per stage: processes, tokens to generate and score, memory per rank; runs nothing")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", type=Path)

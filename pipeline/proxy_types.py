@@ -88,29 +88,52 @@ class ProxyTypeSpec:
     composite: bool = False
     # extra `RewardHeadConfig` settings of the type's head (ODIN: two outputs; InfoRM: a Gaussian latent)
     head_settings: Callable[[Any], dict] = lambda proxy: {}
+    summary: str = ""  # what the type is, in a line (`overopt show`, the README's proxy table)
+    reference: str = ""  # the paper it comes from
 
 
 PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
-    ProxyTypeSpec("bt", frozenset(), True, _bt),
-    ProxyTypeSpec("margin", frozenset({"margin_scale"}), True, _margin),
-    ProxyTypeSpec("label_smoothing", frozenset({"epsilon"}), True, _label_smoothing),
+    ProxyTypeSpec("bt", frozenset(), True, _bt, summary="Bradley-Terry: −log σ(r_c − r_r)",
+                  reference="Bradley & Terry 1952; Ouyang et al. 2022"),
+    ProxyTypeSpec("margin", frozenset({"margin_scale"}), True, _margin,
+                  summary="BT with a margin m = margin_scale·|gold_c − gold_r|", reference="Touvron et al. 2023"),
+    ProxyTypeSpec("label_smoothing", frozenset({"epsilon"}), True, _label_smoothing,
+                  summary="BT with labels smoothed by epsilon", reference="Wang et al. 2024 (Secrets of RLHF II)"),
     ProxyTypeSpec("grm", frozenset({"reg", "alpha", "beta"}), True, _grm, needs_logits=True,
-                  needs_reference=lambda proxy: proxy.reg == "dpo"),
-    ProxyTypeSpec("frozen", frozenset(), True, _bt, frozen_backbone=True),
+                  needs_reference=lambda proxy: proxy.reg == "dpo",
+                  summary="(1 − α)·BT + α·text-generation regulariser (sft, sft_nll, dpo, dpo_noref) on the kept LM head",
+                  reference="Yang et al. 2024 (GRM)"),
+    ProxyTypeSpec("frozen", frozenset(), True, _bt, frozen_backbone=True,
+                  summary="BT with the backbone frozen: only the reward head trains", reference="Yang et al. 2024 (GRM), baseline"),
     ProxyTypeSpec("odin", frozenset({"odin_length_weight", "odin_ortho_weight"}), True, _odin,
-                  head_settings=lambda proxy: {"outputs": 2}),
+                  head_settings=lambda proxy: {"outputs": 2},
+                  summary="quality and length heads, length decorrelated; only the quality head scores",
+                  reference="Chen et al. 2024 (ODIN)"),
     ProxyTypeSpec("inform", frozenset({"ib_dim", "ib_beta"}), True, _inform,
-                  head_settings=lambda proxy: {"ib_dim": proxy.ib_dim}),
+                  head_settings=lambda proxy: {"ib_dim": proxy.ib_dim},
+                  summary="information-bottleneck head (Gaussian latent, KL to N(0, I)); latent outlier score on curves",
+                  reference="Miao et al. 2024 (InfoRM)"),
     # `members` copies of `member_type` whose standardised scores are combined (Coste et al. 2023)
-    ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False, composite=True),
+    ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False, composite=True,
+                  summary="members' standardised scores combined: mean, min (WCO) or uwo",
+                  reference="Coste et al. 2023"),
     # `members` copies of `member_type` from one shared initialisation, seen in different data orders, whose weights
     # are averaged into one model (Ramé et al. 2024, WARM; stage warm_average)
-    ProxyTypeSpec("warm", frozenset({"members", "member_type"}), False, composite=True),
+    ProxyTypeSpec("warm", frozenset({"members", "member_type"}), False, composite=True,
+                  summary="members from one initialisation, different data orders, weights averaged into one model",
+                  reference="Ramé et al. 2024 (WARM)"),
     # an existing reward model (local dir or hub id): no training stage
-    ProxyTypeSpec("checkpoint", frozenset({"path", "trust_remote_code", "dtype", "double_bos"}), False),
+    ProxyTypeSpec("checkpoint", frozenset({"path", "trust_remote_code", "dtype", "double_bos"}), False,
+                  summary="an existing reward model (HF sequence classifier or GRM layout), not trained here"),
 )}
 
 ALL_TYPES: tuple[str, ...] = tuple(PROXY_TYPES)
+
+# Options every trained proxy takes on top of its type's loss: field -> (what it does, where it comes from).
+PROXY_OPTIONS = {
+    "center_coef": ("reward centering: + c·mean((r_c + r_r)²) pulls the mean reward to 0",
+                    "Eisenstein et al. 2023; TRL's center_rewards_coefficient"),
+}
 TRAINED_TYPES: tuple[str, ...] = tuple(n for n, s in PROXY_TYPES.items() if s.trained)
 
 

@@ -47,6 +47,16 @@ def per_prompt_normalise(scores: torch.Tensor, prompt_ids: torch.Tensor, eps: fl
 
 
 KINDS = ("none", "clip", "par", "log_sigmoid", "per_prompt_norm")
+# kind -> (what it does, where it comes from), for `overopt show` and the README
+DESCRIPTIONS = {
+    "none": ("the proxy's raw score", ""),
+    "clip": ("clip(r, lo, hi), clip_range in the proxy's raw units", "Fu et al. 2025 (Clip baseline)"),
+    "par": ("σ(r − r_ref), r_ref the score of a response of the initial policy to the same prompt",
+            "Fu et al. 2025 (PAR)"),
+    "log_sigmoid": ("log σ(r − r_ref), r_ref as for par", "Wang et al. 2024 (log-sigmoid centring)"),
+    "per_prompt_norm": ("(r − mean) / sd over each prompt's rollouts (PPO only)", "Shao et al. 2024 (GRPO's group "
+                        "normalisation)"),
+}
 REFERENCE_TRANSFORMS = ("par", "log_sigmoid")  # the kinds that need a reference response's score
 # GRPO normalises each group by its mean and std itself, and RLOO's leave-one-out baseline centres it: per-prompt
 # normalisation before them would be GRPO's own step done twice (RLOO: scaled by the group's std), not a mitigation
