@@ -268,3 +268,24 @@ def test_the_reference_scorer_samples_the_same_response_for_a_prompt_and_update(
     assert first.shape == (2,) and torch.isfinite(first).all()
     draws = torch.stack([score(chats[:1], ["a"], u) for u in range(6)])
     assert len(set(draws.flatten().tolist())) > 1  # a new response each update
+
+
+def test_the_mitigations_study_reuses_the_demos_stages():
+    """configs/tiny_mitigations.yaml repeats tiny.yaml's world, policy, pairs, proxy training and PPO settings: every
+    stage the two studies share (bt's proxies and its PPO run among them) has one fingerprint, so the mitigation
+    study recomputes none of the demo's work; every mitigation is there."""
+    from pipeline.cache import ArtifactCache
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    demo = Runner(build_stages(load_config(configs / "tiny.yaml")), ArtifactCache("unused")).fingerprints()
+    mit = Runner(build_stages(load_config(configs / "tiny_mitigations.yaml")), ArtifactCache("unused")).fingerprints()
+    shared = [k for k in demo if k in mit and k != "report"]
+    assert {"sft_policy", "gold_label", "train_proxy[bt]", "bon_score[gold]", "ppo[bt]", "ppo_curve[bt]"} <= set(shared)
+    assert [k for k in shared if demo[k] != mit[k]] == []
+    for key in ("warm_average[warm]", "train_proxy[centred]", "train_proxy[odin]", "train_proxy[inform@seed2]",
+                "ppo[inform@seed2]", "ppo_clip[bt]", "ppo_par[bt]", "ppo_log_sigmoid[bt]", "ppo_per_prompt_norm[bt]",
+                "ppo_kl_fixed[bt@seed2]", "ppo_kl_adaptive[bt]", "dpo[bt@seed2]"):
+        assert key in mit, key
