@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from pipeline.distributed import Ranks
 from pipeline.models import (
     DTYPES,
     checked_local,
@@ -67,6 +68,7 @@ class ModelScorer:
         self.strict_length = strict_length  # raise before any forward pass instead of returning NaN
         self.pad_id = pad_token_id(tokenizer)
         self.double_bos = double_bos  # tokenize as the GRM authors' released checkpoints (see encode_conversation)
+        self.ranks = Ranks()  # `data_parallel` splits the batches of every `score` call over a stage's ranks
 
     @property
     def device(self) -> torch.device:
@@ -101,17 +103,34 @@ class ModelScorer:
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
                         len(encoded) - len(keep), len(encoded), self.max_length)
         keep.sort(key=lambda i: len(encoded[i].input_ids))  # length-sorted batches waste little padding
+        # The batches depend on the items and batch_size alone; with several ranks each computes whole batches, so
+        # every score is the float one process computes (padding and batch composition are the same).
+        batches = [keep[s:s + self.batch_size] for s in range(0, len(keep), self.batch_size)]
         self.module.eval()  # dropout off: a reward is a deterministic function of the text
+        mine = {}
         with torch.no_grad():
-            for s in range(0, len(keep), self.batch_size):
-                idx = keep[s:s + self.batch_size]
-                batch = collate([encoded[i] for i in idx], self.pad_id, self.padding_side)
-                out[idx] = self.batch_rewards(batch).float().cpu().numpy()
+            for b in self.ranks.mine(list(range(len(batches)))):
+                batch = collate([encoded[i] for i in batches[b]], self.pad_id, self.padding_side)
+                mine[b] = self.batch_rewards(batch).float().cpu().numpy()
+        for share in self.ranks.gather(mine):
+            for b, values in share.items():
+                out[batches[b]] = values
         return out
 
     def batch_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) rewards of one collated batch (`pipeline.tokenization.collate`)."""
         return self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+
+def data_parallel(scorer, ranks: Ranks):
+    """`scorer` with the batches of its every `score` call split over `ranks` (each rank computes whole batches, all
+    ranks get every score); an ensemble's members each split theirs. A programmatic scorer (the tiny world's gold) is
+    left whole: it costs nothing. Only for calls every rank makes with the same items (a data-parallel stage)."""
+    if isinstance(scorer, ModelScorer):
+        scorer.ranks = ranks
+    for member in getattr(scorer, "members", ()):
+        data_parallel(member, ranks)
+    return scorer
 
 
 class PolicyLogProbScorer(ModelScorer):
