@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-for script in ("bench_bon.py", "bench_tiny_study.py", "bench_scoring.py", "bench_ppo.py"):
+for script in ("bench_bon.py", "bench_tiny_study.py", "bench_scoring.py", "bench_ppo.py", "bench_data_parallel.py"):
     print(f"\n===== {script}")
     trl = ["--trl-python", os.environ["TRL_PYTHON"]] if script == "bench_ppo.py" and "TRL_PYTHON" in os.environ else []
     sys.argv = [str(HERE / script), *trl]

@@ -2,9 +2,9 @@
 
 A study is a report directory (`reports/<study>/`, holding bon_curves.csv and, when it ran RL, ppo_curves.csv,
 grpo_curves.csv, rloo_curves.csv, dpo_curves.csv) or a study config with optional `section.key=value` overrides after
-it, as `overopt run` takes them. A config's curves are read from the cache, at the fingerprints that config and those overrides give:
-nothing runs, every curve stage must be cached, and an override (say `gold_label.noise_rate=0.25`) can never pick up
-a report directory made without it.
+it, as `overopt run` takes them. A config's curves are read from the cache, at the fingerprints that config and those
+overrides give: nothing runs, every curve stage must be cached, and an override (say `gold_label.noise_rate=0.25`)
+can never pick up a report directory made without it.
 
 For every arm (best-of-n, PPO, GRPO, RLOO) that at least two studies have, the output directory gets
 `<arm>_gold_vs_kl.png` (each study's curve of each compared proxy: colour by proxy, line style by study) and

@@ -764,9 +764,31 @@ class DistributedSmokeConfig(Section):
     seed: int = 0
 
 
+class LaunchConfig(Section):
+    """How multi-process stages launch (`pipeline.runner.launch_stage`, through `accelerate launch`).
+
+    `num_processes` ranks run each data-parallel stage (gold_score, bon_sample, bon_score[s] and the RL arms'
+    <arm>_gold, eval_proxy[p], knowledge_base, knowledge[p], <arm>_sample): work split by shard of prompts or by
+    scoring batch, the artifact the same bytes for any number (so it enters no fingerprint); 1 = in this process.
+    One rank per GPU on a GPU machine; on CPU, one process each. Data-parallel stages need no DeepSpeed.
+
+    For the RL training sections (ppo, rl, dpo) both keys are defaults: a section that does not set its own
+    `num_processes` or `deepspeed_config` takes the one set here; one set in neither keeps the section's own default
+    (2 processes under configs/deepspeed/zero2.json).
+    """
+
+    num_processes: int = Field(1, ge=1)
+    deepspeed_config: Path | None = None
+
+
+# The RL training sections whose `num_processes` / `deepspeed_config` default to the launch section's, when set there.
+LAUNCHED_SECTIONS = ("ppo", "rl", "dpo")
+
+
 class StudyConfig(Section):
     study: str = "tiny"
     run: RunConfig = RunConfig()
+    launch: LaunchConfig = LaunchConfig()
     world: WorldConfig = WorldConfig()
     policy: PolicyConfig = PolicyConfig()
     gold: GoldConfig = GoldConfig()
@@ -787,6 +809,20 @@ class StudyConfig(Section):
     sweep: dict[str, list[Any]] = {}
     # The proxy entry every other entry is compared with in the sweep report (default: the first entry).
     sweep_baseline: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _launch_defaults(cls, data: Any) -> Any:
+        """`launch.num_processes` / `launch.deepspeed_config`, where set, fill the same keys of each RL training
+        section that does not set them itself (the section's own key wins)."""
+        if not isinstance(data, dict) or not isinstance(data.get("launch"), dict):
+            return data
+        launch = {k: v for k, v in data["launch"].items() if k in ("num_processes", "deepspeed_config")}
+        out = dict(data)
+        for name in LAUNCHED_SECTIONS:
+            if isinstance(out.get(name), dict):
+                out[name] = {**launch, **out[name]}
+        return out
 
     @field_validator("sweep")
     @classmethod
@@ -1196,6 +1232,9 @@ class PPOSampleStageConfig(Section):
     max_new_tokens: int
     batch_size: int = Field(512, json_schema_extra=NOT_FINGERPRINTED)
     seed: int
+    # each export samples its prompts in shards of this many, shard i with seed + i (bon.prompts_per_shard): units
+    # fixed by the config, so any number of ranks samples the same
+    prompts_per_shard: int = Field(8, ge=1)
     policy: BaseModelRef
     scorer: ScorerStageConfig
 

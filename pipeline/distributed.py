@@ -1,6 +1,7 @@
 """What every multi-process stage shares: the Accelerator set-up (DeepSpeed ZeRO on CPU or GPU), sums over ranks,
 loading frozen models outside ZeRO-3's partitioning, gathering ZeRO-3 parameters for generation, saving a trained
-policy, the memory a rank holds, and the atomic checkpoints of resumable stages.
+policy, the memory a rank holds, the atomic checkpoints of resumable stages, and the ranks of data-parallel stages
+(`Ranks`).
 
 Stages launched by `pipeline.runner.launch_stage` (`accelerate launch --use_deepspeed --deepspeed_config_file ...`)
 call `make_accelerator()` first; launched without DeepSpeed (or run inline in one process) they get a plain
@@ -15,6 +16,7 @@ import re
 import shutil
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -209,6 +211,67 @@ def peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------------- data parallelism
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The ranks of a data-parallel stage (`DATA_PARALLEL = True` in its module) as this process sees them: which
+    share of the work is its own, and the few collectives the stages need. One process (run inline) is `Ranks()`,
+    whose collectives return at once.
+
+    A data-parallel stage splits work into units fixed by its config alone (shards of prompts, scoring batches), each
+    with a random stream of its own (seed, unit), so any number of ranks computes every unit exactly as one process
+    would: the artifact is the same bytes for 1, 2 or k ranks on CPU.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that writes the files every rank computed a share of."""
+        return self.rank == 0
+
+    def mine(self, units: list) -> list:
+        """This rank's share of `units`: every world-th, starting at its rank (round robin: neighbouring units,
+        e.g. length-sorted batches, spread over the ranks)."""
+        return units[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a picklable object)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def data_parallel_ranks() -> Ranks:
+    """This process's `Ranks`: under a launcher (WORLD_SIZE > 1) the process group is set up through accelerate (gloo
+    on CPU, NCCL with this rank's GPU), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    if not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints

@@ -106,12 +106,13 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
     return out[KNOWLEDGE_PAIR_COLUMNS]
 
 
-def score_minimal_pairs(scorer, name: str, pairs: pd.DataFrame, n_boot: int, seed: int, out: Path,
+def score_minimal_pairs(scorer, name: str, pairs: pd.DataFrame, n_boot: int, seed: int, out: Path | None,
                         length_hint: str) -> dict:
     """Score both sides of every minimal pair with `scorer` (the one scoring path), check every score is finite
     (an error names the scorer and the pair), and write scores.parquet (`KNOWLEDGE_SCORE_COLUMNS`) and auc.json
     (per kind: AUC, bootstrap interval, pairs, ties). `scorer` should be strict about length: an unscored pair
-    cannot be dropped without biasing the AUC; `length_hint` says which setting to raise. Returns auc.json's tree."""
+    cannot be dropped without biasing the AUC; `length_hint` says which setting to raise. Returns auc.json's tree.
+    `out` None: score only (a data-parallel rank other than the first, whose scores rank 0 holds too)."""
     prompts = [messages(p) for p in pairs.prompt]
     try:
         clean = scorer.score(prompts, list(pairs.clean))
@@ -121,6 +122,8 @@ def score_minimal_pairs(scorer, name: str, pairs: pd.DataFrame, n_boot: int, see
     for side, values in (("clean", clean), ("flawed", flawed)):
         check_finite(values, name, list(pairs.pair_id), ("pair_id",), where=f"knowledge pairs, {side} side")
     scores = pairs[["pair_id", "prompt_id", "kind"]].assign(score_clean=clean, score_flawed=flawed)
+    if out is None:
+        return {}
     write_records(scores, out / "scores.parquet", KNOWLEDGE_SCORE_COLUMNS)
     kinds = {kind: auc_interval(group.score_clean, group.score_flawed, n_boot, seed)
              for kind, group in scores.groupby("kind", sort=True)}

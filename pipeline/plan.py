@@ -136,7 +136,8 @@ class Sizes:
         """Parameters of a scorer (`ScorerStageConfig`): a trained proxy is counted as its base LM (its reward head
         is a rounding error); an ensemble holds its members; the world's gold rule has none."""
         if scorer.gold is not None:
-            return 0 if scorer.gold.type == "world" else self.of(scorer.gold.model_id, scorer.gold.trust_remote_code).total
+            gold = scorer.gold
+            return 0 if gold.type == "world" else self.of(gold.model_id, gold.trust_remote_code).total
         proxy = scorer.proxy
         if proxy.type == "checkpoint":
             return self.of(proxy.path, proxy.trust_remote_code).total
@@ -230,7 +231,8 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
     elif node.stage == "gold_score":
         if c.source == "policy_samples":
             prompts = _train_prompts(cfg)
-            plan.generate = Work(prompts * c.samples_per_prompt, prompts * c.samples_per_prompt * c.sampling.max_new_tokens)
+            n = prompts * c.samples_per_prompt
+            plan.generate = Work(n, n * c.sampling.max_new_tokens)
             pairs = prompts * math.comb(c.samples_per_prompt, 2) + cfg.world.n_ood_pairs
             plan.score = Work(2 * pairs, 2 * pairs * c.gold.max_length)
             plan.note = "tiny world: the gold is a rule" if c.gold.type == "world" else ""

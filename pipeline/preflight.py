@@ -77,8 +77,9 @@ def check_deepspeed_configs(cfg: StudyConfig, cuda: bool | None = None) -> None:
     for section, arm in (("ppo", cfg.ppo), ("rl", cfg.rl), ("dpo", cfg.dpo)):
         if arm is not None and arm.num_processes > 1 and arm.deepspeed_config is None and not cuda:
             problems.append(f"{section}.num_processes: {arm.num_processes} processes without a DeepSpeed config: on "
-                            f"CPU `accelerate launch --cpu` starts one process; set {section}.deepspeed_config "
-                            f"(e.g. configs/deepspeed/zero2.json) or {section}.num_processes: 1")
+                            f"CPU an RL stage's ranks share one training run only through DeepSpeed; set "
+                            f"{section}.deepspeed_config (e.g. configs/deepspeed/zero2.json) or "
+                            f"{section}.num_processes: 1 (launch.num_processes, for data-parallel stages, needs none)")
     for key, path in deepspeed_configs(cfg):
         f = _resolve_repo_path(path)
         problem = deepspeed_config_problem(f, cuda)

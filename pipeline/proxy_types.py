@@ -101,17 +101,20 @@ PROXY_TYPES: dict[str, ProxyTypeSpec] = {s.name: s for s in (
                   summary="BT with labels smoothed by epsilon", reference="Wang et al. 2024 (Secrets of RLHF II)"),
     ProxyTypeSpec("grm", frozenset({"reg", "alpha", "beta"}), True, _grm, needs_logits=True,
                   needs_reference=lambda proxy: proxy.reg == "dpo",
-                  summary="(1 − α)·BT + α·text-generation regulariser (sft, sft_nll, dpo, dpo_noref) on the kept LM head",
+                  summary="(1 − α)·BT + α·text-generation regulariser (sft, sft_nll, dpo, dpo_noref) on the kept LM "
+                          "head",
                   reference="Yang et al. 2024 (GRM)"),
     ProxyTypeSpec("frozen", frozenset(), True, _bt, frozen_backbone=True,
-                  summary="BT with the backbone frozen: only the reward head trains", reference="Yang et al. 2024 (GRM), baseline"),
+                  summary="BT with the backbone frozen: only the reward head trains",
+                  reference="Yang et al. 2024 (GRM), baseline"),
     ProxyTypeSpec("odin", frozenset({"odin_length_weight", "odin_ortho_weight"}), True, _odin,
                   head_settings=lambda proxy: {"outputs": 2},
                   summary="quality and length heads, length decorrelated; only the quality head scores",
                   reference="Chen et al. 2024 (ODIN)"),
     ProxyTypeSpec("inform", frozenset({"ib_dim", "ib_beta"}), True, _inform,
                   head_settings=lambda proxy: {"ib_dim": proxy.ib_dim},
-                  summary="information-bottleneck head (Gaussian latent, KL to N(0, I)); latent outlier score on curves",
+                  summary="information-bottleneck head (Gaussian latent, KL to N(0, I)); latent outlier score on "
+                          "curves",
                   reference="Miao et al. 2024 (InfoRM)"),
     # `members` copies of `member_type` whose standardised scores are combined (Coste et al. 2023)
     ProxyTypeSpec("ensemble", frozenset({"members", "member_type", "combine"}), False, composite=True,

@@ -91,7 +91,8 @@ class RewardHeadConfig:
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"reward head dropout must lie in [0, 1), got {self.dropout}")
         if self.outputs not in (1, 2):
-            raise ValueError(f"reward head outputs must be 1 or 2 (ODIN's quality and length heads), got {self.outputs}")
+            raise ValueError(f"reward head outputs must be 1 or 2 (ODIN's quality and length heads), "
+                             f"got {self.outputs}")
         if int(self.ib_dim) < 0 or (self.ib_dim and self.outputs != 1):
             raise ValueError(f"reward head ib_dim must be >= 0 and cannot be combined with outputs=2, got {self}")
 

@@ -97,6 +97,12 @@ def external_signature(path: str) -> list:
     return [[f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def is_data_parallel(node: StageNode) -> bool:
+    """Whether the stage's module declares `DATA_PARALLEL = True`: it splits its work over however many ranks it is
+    launched with (`pipeline.distributed.Ranks`) and writes the same artifact for any number."""
+    return bool(getattr(node.module, "DATA_PARALLEL", False))
+
+
 def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
     payload = {
         "stage": node.stage,
@@ -104,7 +110,9 @@ def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
         "version": str(getattr(node.module, "VERSION")),
         "config": fingerprint_view(node.config),
         "inputs": {role: upstream[k] for role, k in sorted(node.inputs.items())},
-        "launcher": [node.launcher, node.num_processes],
+        # a data-parallel stage's artifact is the same for any number of ranks: the count is not part of it (the
+        # pair it always had, so its fingerprints are those of before it could run on several)
+        "launcher": ["inline", 1] if is_data_parallel(node) else [node.launcher, node.num_processes],
     }
     if node.external:
         payload["external"] = {path: external_signature(path) for path in node.external}
@@ -426,12 +434,18 @@ def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_ro
                "--dynamo_backend", "no", "--main_process_port", port]
         if ds_config is not None:
             cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
+        elif not cuda and node.num_processes > 1:
+            # `--cpu` would take accelerate's simple launcher, which starts ONE process whatever --num_processes
+            # says; `--multi_gpu` takes torch.distributed.run, which starts them all (gloo on CPU, see below)
+            cmd += ["--multi_gpu"]
         elif not cuda:
             cmd += ["--cpu"]
         cmd += ["-m", "pipeline.stage_main", str(job_file)]
         env = dict(os.environ)
         if not cuda:
             env.setdefault("DS_ACCELERATOR", "cpu")
+            if ds_config is None:  # accelerate's state in the ranks: MULTI_CPU with a gloo process group
+                env["ACCELERATE_USE_CPU"] = "true"
         # `pipeline` and `stages` importable on every rank whatever the working directory.
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         log.info("  launching: %s", " ".join(cmd))

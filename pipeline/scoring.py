@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from pipeline.distributed import Ranks
 from pipeline.models import (
     DTYPES,
     checked_local,
@@ -69,6 +70,7 @@ class ModelScorer:
         self.strict_length = strict_length  # raise before any forward pass instead of returning NaN
         self.pad_id = pad_token_id(tokenizer)
         self.double_bos = double_bos  # tokenize as the GRM authors' released checkpoints (see encode_conversation)
+        self.ranks = Ranks()  # `data_parallel` splits the batches of every `score` call over a stage's ranks
 
     @property
     def device(self) -> torch.device:
@@ -105,24 +107,42 @@ class ModelScorer:
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
                         len(encoded) - len(keep), len(encoded), self.max_length)
         keep.sort(key=lambda i: len(encoded[i].input_ids))  # length-sorted batches waste little padding
+        # The batches depend on the items and batch_size alone; with several ranks each computes whole batches, so
+        # every score is the float one process computes (padding and batch composition are the same).
+        batches = [keep[s:s + self.batch_size] for s in range(0, len(keep), self.batch_size)]
         self.module.eval()  # dropout off: a reward is a deterministic function of the text
+        mine = {}
         with torch.no_grad():
-            for s in range(0, len(keep), self.batch_size):
-                idx = keep[s:s + self.batch_size]
-                batch = collate([encoded[i] for i in idx], self.pad_id, self.padding_side)
+            for b in self.ranks.mine(list(range(len(batches)))):
+                batch = collate([encoded[i] for i in batches[b]], self.pad_id, self.padding_side)
                 rewards = self.batch_rewards(batch)
                 rewards, batch_extras = rewards if isinstance(rewards, tuple) else (rewards, {})
-                out[idx] = rewards.float().cpu().numpy()
-                for name, value in (batch_extras.items() if extras is not None else ()):
-                    value = value.double().cpu().numpy()
+                mine[b] = (rewards.float().cpu().numpy(),
+                           {name: value.double().cpu().numpy() for name, value in batch_extras.items()}
+                           if extras is not None else {})
+        for share in self.ranks.gather(mine):
+            for b, (values, batch_extras) in share.items():
+                out[batches[b]] = values
+                for name, value in batch_extras.items():
                     if name not in extras:
                         extras[name] = np.full((len(encoded), *value.shape[1:]), np.nan)
-                    extras[name][idx] = value
+                    extras[name][batches[b]] = value
         return out
 
     def batch_rewards(self, batch: dict[str, torch.Tensor]):
         """(B,) rewards of one collated batch (`pipeline.tokenization.collate`), or (rewards, extras) (`RewardsFn`)."""
         return self.rewards_fn(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+
+def data_parallel(scorer, ranks: Ranks):
+    """`scorer` with the batches of its every `score` call split over `ranks` (each rank computes whole batches, all
+    ranks get every score); an ensemble's members each split theirs. A programmatic scorer (the tiny world's gold) is
+    left whole: it costs nothing. Only for calls every rank makes with the same items (a data-parallel stage)."""
+    if isinstance(scorer, ModelScorer):
+        scorer.ranks = ranks
+    for member in getattr(scorer, "members", ()):
+        data_parallel(member, ranks)
+    return scorer
 
 
 class PolicyLogProbScorer(ModelScorer):
@@ -215,7 +235,8 @@ def load_latent_stats(train_artifact) -> dict[str, torch.Tensor]:
 
     path = Path(train_artifact) / LATENT_STATS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: an InfoRM proxy's train_proxy artifact saves its latent statistics")
+        raise FileNotFoundError(f"{path} is missing: an InfoRM proxy's train_proxy artifact saves its latent "
+                                f"statistics")
     saved = load_file(str(path))
     cov = saved["covariance"].double()
     return {"mean": saved["mean"].double(),

@@ -142,7 +142,7 @@ def _base_and_labels(cfg: StudyConfig) -> list[StageNode]:
                                          shuffle_seed=lab.shuffle_seed, n_pairs=lab.n_pairs)
     nodes.append(StageNode("gold_score", "gold_score", score_cfg,
                            {"world": "world", **_policy_input(cfg)} if tiny else {},
-                           external=_local(cfg.gold.model_id, lab.dataset_path)))
+                           external=_local(cfg.gold.model_id, lab.dataset_path), **_data_parallel(cfg)))
     nodes.append(StageNode("gold_label", "gold_label", GoldLabelStageConfig(
         n_pairs=lab.n_pairs, test_fraction=lab.test_fraction, noise_rate=lab.noise_rate, noise_seed=lab.noise_seed,
         seed=lab.seed), {"scores": "gold_score"}))
@@ -180,7 +180,8 @@ def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
                                EvalProxyStageConfig(eval=cfg.eval_proxy, scorer=scorer),
                                {"pairs": "gold_label", **_scorer_inputs(proxy, "train_proxy")},
                                external=_local(proxy.path, cfg.eval_proxy.hhh_path, cfg.eval_proxy.mt_bench_path,
-                                              cfg.eval_proxy.rewardbench_path, cfg.eval_proxy.rewardbench2_path)))
+                                              cfg.eval_proxy.rewardbench_path, cfg.eval_proxy.rewardbench2_path),
+                               **_data_parallel(cfg)))
     return nodes
 
 
@@ -201,18 +202,19 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
     nodes = [StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
         n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
         backend=bon.backend, policy=_base_ref(cfg)), {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
-        external=_local(cfg.policy.model_id))]
+        external=_local(cfg.policy.model_id), **_data_parallel(cfg))]
     nodes.append(StageNode("bon_score[gold]", "bon_score", _gold_scorer(cfg), {"samples": "bon_sample"},
-                           external=_local(cfg.gold.model_id)))
+                           external=_local(cfg.gold.model_id), **_data_parallel(cfg)))
     for proxy in cfg.expanded_proxies():
         inputs = {"samples": "bon_sample", **_scorer_inputs(proxy, "train_proxy")}
         if proxy.type == "ensemble":  # reuse the members' scores instead of re-scoring
             inputs.update({f"member{i}_scores": f"bon_score[{m.name}]" for i, m in enumerate(proxy.member_specs())})
             for m in proxy.member_specs():
                 nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", _sample_scorer(cfg, m),
-                                       {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"}))
+                                       {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"},
+                                       **_data_parallel(cfg)))
         nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", _sample_scorer(cfg, proxy), inputs,
-                               external=_local(proxy.path)))
+                               external=_local(proxy.path), **_data_parallel(cfg)))
         curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
                                     nested_estimator=bon.nested_estimator, seed=bon.seed)
         nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,
@@ -257,6 +259,12 @@ def rl_settings(cfg: StudyConfig) -> dict[str, dict]:
     return out
 
 
+def _data_parallel(cfg: StudyConfig) -> dict:
+    """How a data-parallel stage launches: `launch.num_processes` ranks, no DeepSpeed (the count is not part of its
+    fingerprint: `pipeline.runner.is_data_parallel`)."""
+    return _launch(cfg.launch.num_processes, None)
+
+
 def _launch(n_processes: int, deepspeed_config: Path | None) -> dict:
     multi = n_processes > 1 or deepspeed_config is not None
     return {"launcher": "accelerate" if multi else "inline", "num_processes": n_processes,
@@ -271,12 +279,12 @@ def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int,
     return [train,
             StageNode(f"{arm}_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
                 n_samples=eval_cfg.n_samples, max_new_tokens=eval_cfg.max_new_tokens or cfg.bon.sampling.max_new_tokens,
-                batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, policy=_base_ref(cfg),
-                scorer=_sample_scorer(cfg, proxy)),
+                batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, prompts_per_shard=cfg.bon.prompts_per_shard,
+                policy=_base_ref(cfg), scorer=_sample_scorer(cfg, proxy)),
                 {"rl": f"{arm}[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
-                external=_local(cfg.policy.model_id, proxy.path)),
+                external=_local(cfg.policy.model_id, proxy.path), **_data_parallel(cfg)),
             StageNode(f"{arm}_gold[{run}]", "bon_score", _gold_scorer(cfg), {"samples": f"{arm}_sample[{run}]"},
-                      external=_local(cfg.gold.model_id)),
+                      external=_local(cfg.gold.model_id), **_data_parallel(cfg)),
             StageNode(f"{arm}_curve[{run}]", "ppo_curve", PPOCurveStageConfig(
                 proxy=run, bootstrap=eval_cfg.bootstrap, ci=eval_cfg.ci, seed=seed),
                 {"samples": f"{arm}_sample[{run}]", "gold_scores": f"{arm}_gold[{run}]",
@@ -352,7 +360,8 @@ def _knowledge_stages(cfg: StudyConfig) -> list[StageNode]:
              StageNode("knowledge_base", "knowledge_base",
                        KnowledgeBaseStageConfig(policy=_base_ref(cfg), batch_size=kn.batch_size,
                                                 max_length=kn.max_length, bootstrap=kn.bootstrap, seed=kn.seed),
-                       {"pairs": "knowledge_pairs", **_policy_input(cfg)}, external=_local(cfg.policy.model_id))]
+                       {"pairs": "knowledge_pairs", **_policy_input(cfg)}, external=_local(cfg.policy.model_id),
+                       **_data_parallel(cfg))]
     for proxy in cfg.expanded_proxies():
         scorer = ScorerStageConfig(name=proxy.name, proxy=proxy.canonical(), batch_size=kn.batch_size,
                                    max_length=proxy.resolved_training(cfg.proxy_training).max_length,
@@ -360,7 +369,7 @@ def _knowledge_stages(cfg: StudyConfig) -> list[StageNode]:
         nodes.append(StageNode(f"knowledge[{proxy.name}]", "knowledge",
                                KnowledgeStageConfig(scorer=scorer, bootstrap=kn.bootstrap, seed=kn.seed),
                                {"pairs": "knowledge_pairs", **_scorer_inputs(proxy, "train_proxy")},
-                               external=_local(proxy.path)))
+                               external=_local(proxy.path), **_data_parallel(cfg)))
     return nodes
 
 

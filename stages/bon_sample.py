@@ -1,7 +1,9 @@
 """bon_sample: N samples per evaluation prompt from the base policy, independent of any proxy.
 
 Prompts are processed in shards of `prompts_per_shard`; each shard is sampled with its own seed (seed + shard index)
-and written atomically, so a killed run resumes at the first missing shard and gives the same samples.
+and written atomically, so a killed run resumes at the first missing shard and gives the same samples. Data-parallel:
+under a launcher the missing shards are dealt round robin to the ranks, each writing its own, so 1, 2 or k ranks (and
+a resumed run with any number) write the same shards.
 
 Writes shards/shard_XXXXX.parquet (records keyed by prompt_id, sample_idx; raw response text, token counts, whether
 a stop token ended the turn) and samples.json.
@@ -17,12 +19,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.config import BonSampleStageConfig
+from pipeline.distributed import data_parallel_ranks
 from pipeline.generation import finish_response, sample_responses, stop_token_ids
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.records import SAMPLE_COLUMNS, messages, shards_problem, write_shard
 
 VERSION = "2"
 RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.ArtifactCache.staging)
+DATA_PARALLEL = True  # shards split over launch.num_processes ranks; the same artifact for any number
 resume_problem = shards_problem  # a killed run's shards are checked before resuming
 log = logging.getLogger("overopt")
 
@@ -67,13 +71,17 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     model_path = cfg.policy.model_id or str(inputs["policy"] / "model")
     prompts = pd.read_parquet(inputs["prompts"] / "eval_prompts.parquet")  # from the world or eval_prompts stage
     shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
-    for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
-        f.unlink()
+    ranks = data_parallel_ranks()
     starts = list(range(0, len(prompts), cfg.prompts_per_shard))
-    todo = [(i, s) for i, s in enumerate(starts) if not (shard_dir / f"shard_{i:05d}.parquet").exists()]
-    if len(todo) < len(starts):
-        log.info("  resuming: %d of %d shards already sampled", len(starts) - len(todo), len(starts))
+    todo = None
+    if ranks.main:  # one view of what is missing, taken before any rank writes
+        shard_dir.mkdir(exist_ok=True)
+        for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
+            f.unlink()
+        todo = [(i, s) for i, s in enumerate(starts) if not (shard_dir / f"shard_{i:05d}.parquet").exists()]
+        if len(todo) < len(starts):
+            log.info("  resuming: %d of %d shards already sampled", len(starts) - len(todo), len(starts))
+    todo = ranks.mine(ranks.broadcast(todo))
     if not todo:
         sample = None
     elif cfg.backend == "vllm":
@@ -92,6 +100,8 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame["prompt_id"] = chunk.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]
         write_shard(frame[SAMPLE_COLUMNS], shard_dir / f"shard_{shard:05d}.parquet", SAMPLE_COLUMNS)
-    (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
-                                                  "shards": len(starts)}))
+    ranks.barrier()  # every rank's shards are written
+    if ranks.main:
+        (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
+                                                      "shards": len(starts)}))
 

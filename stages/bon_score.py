@@ -1,6 +1,9 @@
 """bon_score[scorer] (and ppo_gold[p]): score every sample of a sampling stage with one scorer (the gold, or one
 proxy). Best-of-n samples are keyed (prompt_id, sample_idx); samples of RL exports also by their `step`.
 
+Data-parallel: under a launcher each rank computes whole scoring batches (`pipeline.scoring.data_parallel`) and rank 0
+writes the table, the same bytes for any number of ranks.
+
 Cached per (samples, scorer), so adding a proxy scores only with that proxy. An ensemble does not re-score: it
 combines its members' bon_score artifacts, each standardised with the member's reference-set statistics.
 
@@ -18,10 +21,19 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ScorerStageConfig
+from pipeline.distributed import data_parallel_ranks
 from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, sample_keys, write_records
-from pipeline.scoring import SequenceTooLongError, build_scorer, check_finite, combine_members, load_member_stats
+from pipeline.scoring import (
+    SequenceTooLongError,
+    build_scorer,
+    check_finite,
+    combine_members,
+    data_parallel,
+    load_member_stats,
+)
 
 VERSION = "1"
+DATA_PARALLEL = True  # scoring batches split over launch.num_processes ranks; the same artifact for any number
 log = logging.getLogger("overopt")
 
 
@@ -38,13 +50,14 @@ def _ensemble_scores(cfg: ScorerStageConfig, inputs: dict[str, Path]) -> pd.Data
 
 
 def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    ranks = data_parallel_ranks()
     if cfg.proxy is not None and cfg.proxy.type == "ensemble":
         scores = _ensemble_scores(cfg, inputs)
     else:
         samples = read_sample_shards(inputs["samples"])
         # an unscored sample cannot be dropped (best-of-n would favour short ones): over-length is an error, found
         # before any forward pass
-        scorer = build_scorer(cfg, inputs, strict_length=True)
+        scorer = data_parallel(build_scorer(cfg, inputs, strict_length=True), ranks)
         extras = {} if cfg.proxy is not None and cfg.proxy.type == "inform" else None
         try:
             texts = [messages(p) for p in samples.prompt], list(samples.response)
@@ -56,5 +69,7 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
             scores["outlier"] = extras["outlier"]
     keys = sample_keys(scores)
     check_finite(scores.score, cfg.name, list(scores[keys].itertuples(index=False, name=None)), keys)
+    if not ranks.main:  # every rank holds every score; one writes them
+        return
     write_records(scores, out / "scores.parquet", SCORE_COLUMNS)
     log.info("  %s: %d samples scored, mean %.3f", cfg.name, len(scores), float(np.nanmean(scores.score)))

@@ -16,7 +16,8 @@ draw it beside that proxy's best-of-n curve. The policy is exported at optimizer
 
 Rank 0 writes:
   exports/step_XXXXX/   the policy after that many optimizer steps, HF save_pretrained
-  metrics.jsonl         TRL's log of every optimizer step (loss, rewards/chosen, rewards/margins, accuracies, logps, ...)
+  metrics.jsonl         TRL's log of every optimizer step (loss, rewards/chosen, rewards/margins, accuracies,
+                        logps, ...)
   summary.json          world size, ZeRO stage, pairs used and dropped, optimizer steps, exports
 Not resumable: a killed run starts again.
 """

@@ -10,6 +10,9 @@ RewardBench and RewardBench 2, when their paths are configured, are scored as th
 `rewardbench2` (the mean of its subsets) and `rewardbench2_<subset>` (the Ties row holds the Ties score, not an
 accuracy); every subset, section and Ties component is in rewardbench_scores.parquet / .json.
 
+Data-parallel: under a launcher each rank computes whole scoring batches (`pipeline.scoring.data_parallel`) and rank 0
+writes, the same bytes for any number of ranks.
+
 Writes accuracy.parquet (one row per evaluation set) and accuracy.json.
 """
 
@@ -24,11 +27,13 @@ import pandas as pd
 
 from pipeline import rewardbench as rb
 from pipeline.config import EvalProxyStageConfig
+from pipeline.distributed import data_parallel_ranks
 from pipeline.hf_data import pair_prompts
 from pipeline.records import PAIR_COLUMNS, read_records
-from pipeline.scoring import build_scorer, check_finite, over_length_check
+from pipeline.scoring import build_scorer, check_finite, data_parallel, over_length_check
 
 VERSION = "2"
+DATA_PARALLEL = True  # scoring batches split over launch.num_processes ranks; the same artifact for any number
 log = logging.getLogger("overopt")
 
 
@@ -146,7 +151,8 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
         from pipeline.hf_data import load_rewardbench2
 
         rewardbench2 = load_rewardbench2(cfg.eval.rewardbench2_path)
-    scorer = build_scorer(cfg.scorer, inputs)
+    ranks = data_parallel_ranks()
+    scorer = data_parallel(build_scorer(cfg.scorer, inputs), ranks)
     pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
     sets = {"id_test": pairs[pairs.split == "test"]}
     ood_file = inputs["pairs"] / "ood_pairs.parquet"
@@ -201,6 +207,8 @@ def run(cfg: EvalProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
                                                      [flat[b:e] for b, e in zip(bounds[:-1], bounds[1:])])
         rows += [{"proxy": cfg.scorer.name, **r} for r in acc_rows]
         benchmark_rows += scores_table
+    if not ranks.main:  # every rank holds every score; one writes the tables
+        return
     table = pd.DataFrame(rows)
     table.to_parquet(out / "accuracy.parquet", index=False)
     # every pair over the length limit leaves accuracy NaN: null in strict JSON

@@ -6,6 +6,10 @@ a Unified-Feedback-schema dataset in its seeded order, both conversations re-sco
 
 Kept apart from `gold_label` so that label noise and the split (and, in the tiny world, the pair budget) can change
 without re-sampling or re-scoring; at paper scale `gold_label.n_pairs` picks the candidates and so is scored here.
+Data-parallel: under a launcher each rank computes whole batches of the gold's scoring
+(`pipeline.scoring.data_parallel`; the tiny world's programmatic gold is not split) and rank 0 writes. The tiny world's
+candidate sampling stays on rank 0 (its random stream is one seed over all prompts: split, it would draw other
+samples) and is sent to every rank.
 Writes candidates.parquet (and ood_candidates.parquet in the tiny world): pair_id, prompt_id, prompt, response_a,
 response_b, gold_a, gold_b (NaN where the pair is longer than the gold's max length).
 """
@@ -19,10 +23,12 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import GoldScoreStageConfig, ScorerStageConfig
+from pipeline.distributed import data_parallel_ranks
 from pipeline.records import CANDIDATE_COLUMNS, messages, write_records
-from pipeline.scoring import RewardScorer, build_scorer, check_finite, over_length_check
+from pipeline.scoring import RewardScorer, build_scorer, check_finite, data_parallel, over_length_check
 
 VERSION = "1"
+DATA_PARALLEL = True  # the gold's scoring batches split over launch.num_processes ranks; the same artifact for any
 log = logging.getLogger("overopt")
 
 
@@ -72,9 +78,10 @@ def _policy_candidates(cfg: GoldScoreStageConfig, inputs: dict[str, Path]) -> pd
 
 
 def run(cfg: GoldScoreStageConfig, inputs: dict[str, Path], out: Path) -> None:
+    ranks = data_parallel_ranks()
     # the candidates first: a bad dataset fails before the gold model is loaded
     if cfg.source == "policy_samples":
-        candidates = _policy_candidates(cfg, inputs)
+        candidates = ranks.broadcast(_policy_candidates(cfg, inputs) if ranks.main else None)
     else:
         from pipeline.hf_data import load_unified_feedback
 
@@ -83,13 +90,15 @@ def run(cfg: GoldScoreStageConfig, inputs: dict[str, Path], out: Path) -> None:
     source = cfg.dataset_path if cfg.source == "unified_feedback" else "the base policy's samples"
     if len(candidates) == 0:
         raise ValueError(f"gold_score: no candidate pair in {source}")
-    gold = build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
-                                          max_length=cfg.gold.max_length), {})
+    gold = data_parallel(build_scorer(ScorerStageConfig(name="gold", gold=cfg.gold, batch_size=cfg.gold.batch_size,
+                                                        max_length=cfg.gold.max_length), {}), ranks)
     scored = score_candidates(candidates, gold)
     _require_usable(scored, source, cfg.gold.max_length)
     ood = None
     if "world" in inputs:
         ood = score_candidates(pd.read_parquet(inputs["world"] / "ood_candidates.parquet"), gold)
+    if not ranks.main:  # every rank holds every score; one writes them
+        return
     write_records(scored, out / "candidates.parquet", CANDIDATE_COLUMNS)
     if ood is not None:
         write_records(ood, out / "ood_candidates.parquet", CANDIDATE_COLUMNS)

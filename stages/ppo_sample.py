@@ -9,12 +9,15 @@ the initial policy. Per sequence:
     k1 = Σ_t (log π − log π_init)            its mean over samples estimates KL(π ‖ π_init), in nats
     k3 = Σ_t ((r − 1) − log r), r = π_init/π  also unbiased, and ≥ 0 for every sample
 
-Every export samples with the same seed (common random numbers: differences between exports are less noisy).
-Each export's samples are a shard written atomically, so a killed run resumes at the first missing one. The gold
-scores these samples in its own stage (ppo_gold[p]), so the gold model never sits in RL memory.
+Each export samples its prompts in shards of `prompts_per_shard`, shard i with seed + i, the same seeds for every export
+(common random numbers: differences between exports are less noisy). A shard (export, prompt shard) is one unit of
+work, sampled, KL-measured and proxy-scored whole and written atomically, so a killed run resumes at the missing ones;
+data-parallel, the missing units are dealt round robin to the ranks, and 1, 2 or k ranks (or a resumed run with any
+number) write the same shards. The gold scores these samples in its own stage (ppo_gold[p]), so the gold model never
+sits in RL memory.
 
-Writes shards/shard_<step>.parquet (`RL_SAMPLE_COLUMNS`; against an InfoRM proxy also `outlier`, each sample's latent
-outlier score, as in bon_score) and samples.json.
+Writes shards/shard_<step>_<prompt shard>.parquet (`RL_SAMPLE_COLUMNS`; against an InfoRM proxy also `outlier`,
+each sample's latent outlier score, as in bon_score) and samples.json.
 """
 
 from __future__ import annotations
@@ -27,16 +30,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import PPOSampleStageConfig, SamplingConfig
+from pipeline.distributed import data_parallel_ranks
 from pipeline.generation import sample_responses
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
 from pipeline.ppo.rollout import sequence_logprobs
-from pipeline.records import RL_SAMPLE_COLUMNS, messages, shards_problem, write_shard
+from pipeline.records import RL_SAMPLE_COLUMNS, messages, read_records, shards_problem, write_shard
 from pipeline.scoring import build_scorer, check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
-VERSION = "1"
+VERSION = "2"  # 2: sampled per shard of prompts with seed + shard (was: all prompts with one seed)
 RESUMABLE = True
+DATA_PARALLEL = True  # (export, prompt shard) units split over launch.num_processes ranks; the same artifact for any
 resume_problem = shards_problem  # a killed run's shards are checked before resuming
 log = logging.getLogger("overopt")
 
@@ -52,6 +57,10 @@ def measured_kl(policy, init_policy, query_rows: list[list[int]], rows: list[dic
     return k1, k3
 
 
+def _step(export: Path) -> int:
+    return int(export.name.split("_")[1])
+
+
 def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     init_path = cfg.policy.model_id or str(inputs["policy"] / "model")
     tokenizer = load_tokenizer(init_path, cfg.policy.trust_remote_code)
@@ -61,19 +70,33 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     heads = [prompt_ids(tokenizer, m) for m in chat]
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size)
-    exports = sorted((inputs["rl"] / "exports").glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+    exports = sorted((inputs["rl"] / "exports").glob("step_*"), key=_step)
+    starts = list(range(0, len(prompts), cfg.prompts_per_shard))
     shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
-    for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
-        f.unlink()
-    todo = [d for d in exports if not (shard_dir / f"shard_{int(d.name.split('_')[1]):05d}.parquet").exists()]
+    ranks = data_parallel_ranks()
+    todo = None
+    if ranks.main:  # one view of what is missing, taken before any rank writes
+        shard_dir.mkdir(exist_ok=True)
+        for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
+            f.unlink()
+        todo = [(export, shard) for export in exports for shard in range(len(starts))
+                if not (shard_dir / f"shard_{_step(export):05d}_{shard:05d}.parquet").exists()]
+    todo = ranks.mine(ranks.broadcast(todo))
     if todo:
         init_policy = load_causal_lm(init_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
         scorer = build_scorer(cfg.scorer, inputs)
-    for export in todo:
-        step = int(export.name.split("_")[1])
-        policy = load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code)
-        rows = sample_responses(policy, tokenizer, chat, cfg.n_samples, sampling, cfg.seed)
+    loaded = None
+    for export, shard in todo:  # export-major: each export is loaded once per rank
+        step = _step(export)
+        if loaded is None or loaded[0] != export:
+            loaded = (export, load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code))
+        policy = loaded[1]
+        first = starts[shard]
+        indices = list(range(first, min(first + cfg.prompts_per_shard, len(prompts))))
+        rows = sample_responses(policy, tokenizer, [chat[i] for i in indices], cfg.n_samples, sampling,
+                                cfg.seed + shard)
+        for r in rows:  # the shard's prompt index -> the evaluation set's
+            r["prompt_index"] = indices[r["prompt_index"]]
         query_rows = [heads[r["prompt_index"]] for r in rows]
         k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
         extras = {} if cfg.scorer.proxy is not None and cfg.scorer.proxy.type == "inform" else None
@@ -89,8 +112,15 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         columns = RL_SAMPLE_COLUMNS + (["outlier"] if extras is not None else [])
         if extras is not None:
             frame["outlier"] = extras["outlier"]
-        write_shard(frame[columns], shard_dir / f"shard_{step:05d}.parquet", columns)
-        log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, k1.mean(), k3.mean(),
-                 proxy.mean(), frame.n_tokens.mean())
+        write_shard(frame[columns], shard_dir / f"shard_{step:05d}_{shard:05d}.parquet", columns)
+    ranks.barrier()  # every rank's shards are written
+    if not ranks.main:
+        return
+    for export in exports:
+        step = _step(export)
+        frame = pd.concat([read_records(f, RL_SAMPLE_COLUMNS)
+                           for f in sorted(shard_dir.glob(f"shard_{step:05d}_*.parquet"))])
+        log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, frame.kl_k1.mean(),
+                 frame.kl_k3.mean(), frame.proxy_score.mean(), frame.n_tokens.mean())
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
-                                                  "exports": [int(d.name.split("_")[1]) for d in exports]}))
+                                                  "exports": [_step(d) for d in exports]}))

@@ -516,8 +516,8 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
           f"{cfg.study}: {name} and best-of-n over-optimization", labels=legend_labels(cfg),
           fits={p: [fits[(arm, r)] for r in rs] for p, rs in by_proxy.items()})
     trained = (f"{name} of the base policy against each proxy" if arm != "dpo" else
-               f"{name} of the base policy on the gold-labelled pairs the proxies train on, with the base policy as its "
-               f"reference and no proxy in its loop (the proxy column is {', '.join(f'`{p}`' for p in by_proxy)}'s "
+               f"{name} of the base policy on the gold-labelled pairs the proxies train on, with the base policy as "
+               f"its reference and no proxy in its loop (the proxy column is {', '.join(f'`{p}`' for p in by_proxy)}'s "
                f"score of its samples, for comparison with the arms that optimise it)")
     parts = [f"## {name}", "", f"{trained}; at every exported step the policy is "
              "sampled on the best-of-n evaluation prompts (temperature 1) and its KL to the initial policy is measured "
@@ -699,7 +699,8 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
 # What a run's fit.json says about where it over-optimizes: its empirical gold peak (the first maximum over exports),
 # the measured KL there, and the gold and KL of its last export.
 RUN_ENDPOINTS = {"peak gold": ("empirical_peak", "gold"), "KL at the gold peak": ("empirical_peak", "kl"),
-                 "gold at the last export": ("gold_at_last_step", None), "KL at the last export": ("kl_at_last_step", None)}
+                 "gold at the last export": ("gold_at_last_step", None),
+                 "KL at the last export": ("kl_at_last_step", None)}
 
 
 def _endpoint(fit: dict, quantity: str) -> float:

@@ -47,7 +47,7 @@ def test_a_bad_deepspeed_config_is_rejected_before_any_stage_naming_key_and_file
 
 
 def test_several_cpu_processes_without_deepspeed_are_rejected(tmp_path, capsys):
-    """`accelerate launch --cpu` starts one process whatever num_processes says: PPO would silently run alone."""
+    """Without DeepSpeed, CPU ranks of an RL stage would not share one training run."""
     code, err, _ = _run(tmp_path, capsys, "ppo.num_processes=2")  # smoke.yaml: ppo.deepspeed_config: null
     assert code == 2 and "ppo.num_processes: 2 processes without a DeepSpeed config" in err, err
 

@@ -70,7 +70,8 @@ def test_odin_loss_terms_against_numpy():
     got = odin_loss(r_c, r_r, l_c, l_r, lengths, dot, length_weight=0.5, ortho_weight=2.0)
     assert got.item() == pytest.approx(expected, abs=1e-6)
     # each term alone
-    assert pearson(torch.tensor(q, dtype=torch.float64), lengths.double()).item() == pytest.approx(np_pearson(q, lengths), abs=1e-9)
+    got_rho = pearson(torch.tensor(q, dtype=torch.float64), lengths.double()).item()
+    assert got_rho == pytest.approx(np_pearson(q, lengths), abs=1e-9)
     no_terms = odin_loss(r_c, r_r, l_c, l_r, lengths, dot, 0.0, 0.0).item()
     assert no_terms == pytest.approx(np_bt(r_c + l_c, r_r + l_r), abs=1e-6)
     assert odin_loss(r_c, r_r, l_c, l_r, lengths, dot, 0.0, 1.0).item() - no_terms == pytest.approx(0.3, abs=1e-6)
@@ -95,16 +96,16 @@ def test_odin_only_the_quality_head_scores(base, tok, head_type):
         final.bias[1].add_(3.0)
         after = model.rewards(b["input_ids"], b["attention_mask"])
         assert torch.equal(before, after)  # the length head never scores
-        assert not torch.allclose(out.head["length_rewards"],
-                                  model(b["input_ids"], b["attention_mask"], return_logits=False).head["length_rewards"])
+        again = model(b["input_ids"], b["attention_mask"], return_logits=False).head["length_rewards"]
+        assert not torch.allclose(out.head["length_rewards"], again)
         final.weight[0].add_(0.5)
         assert not torch.allclose(before, model.rewards(b["input_ids"], b["attention_mask"]))
 
 
 def test_odin_training_loss_reads_lengths_from_the_response_mask(base, tok):
-    from stages.train_proxy import PairCollator
     from pipeline.config import ProxyConfig
     from pipeline.tokenization import encode_conversation, pad_token_id
+    from stages.train_proxy import PairCollator
 
     model = new_model(base, outputs=2, dropout=0.0)
     enc = [(encode_conversation(tok, p, r, 64), encode_conversation(tok, p, r + " extra words here", 64), 0.0)
@@ -193,7 +194,7 @@ def test_scorer_extras_give_the_outlier_of_each_scored_response(base, tok, tmp_p
     assert grm_rewards_fn(plain) == plain.rewards
 
 
-# ------------------------------------------------------------------------------------------------------------ save / load
+# ------------------------------------------------------------------------------------------------- save / load
 def test_odin_and_inform_heads_round_trip(base, tok, tmp_path):
     b = batch(tok)
     for name, head in (("odin", {"outputs": 2}), ("inform", {"ib_dim": 5})):

@@ -427,7 +427,7 @@ def test_paper_ppo_runs_under_zero3_with_a_lora_policy(paper_study):
     assert set(first) == set(base) and all(torch.equal(base[k], first[k]) for k in base)
     changed = {k for k in base if not torch.equal(base[k], last[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only LoRA-targeted weights moved
-    samples = pd.read_parquet(art["ppo_sample[bt]"] / "shards" / "shard_00000.parquet")
+    samples = pd.concat([pd.read_parquet(f) for f in (art["ppo_sample[bt]"] / "shards").glob("shard_00000_*.parquet")])
     assert set(samples.prompt_id) == set(pd.read_parquet(art["eval_prompts"] / "eval_prompts.parquet").prompt_id)
     assert (samples.kl_k1 == 0).all()
     curves = pd.read_csv(paper_study["root"] / "report" / "ppo_curves.csv")
