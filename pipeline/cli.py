@@ -46,9 +46,10 @@ def _runner(cfg: StudyConfig, cache=None):
 
 
 def _expanded(cfg: StudyConfig, args):
-    """A sweep study's (base study, points) (`pipeline.sweep.expand_sweep`), read once per command so a config
-    edited while a sweep runs cannot change which points its report describes; None without `sweep:`."""
-    if not cfg.sweep:
+    """A sweep study's (base study, points) (`pipeline.sweep.expand_sweep`; a study with `world.seeds` > 1: its world
+    points, `pipeline.worlds`), read once per command so a config edited while a sweep runs cannot change which points
+    its report describes; None for a plain study."""
+    if not cfg.sweep and cfg.world.seeds == 1:
         return None
     from pipeline.sweep import expand_sweep
 
@@ -68,7 +69,8 @@ def _names(values: list[str] | None) -> set[str]:
 
 def cmd_run(cfg: StudyConfig, args) -> int:
     """Run the study's stages that are not cached; a sweep runs every point's, one after the other on one cache (so
-    what points share runs once), then writes the sweep report (`pipeline.sweep`)."""
+    what points share runs once), then writes the sweep report (`pipeline.sweep`); a study with `world.seeds` > 1
+    runs each world's the same way, then writes the report over worlds (`pipeline.worlds`)."""
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
@@ -97,8 +99,8 @@ def cmd_run(cfg: StudyConfig, args) -> int:
                 log.info("study %s: %d stages; log and resolved config in %s", study.study, len(runner.nodes),
                          run_dir)
             else:
-                log.info("sweep point %d/%d %s: %d stages; log in %s", i + 1, len(runners), point, len(runner.nodes),
-                         run_dir)
+                log.info("%s %d/%d %s: %d stages; log in %s", "world" if cfg.world.seeds > 1 else "sweep point",
+                         i + 1, len(runners), point, len(runner.nodes), run_dir)
             fps = runner.fingerprints()
             force = {n.key for n in runner.nodes if n.key in _names(args.force) or n.stage in _names(args.force)}
             force = {k for k in force if (k, fps[k]) not in forced}
@@ -118,10 +120,17 @@ def cmd_run(cfg: StudyConfig, args) -> int:
                                                                        "--debug)"), file=sys.stderr)
                 return 1
         log.info("finished in %.1fs", time.time() - t0)
-        if not cfg.sweep:
+        if sweep is None:
             print_summary(cfg.study, runner, plan)  # under the lock: gc cannot remove what it reads
         elif args.only or args.until:
-            log.info("sweep report not written: --only / --until ran part of each point")
+            log.info("%s not written: --only / --until ran part of each point",
+                     "report over worlds" if cfg.world.seeds > 1 else "sweep report")
+        elif cfg.world.seeds > 1:
+            from pipeline.worlds import write_world_report
+
+            study, points = sweep
+            readme = write_world_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
+            print(f"study over {len(points)} worlds: {readme}")
         else:
             from pipeline.sweep import write_sweep_report
 
@@ -239,12 +248,12 @@ def cmd_status(cfg: StudyConfig, args) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    if cfg.sweep:
+    if cfg.sweep or cfg.world.seeds > 1:
         points = dict(_studies(cfg, _expanded(cfg, args)))
         if args.point is None:
             return _sweep_status(cfg, points)
         if args.point not in points:
-            raise ConfigError(f"--point {args.point!r} is not a point of this sweep (points: {', '.join(points)})")
+            raise ConfigError(f"--point {args.point!r} is not a point of this study (points: {', '.join(points)})")
         cfg = points[args.point]
     runner = _runner(cfg)
     table = Table(title=f"study {cfg.study} — cache {cfg.run.cache_root}")
@@ -273,13 +282,15 @@ def _sweep_status(cfg: StudyConfig, points: dict[str, StudyConfig]) -> int:
 
     cache = ArtifactCache(cfg.run.cache_root, cfg.run.verify)
     rows, overall = status_rows([SweepPoint(name, {}, c) for name, c in points.items()], cache)
-    table = Table(title=f"sweep {escape(cfg.study)}: {len(rows)} points — cache {cfg.run.cache_root}",
+    kind = f"study {escape(cfg.study)} over {len(rows)} worlds" if cfg.world.seeds > 1 else \
+        f"sweep {escape(cfg.study)}: {len(rows)} points"
+    table = Table(title=f"{kind} — cache {cfg.run.cache_root}",
                   caption="a stage that points share counts in each; `--point NAME` lists one point's stages")
     table.add_column("point", no_wrap=True)
     shown = [s for s in STATES if s in ("cached", "missing") or overall[s]]
     for col in (*shown, "total", "done"):
         table.add_column(col, justify="right")
-    for r in [*rows, {"point": "distinct stages of the sweep", **overall}]:
+    for r in [*rows, {"point": f"distinct stages of the {'study' if cfg.world.seeds > 1 else 'sweep'}", **overall}]:
         table.add_row(escape(r["point"]), *(str(r[s]) for s in shown), str(r["total"]),
                       f"{r['cached'] / r['total']:.0%}")
     Console().print(table)
@@ -417,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "show":
             p.add_argument("-n", type=int, default=5)
         if name == "status":
-            p.add_argument("--point", help="a sweep: this point's table of stages (default: every point's progress)")
+            p.add_argument("--point", help="a sweep, or a study over worlds (world.seeds): this point's table of "
+                                           "stages (default: every point's progress)")
     p = sub.add_parser("gc", help="list (with --yes remove) cached artifacts and run folders that none of the named "
                                   "studies reference")
     p.add_argument("configs", nargs="+", help="study configs to keep; section.key=value overrides apply to all")

@@ -51,11 +51,19 @@ def difference_of_runs(a: pd.Series, b: pd.Series, pair_seeds: bool = True) -> d
     """`difference` of two groups of runs, each a Series of one value per run indexed by run name: paired seed by
     seed when the groups are the same seeds (`shared_seeds`) and `pair_seeds`, Welch otherwise (`pair_seeds=False`
     reproduces an analysis declared with Welch's test, as the README's declared variant is)."""
-    if pair_seeds and shared_seeds(a.index, b.index):
-        by_seed_b = b.set_axis([seed_of(r) for r in b.index])
-        aligned_b = by_seed_b.loc[[seed_of(r) for r in a.index]]
-        return difference(a.to_numpy(), aligned_b.to_numpy(), paired=True)
+    aligned = paired_by_seed(a, b) if pair_seeds else None
+    if aligned is not None:
+        return difference(*aligned, paired=True)
     return difference(a.to_numpy(), b.to_numpy(), paired=False)
+
+
+def paired_by_seed(a: pd.Series, b: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two groups of runs (Series indexed by run name) as arrays aligned seed by seed, in a's order, when they are
+    the same seeds (`shared_seeds`); None otherwise."""
+    if not shared_seeds(a.index, b.index):
+        return None
+    by_seed_b = b.set_axis([seed_of(r) for r in b.index])
+    return a.to_numpy(), by_seed_b.loc[[seed_of(r) for r in a.index]].to_numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,10 +185,12 @@ def p_text(p: float) -> str:
 
 
 def design_text(row) -> str:
-    """`paired t, 5 seeds` or `Welch, 5 vs 4 seeds` of a `difference` result."""
+    """`paired t, 5 seeds` or `Welch, 5 vs 4 seeds` of a `difference` result; a row with a `unit` (e.g. `world`,
+    for a test whose units are worlds, `pipeline.worlds`) counts in that unit instead of seeds."""
     n_a, n_b = int(row["n_a"]), int(row["n_b"])
-    seeds = "seed" if max(n_a, n_b) == 1 else "seeds"
-    return f"{PAIRED}, {n_a} {seeds}" if row["test"] == PAIRED else f"{WELCH}, {n_a} vs {n_b} {seeds}"
+    unit = row.get("unit") if isinstance(row.get("unit"), str) else "seed"
+    units = unit if max(n_a, n_b) == 1 else f"{unit}s"
+    return f"{PAIRED}, {n_a} {units}" if row["test"] == PAIRED else f"{WELCH}, {n_a} vs {n_b} {units}"
 
 
 def verdicts(table: pd.DataFrame, fmt: str = ".3f") -> list[str]:

@@ -65,6 +65,11 @@ class WorldConfig(Section):
     """Sizes of the generated world; the world's rules (vocabulary, gold reward) live in `pipeline.world`."""
 
     seed: int = 0
+    # Worlds as seeds (`pipeline.worlds`): the study is run in K worlds, made from seeds seed, seed + 1, ..., each
+    # with its own base policy (policy.seed + i) and everything downstream; the report aggregates over worlds and
+    # proxy seeds and separates the two sources of spread. Tiny world only; not with `sweep:`. Not fingerprinted: it
+    # says how many worlds, not what one is, so the first world is the single-world study and shares its artifacts.
+    seeds: int = Field(1, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     n_pretrain_examples: int = Field(6000, ge=1)
     n_demonstrations: int = Field(3000, ge=1)
     # Fraction of (verb, k, category, opener) prompts held out for BoN / RL evaluation.
@@ -807,7 +812,8 @@ class StudyConfig(Section):
     # same value (`proxies.a.alpha,proxies.b.alpha: [0.01, 0.1]`: one swept value, two proxies). Not part of any
     # stage's config slice, so it changes no fingerprint: a point equal to the study is the study.
     sweep: dict[str, list[Any]] = {}
-    # The proxy entry every other entry is compared with in the sweep report (default: the first entry).
+    # The proxy entry every other entry is compared with in the sweep report and in the report over worlds
+    # (`world.seeds`) (default: the first entry).
     sweep_baseline: str | None = None
 
     @model_validator(mode="before")
@@ -840,6 +846,16 @@ class StudyConfig(Section):
             if repeated:
                 raise ValueError(f"sweep key {key!r} lists {repeated[0]!r} twice")
         return sweep
+
+    @model_validator(mode="after")
+    def _world_seeds(self) -> "StudyConfig":
+        if self.world.seeds > 1 and self.policy.source != "tiny":
+            raise ValueError(f"world.seeds ({self.world.seeds}) is only for the tiny world (policy.source: tiny): at "
+                             f"paper scale there is no world to re-make; set world.seeds to 1")
+        if self.world.seeds > 1 and self.sweep:
+            raise ValueError(f"world.seeds ({self.world.seeds}) and sweep: cannot be combined (every sweep point in "
+                             f"every world); run the sweep with world.seeds: 1, or one study per world seed")
+        return self
 
     @field_validator("proxies")
     @classmethod
@@ -888,7 +904,8 @@ class StudyConfig(Section):
         return self
 
     def baseline_entry(self) -> str:
-        """The proxy entry a sweep compares the others with: `sweep_baseline`, default the first entry."""
+        """The proxy entry a sweep (or the report over worlds) compares the others with: `sweep_baseline`, default
+        the first entry."""
         return self.sweep_baseline or self.proxies[0].name
 
     def expanded_proxies(self) -> list[ProxyConfig]:

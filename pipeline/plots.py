@@ -350,3 +350,44 @@ def plot_sweep_differences(table: pd.DataFrame, x: str, others: list[str], path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_world_differences(by_world: pd.DataFrame, overall: pd.DataFrame, path: Path, title: str,
+                           ylabel: str) -> None:
+    """An entry-minus-baseline difference in one measure over worlds (`pipeline.worlds`): one panel per compared entry
+    (`group`); each world's difference with its 95 % interval over that world's seeds (`by_world` rows: `group`,
+    `world`, `difference`, `ci_lo`, `ci_hi`), then the mean over worlds with the interval that treats worlds as the
+    unit and, beside it, the pooled interval over every seed (`overall` rows: `group`, `difference`, `ci_lo`,
+    `ci_hi`, `pooled_difference`, `pooled_ci_lo`, `pooled_ci_hi`); a line at 0. An interval that is not defined
+    (one seed, one world) is left out: the point alone."""
+    plt = _pyplot()
+    entries = list(dict.fromkeys(overall.group))
+    worlds = list(dict.fromkeys(by_world.world))
+    fig, axes = plt.subplots(1, len(entries), figsize=(1.1 * (len(worlds) + 2) * len(entries) + 1.5, 3.8),
+                             sharey=True, squeeze=False)
+
+    def bar(ax, x, d, lo, hi, **kw):
+        err = np.nan_to_num(np.array([[d - lo], [hi - d]]))
+        ax.errorbar([x], [d], yerr=err, fmt="o", ms=5, capsize=3, **kw)
+
+    for ax, entry in zip(axes[0], entries):
+        sub = by_world[by_world.group == entry].set_index("world")
+        for i, w in enumerate(worlds):
+            if w in sub.index:
+                r = sub.loc[w]
+                bar(ax, i, r.difference, r.ci_lo, r.ci_hi, color="C0",
+                    label="each world (over its seeds)" if i == 0 else None)
+        o = overall[overall.group == entry].iloc[0]
+        bar(ax, len(worlds) + 0.35, o.difference, o.ci_lo, o.ci_hi, color="C3", label="over worlds (worlds as unit)")
+        bar(ax, len(worlds) + 0.85, o.pooled_difference, o.pooled_ci_lo, o.pooled_ci_hi, color="C7",
+            label="pooled seeds (reference)")
+        ax.axhline(0, color="grey", lw=0.7)
+        ax.axvline(len(worlds) - 0.3, color="grey", lw=0.5, ls=":")
+        ax.set_xticks([*range(len(worlds)), len(worlds) + 0.6], [*worlds, "all"])
+        ax.set_title(entry, fontsize=9)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -92,9 +92,14 @@ def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     """The study (with its `sweep:`) and its points: the cartesian product of the `sweep:` values in the order the
     keys and values are written, each point the study with those values set and `sweep:` removed; no points when the
     study has no sweep. Every key and value is first checked alone, so an invalid one is a ConfigError naming it;
-    a combination the config refuses names the point."""
+    a combination the config refuses names the point. A study with `world.seeds: K` > 1 (no `sweep:` then) is
+    expanded into its K world points instead (`pipeline.worlds.world_points`): the same machinery runs them."""
     tree = read_config_tree(path, overrides)
     study = validate_config(tree, str(path))
+    if study.world.seeds > 1:
+        from pipeline.worlds import world_points
+
+        return study, world_points(study, tree, str(path))
     if not study.sweep:
         return study, []
     study_tree = {k: v for k, v in tree.items() if k != "sweep"}
@@ -149,19 +154,20 @@ class SweepError(ValueError):
     """The sweep report cannot be written (an artifact it reads is not cached); the message names it."""
 
 
-def point_inputs(point: SweepPoint, cache) -> dict[str, Path]:
-    """The eval_proxy and bon_curve artifacts of a point, by the input roles its report stage gives them (`eval[p]`,
-    `bon[p]`), at the point's fingerprints; one that is not cached is a SweepError naming it and the point."""
+def point_inputs(point: SweepPoint, cache, roles: tuple[str, ...] = ("eval[", "bon[")) -> dict[str, Path]:
+    """The eval_proxy and bon_curve artifacts of a point (or those of other `roles`, prefixes of input roles), by the
+    input roles its report stage gives them (`eval[p]`, `bon[p]`), at the point's fingerprints; one that is not
+    cached is a SweepError naming it and the point."""
     from pipeline.runner import Runner
     from pipeline.study import build_stages
 
     runner = Runner(build_stages(point.config), cache)
     fps = runner.fingerprints()
     wanted = {role: key for role, key in runner.by_key["report"].inputs.items()
-              if role.startswith(("eval[", "bon["))}
+              if role.startswith(roles)}
     missing = [key for key in wanted.values() if cache.check(key, fps[key]).status != "cached"]
     if missing:
-        raise SweepError(f"sweep point {point.name}: {len(missing)} stage(s) not cached: {', '.join(missing[:4])}"
+        raise SweepError(f"point {point.name}: {len(missing)} stage(s) not cached: {', '.join(missing[:4])}"
                          f"{' ...' if len(missing) > 4 else ''}")
     return {role: cache.path(key, fps[key]) for role, key in wanted.items()}
 
