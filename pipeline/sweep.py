@@ -10,7 +10,8 @@ The sweep report is plain functions called by `overopt run` after every point ra
 keyed by stage key, and the points' stages share keys (`eval_proxy[bt]` of every point), so no one DAG can hold them
 all. It reads each point's eval_proxy[p] and bon_curve[p] artifacts from the cache at that point's fingerprints, as
 the point's report stage gets them (its input roles, `stages.report.read_accuracy` / `read_bon_curves`,
-`stages.report.run_measures`), and writes into the study's `reports_dir`: README.md, sweep_runs.csv (every run's
+`stages.report.run_measures`) and, with RL arms, each RL run's peak gold and gold at KLs every run of every point
+reaches (`rl_point_runs`), and writes into the study's `reports_dir`: README.md, sweep_runs.csv (every run's
 value of every measure), sweep_groups.csv (per point and proxy entry: mean, sd and 95 % t-interval over seeds,
 `pipeline.seed_stats`), sweep_differences.csv (each entry minus the baseline entry per point and measure,
 `pipeline.comparison_stats.difference_of_runs`: paired over shared seeds, Holm over the whole sweep) and one PNG per
@@ -191,6 +192,37 @@ def point_runs(point: SweepPoint, cache) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["point", "group", "run", "measure", "value"])
 
 
+def rl_point_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
+    """Each RL run's peak gold (`<Arm> peak gold`: its fit.json's empirical peak over exports) and its gold at matched
+    KL (`<Arm> gold at KL k`, interpolated in √KL, `matched_kl.value_at`), at the KLs `matched_points` picks for the
+    runs of every arm at every point (sweep point or world) together, so that every point is read at the same KLs;
+    column `world` names the point, `group` the proxy entry the arm optimised. Empty for a study without RL arms."""
+    from pipeline import matched_kl
+    from pipeline.study import rl_runs
+    from stages.report import arm_name, matched_points
+
+    found = []  # (world, arm, proxy, run, curve, fit)
+    for point in points:
+        arms = rl_runs(point.config)
+        if not arms:
+            continue
+        inputs = point_inputs(point, cache, tuple(f"{arm}[" for arm in arms))
+        found += [(point.name, arm, proxy, run, pd.read_parquet(inputs[f"{arm}[{run}]"] / "curve.parquet"),
+                   json.loads((inputs[f"{arm}[{run}]"] / "fit.json").read_text()))
+                  for arm, by_proxy in arms.items() for proxy, names in by_proxy.items() for run in names]
+    columns = ["world", "group", "run", "measure", "value"]
+    if not found:
+        return pd.DataFrame(columns=columns)
+    kls, _, _ = matched_points([c for *_, c, _ in found], [f["empirical_peak"]["kl"] for *_, f in found])
+    rows = []
+    for world, arm, proxy, run, curve, fit in found:
+        at = {"world": world, "group": proxy, "run": run}
+        rows.append({**at, "measure": f"{arm_name(arm)} peak gold", "value": float(fit["empirical_peak"]["gold"])})
+        rows += [{**at, "measure": f"{arm_name(arm)} gold at KL {k:g}", "value": v}
+                 for k, v in zip(kls, matched_kl.value_at(curve, kls))]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[str, pd.DataFrame]:
     """The sweep's numbers: `runs` (every run's value), `groups` (per point, entry and measure: `seed_stats` over
     the entry's seeds) and `differences` (per point, non-baseline entry and measure: `difference_of_runs` of the
@@ -202,7 +234,10 @@ def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[st
     labels = key_labels(list(study.sweep))
     values = {p.name: {labels[k]: v for k, v in p.values.items()} for p in points}
     runs = pd.concat([point_runs(p, cache) for p in points], ignore_index=True)
-    measures = sorted(runs.measure.unique(), key=_measure_order)
+    rl = rl_point_runs(points, cache).rename(columns={"world": "point"})
+    proxy_measures = sorted(runs.measure.unique(), key=_measure_order)
+    runs = pd.concat([runs, rl], ignore_index=True) if len(rl) else runs
+    measures = proxy_measures + list(dict.fromkeys(rl.measure))  # RL measures after the proxies', in arm order
     baseline = study.baseline_entry()
     groups, differences = [], []
     for point in points:

@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import StudyConfig
-from pipeline.sweep import SweepPoint, _md, _measure_order, _point_config, _slug, _time_lines, point_inputs, point_runs
+from pipeline.sweep import (SweepPoint, _md, _measure_order, _point_config, _slug, _time_lines, point_inputs,
+                            point_runs, rl_point_runs)
 
 POINTS_DIR = "worlds"  # each world's report: <reports_dir>/worlds/<point>/
 
@@ -72,45 +73,14 @@ def world_points(study: StudyConfig, tree: dict, source: str) -> list[SweepPoint
 def world_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
     """Every run's value of every measure in every world: columns world (the point's name), world_seed, policy_seed,
     group (the proxy entry), run, measure, value. Proxy measures as the sweep report reads them (`sweep.point_runs`),
-    then the RL arms' (`_rl_runs`)."""
+    then the RL arms' (`sweep.rl_point_runs`)."""
     proxies = pd.concat([point_runs(p, cache) for p in points], ignore_index=True).rename(columns={"point": "world"})
     proxies = proxies.assign(_order=proxies.measure.map(_measure_order)).sort_values("_order", kind="stable")
-    runs = pd.concat([proxies.drop(columns="_order"), _rl_runs(points, cache)], ignore_index=True)
+    runs = pd.concat([proxies.drop(columns="_order"), rl_point_runs(points, cache)], ignore_index=True)
     seeds = {p.name: p.values for p in points}
     return runs.assign(world_seed=runs.world.map(lambda w: seeds[w]["world.seed"]),
                        policy_seed=runs.world.map(lambda w: seeds[w]["policy.seed"]))[
         ["world", "world_seed", "policy_seed", "group", "run", "measure", "value"]]
-
-
-def _rl_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
-    """Each RL run's peak gold (`<Arm> peak gold`: its fit.json's empirical peak over exports) and its gold at matched
-    KL (`<Arm> gold at KL k`, interpolated in √KL, `matched_kl.value_at`), at the KLs `matched_points` picks for the
-    runs of every arm in every world together, so that every world is read at the same KLs; grouped by the proxy
-    entry the arm optimised. Empty for a study without RL arms."""
-    from pipeline import matched_kl
-    from pipeline.study import rl_runs
-    from stages.report import arm_name, matched_points
-
-    found = []  # (world, arm, proxy, run, curve, fit)
-    for point in points:
-        arms = rl_runs(point.config)
-        if not arms:
-            continue
-        inputs = point_inputs(point, cache, tuple(f"{arm}[" for arm in arms))
-        found += [(point.name, arm, proxy, run, pd.read_parquet(inputs[f"{arm}[{run}]"] / "curve.parquet"),
-                   json.loads((inputs[f"{arm}[{run}]"] / "fit.json").read_text()))
-                  for arm, by_proxy in arms.items() for proxy, names in by_proxy.items() for run in names]
-    columns = ["world", "group", "run", "measure", "value"]
-    if not found:
-        return pd.DataFrame(columns=columns)
-    kls, _, _ = matched_points([c for *_, c, _ in found], [f["empirical_peak"]["kl"] for *_, f in found])
-    rows = []
-    for world, arm, proxy, run, curve, fit in found:
-        at = {"world": world, "group": proxy, "run": run}
-        rows.append({**at, "measure": f"{arm_name(arm)} peak gold", "value": float(fit["empirical_peak"]["gold"])})
-        rows += [{**at, "measure": f"{arm_name(arm)} gold at KL {k:g}", "value": v}
-                 for k, v in zip(kls, matched_kl.value_at(curve, kls))]
-    return pd.DataFrame(rows, columns=columns)
 
 
 # ----------------------------------------------------------------------------------------------------------------

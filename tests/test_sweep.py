@@ -192,3 +192,28 @@ def test_the_difference_plot_draws_a_line_per_other_key_and_a_panel_per_entry(tm
     rows[0] |= {"ci_lo": float("nan"), "ci_hi": float("nan")}  # one seed: no interval, the point alone
     plot_sweep_differences(pd.DataFrame(rows), "n_train_pairs", ["alpha"], tmp_path / "d.png", "t", "Δ accuracy")
     assert (tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_rl_measures_enter_the_sweep_tables_after_the_proxies(monkeypatch):
+    """With RL arms, every run's RL measures (`rl_point_runs`: peak gold, gold at matched KL) are sweep measures
+    like the proxies': per point and entry over seeds, and each entry minus the baseline, paired by RL seed."""
+    import pipeline.sweep as sw
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    study = load_config(configs / "tiny_sweep.yaml")
+    points = sw.expand_sweep(configs / "tiny_sweep.yaml")[1][:2]
+    proxy_rows = [{"point": p.name, "group": g, "run": r, "measure": "accuracy (id_test)", "value": v}
+                  for p in points for g, runs in (("bt", ["bt", "bt@seed1"]), ("grm_sft", ["grm_sft", "grm_sft@seed1"]))
+                  for r, v in zip(runs, (0.7, 0.72))]
+    rl_rows = [{"world": p.name, "group": g, "run": r, "measure": "PPO gold at KL 4", "value": v}
+               for p in points for g, runs, vals in (("bt", ["bt", "bt@seed1"], (1.0, 1.2)),
+                                                     ("grm_sft", ["grm_sft", "grm_sft@seed1"], (1.5, 1.6)))
+               for r, v in zip(runs, vals)]
+    monkeypatch.setattr(sw, "point_runs",
+                        lambda p, cache: pd.DataFrame([r for r in proxy_rows if r["point"] == p.name]))
+    monkeypatch.setattr(sw, "rl_point_runs", lambda ps, cache: pd.DataFrame(rl_rows))
+    tables = sw.sweep_tables(study, points, cache=None)
+    assert list(dict.fromkeys(tables["groups"].measure)) == ["accuracy (id_test)", "PPO gold at KL 4"]
+    rl = tables["differences"][tables["differences"].measure == "PPO gold at KL 4"]
+    assert len(rl) == 2 and (rl.test == "paired t").all()
+    assert rl.difference.tolist() == pytest.approx([((1.5 - 1.0) + (1.6 - 1.2)) / 2] * 2)
