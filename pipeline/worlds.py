@@ -35,15 +35,22 @@ reads each point's artifacts as its report stage does and writes into the study'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import StudyConfig
-from pipeline.sweep import (SweepPoint, _md, _measure_order, _point_config, _slug, _time_lines, point_inputs,
-                            point_runs, rl_point_runs)
+from pipeline.sweep import (
+    SweepPoint,
+    _md,
+    _measure_order,
+    _point_config,
+    _slug,
+    _time_lines,
+    point_runs,
+    rl_point_runs,
+)
 
 POINTS_DIR = "worlds"  # each world's report: <reports_dir>/worlds/<point>/
 
