@@ -454,6 +454,12 @@ def _ood_stages(cfg: StudyConfig, nodes: list[StageNode]) -> list[StageNode]:
         n_prompts=ood_prompt_count(cfg), seed=cfg.world.seed if generated else 0, prompts_path=cfg.ood.prompts_path),
         {"id_prompts": _eval_prompts_input(cfg)}, external=_local(cfg.ood.prompts_path))
     evaluated = {n.key for n in nodes if n.stage in EVAL_STAGES}
+    taken = sorted({ood_key(k) for k in evaluated} & {n.key for n in nodes})
+    if taken:  # e.g. a PPO variant named `sample_ood`
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"ood.enabled: the OOD copy of an evaluation stage would be keyed {taken[0]}, the key of a "
+                          f"stage the study already has; rename what that stage is named after")
 
     def ood_input(role: str, upstream: str) -> str:
         if role == "prompts":

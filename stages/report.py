@@ -19,8 +19,11 @@ common range (rl_matched_kl.csv per run, rl_matched_kl_over_seeds.csv over seeds
 common √KL grid). A PPO variant (`ppo.variants`, arm `ppo_<name>`) is an arm of its own, "PPO (<name>)", compared
 with plain PPO only. Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
 gold and accuracy) are one family (`pipeline.comparison_stats`: paired by seed or Welch, MDD80, Holm): comparisons.csv
-and one generated sentence each. The README ends with what it was made with (package versions, CPU, threads, date),
-so it differs between machines: exact figures vary across CPUs.
+and one generated sentence each. With OOD evaluation (`ood:`; input roles `ood:bon[p]`, `ood:<arm>[run]`), the
+same curve sections are built again from the OOD curves into `ood/` (headings marked (OOD)), after a side-by-side
+figure per arm of ID and OOD curves and ood_vs_id.csv (peaks and ends per prompt set beside ID and OOD accuracy); their
+comparisons are named "OOD prompts: ...". The README ends with what it was made with (package versions, CPU,
+threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations

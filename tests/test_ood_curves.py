@@ -86,6 +86,9 @@ def test_ood_config_errors_name_the_key():
         load_config(PAPER, ["ood.enabled=true"])
     with pytest.raises(ConfigError, match="ood.n_prompt"):
         load_config(SMOKE, ["ood.n_prompt=3"])
+    # a stage named so that an OOD copy would take its key (a PPO variant `sample_ood`) is refused before any work
+    with pytest.raises(ConfigError, match=r"ood.enabled: .* keyed ppo_sample_ood\[bt\]"):
+        build_stages(load_config(SMOKE, ["ood.enabled=true", "ppo.variants={sample_ood: {kl_coef: 0.1}}"]))
 
 
 def test_paper_scale_reads_the_prompts_file_and_holds_it_out_from_eval_prompts(tmp_path):
