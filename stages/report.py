@@ -971,7 +971,8 @@ def _id_vs_ood(cfg: ReportStageConfig, inputs: dict[str, Path], view: dict[str, 
                 if not found:
                     continue
                 tables = [pd.read_parquet(roles[f"{arm}[{r}]"] / "curve.parquet") for r in found]
-                overlays += [plots.Overlay(t, x, g, where) for t in tables]
+                # joined in KL order, as every RL plot (measured KL can drop between exports)
+                overlays += [plots.Overlay(t.sort_values(x, kind="stable"), x, g, where) for t in tables]
                 measured[(g, where)] = ([bon_peak(t)["peak_gold"] if arm == "bon" else t.gold.max() for t in tables],
                                         [t.gold.iloc[-1] for t in tables])
         if not any(where == "OOD prompts" for _, where in measured):
