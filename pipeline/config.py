@@ -759,6 +759,26 @@ class DPOConfig(Section):
         return seed_runs(proxy, self.seed, self.seeds)
 
 
+class OODConfig(Section):
+    """Over-optimization under distribution shift (stages ood_prompts, bon_sample_ood, bon_score_ood[s],
+    bon_curve_ood[p] and, per RL run, <arm>_sample_ood[run], <arm>_gold_ood[run], <arm>_curve_ood[run]): best-of-n and
+    every RL arm's exports are also sampled and gold-scored on out-of-distribution prompts, by the same stages with
+    the same configs (so the same seeds) as on the in-distribution evaluation prompts; only their `prompts` input
+    differs. The ID stages and their fingerprints are unchanged. The report draws the OOD curves beside the ID ones,
+    with the same fits, aggregation over seeds and matched-KL comparisons. Off by default."""
+
+    enabled: bool = False
+    # How many OOD prompts; None = as many as the in-distribution evaluation prompts (the world's held-out count in
+    # the tiny world, bon.n_prompts at paper scale). From a file: its first n_prompts rows.
+    n_prompts: int | None = Field(None, ge=1)
+    # A jsonl/json or parquet file of held-out prompts (columns prompt_id, prompt: a list of chat messages as in
+    # pipeline/records.py, or a user turn's text). Required at paper scale; in the tiny world, unset = prompts drawn
+    # (seeded by world.seed) from the world's OOD prompt space: unseen verbs or opener, or k of 6 or 7.
+    prompts_path: str | None = None
+
+    _home = field_validator("prompts_path")(classmethod(lambda cls, v: _expand_home(v)))
+
+
 class DistributedSmokeConfig(Section):
     """A stage that proves the multi-process path: a few ZeRO steps on a tiny causal LM under accelerate."""
 
@@ -806,6 +826,7 @@ class StudyConfig(Section):
     rl: GroupRLConfig | None = None
     dpo: DPOConfig | None = None
     knowledge: KnowledgeConfig = KnowledgeConfig()
+    ood: OODConfig = OODConfig()
     distributed_smoke: DistributedSmokeConfig = DistributedSmokeConfig()
     # A sweep (`pipeline.sweep`): override key -> the values it takes; the keys are crossed into points, each the
     # study with those overrides applied. A key naming several override keys joined by commas sets them all to the
@@ -901,6 +922,24 @@ class StudyConfig(Section):
         if self.sweep_baseline is not None and self.sweep_baseline not in {p.name for p in self.proxies}:
             raise ValueError(f"sweep_baseline {self.sweep_baseline!r} is not a proxy entry of this study "
                              f"({[p.name for p in self.proxies]})")
+        return self
+
+    @model_validator(mode="after")
+    def _ood_consistent(self) -> "StudyConfig":
+        if not self.ood.enabled:
+            return self
+        if self.bon is None:
+            raise ValueError("ood.enabled: OOD evaluation samples best-of-n and the RL exports on OOD prompts with the "
+                             "bon section's settings: it needs the bon section")
+        if self.policy.source != "tiny" and not self.ood.prompts_path:
+            raise ValueError("ood.enabled at paper scale (policy.source: hub) needs ood.prompts_path, a file of "
+                             "held-out prompts (there is no world to draw OOD prompts from)")
+        if self.policy.source == "tiny" and not self.ood.prompts_path and self.ood.n_prompts is not None:
+            from pipeline import world as W
+
+            space = len(W.ood_prompt_space())
+            if self.ood.n_prompts > space:
+                raise ValueError(f"ood.n_prompts ({self.ood.n_prompts}) exceeds the tiny world's {space} OOD prompts")
         return self
 
     def baseline_entry(self) -> str:
@@ -1144,6 +1183,15 @@ class EvalPromptsStageConfig(Section):
     shuffle_seed: int
     n_pairs: int
     n_prompts: int
+
+
+class OODPromptsStageConfig(Section):
+    """ood_prompts: the OOD evaluation prompts, drawn from the tiny world's OOD prompt space (seeded by the world's
+    seed) or read from `prompts_path`."""
+
+    n_prompts: int
+    seed: int
+    prompts_path: str | None = None
 
 
 class BonSampleStageConfig(Section):

@@ -22,9 +22,10 @@ from pipeline.records import (
     KNOWLEDGE_PAIR_COLUMNS,
     KNOWLEDGE_SCORE_COLUMNS,
     RecordError,
+    chat_prompts,
     finite_or_none,
     messages,
-    user_prompt,
+    read_table_file,
     write_records,
 )
 from pipeline.scoring import SequenceTooLongError, check_finite
@@ -67,15 +68,7 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
     """Minimal pairs from a jsonl/json or parquet file with columns prompt, clean, flawed, kind (and optionally
     pair_id, prompt_id), as `KNOWLEDGE_PAIR_COLUMNS` records. A prompt is the text of one user turn or a list of chat
     messages. Raises `RecordError` naming the file and the column (and row) that is missing or wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(f"knowledge.pairs_path: file not found: {path}")
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
-    else:
-        raise RecordError(f"knowledge.pairs_path {path}: expected a .jsonl, .json or .parquet file")
+    frame = read_table_file(path, "knowledge.pairs_path")
     missing = [c for c in FILE_COLUMNS if c not in frame.columns]
     if missing:
         raise RecordError(f"knowledge.pairs_path {path}: missing column {missing[0]!r} (a pairs file needs "
@@ -87,13 +80,7 @@ def load_pairs_file(path: str | Path) -> pd.DataFrame:
         if bad:
             raise RecordError(f"knowledge.pairs_path {path}: column {col!r} must hold strings (row {bad[0]}: "
                               f"{frame[col].iloc[bad[0]]!r})")
-    prompts = []
-    for i, p in enumerate(frame.prompt):
-        try:
-            prompts.append(user_prompt(p) if isinstance(p, str) else messages(p))
-        except (TypeError, KeyError):
-            raise RecordError(f"knowledge.pairs_path {path}: column 'prompt' row {i} is neither text nor a list of "
-                              f"chat messages ({p!r})") from None
+    prompts = chat_prompts(frame.prompt, "knowledge.pairs_path", path)
     keys = [repr([(m["role"], m["content"]) for m in p]) for p in prompts]
     first = {k: j for j, k in enumerate(dict.fromkeys(keys))}  # distinct prompts in order of appearance
     out = pd.DataFrame({

@@ -182,13 +182,11 @@ def model_states_per_rank(total: int, largest: int, ds: dict, ranks: int, machin
 # the plan
 
 
-def _eval_prompts(cfg: StudyConfig) -> int:
-    if cfg.policy.source == "tiny":
-        from pipeline import world
+def _eval_prompts(cfg: StudyConfig, node: StageNode) -> int:
+    """The prompts a sampling stage samples: the ID evaluation prompts, or the OOD ones for an OOD copy."""
+    from pipeline.study import eval_prompt_count, ood_prompt_count
 
-        return world.prompt_split_sizes(world.in_distribution_prompt_count(), cfg.world.n_eval_prompts,
-                                        cfg.world.eval_prompt_fraction)[1]
-    return cfg.bon.n_prompts if cfg.bon is not None else 0
+    return ood_prompt_count(cfg) if node.inputs.get("prompts") == "ood_prompts" else eval_prompt_count(cfg)
 
 
 def _train_prompts(cfg: StudyConfig) -> int:
@@ -253,7 +251,7 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
     elif node.stage == "knowledge_base":
         plan.score = Work(2 * cfg.knowledge.n_pairs, 2 * cfg.knowledge.n_pairs * c.max_length)
     elif node.stage == "bon_sample":
-        n = _eval_prompts(cfg) * c.n_samples
+        n = _eval_prompts(cfg, node) * c.n_samples
         plan.generate = produced[node.key] = Work(n, n * c.sampling.max_new_tokens)
     elif node.stage == "bon_score":
         upstream = produced.get(node.inputs["samples"], Work())
@@ -280,11 +278,11 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
         plan.note = f"{len(d.export_steps(_dpo_pairs(cfg, c)))} exports"
     elif node.stage == "ppo_sample":
         exports = _exports(cfg, by_key[node.inputs["rl"]])
-        n = exports * _eval_prompts(cfg) * c.n_samples
+        n = exports * _eval_prompts(cfg, node) * c.n_samples
         plan.generate = produced[node.key] = Work(n, n * c.max_new_tokens)
         plan.score = Work(2 * n, 2 * n * c.scorer.max_length)  # the proxy, and the initial policy for the KL
         plan.note = f"{exports} exports"
-    elif node.stage in ("world", "gold_label", "eval_prompts", "knowledge_pairs"):
+    elif node.stage in ("world", "gold_label", "eval_prompts", "knowledge_pairs", "ood_prompts"):
         plan.note = "data only"
     elif node.stage == "warm_average":
         plan.note = f"averages {len(node.inputs)} members' weights"

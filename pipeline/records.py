@@ -87,6 +87,54 @@ def read_records(path: Path, columns: Iterable[str]) -> pd.DataFrame:
     return df
 
 
+def read_table_file(path: Path | str, key: str) -> pd.DataFrame:
+    """A configured jsonl/json or parquet file (config key `key`) as a frame; a missing file or another format is a
+    `RecordError` naming the key and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{key}: file not found: {path}")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=path.suffix == ".jsonl")
+    raise RecordError(f"{key} {path}: expected a .jsonl, .json or .parquet file")
+
+
+def chat_prompts(values: Iterable, key: str, path: Path | str) -> list[list[dict]]:
+    """The `prompt` column of a configured file as chat-message lists: each value the text of one user turn or a list
+    of chat messages (the records' form). A value that is neither is a `RecordError` naming the key, file and row."""
+    out = []
+    for i, p in enumerate(values):
+        try:
+            out.append(user_prompt(p) if isinstance(p, str) else messages(p))
+        except (TypeError, KeyError):
+            raise RecordError(f"{key} {path}: column 'prompt' row {i} is neither text nor a list of chat messages "
+                              f"({p!r})") from None
+    return out
+
+
+PROMPT_FILE_COLUMNS = ("prompt_id", "prompt")  # what a prompts file (ood.prompts_path) must have
+
+
+def load_prompts_file(path: Path | str, key: str, n_prompts: int | None = None) -> pd.DataFrame:
+    """Evaluation prompts (prompt_id, prompt) from a jsonl/json or parquet file with columns prompt_id and prompt (a
+    list of chat messages, or a user turn's text), its first `n_prompts` rows (None: all). A missing column, an empty
+    file, a repeated prompt_id or a prompt that is not a prompt is a `RecordError` naming `key`, the file and the
+    column."""
+    frame = read_table_file(path, key)
+    missing = [c for c in PROMPT_FILE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise RecordError(f"{key} {path}: missing column {missing[0]!r} (a prompts file needs "
+                          f"{', '.join(PROMPT_FILE_COLUMNS)}; it has {list(frame.columns)})")
+    frame = frame.head(n_prompts) if n_prompts is not None else frame
+    if frame.empty:
+        raise RecordError(f"{key} {path}: no rows")
+    ids = frame.prompt_id.astype(str)
+    if ids.duplicated().any():
+        raise RecordError(f"{key} {path}: column 'prompt_id' repeats {ids[ids.duplicated()].iloc[0]!r}")
+    return pd.DataFrame({"prompt_id": ids.to_numpy(), "prompt": chat_prompts(frame.prompt, key, path)})
+
+
 def messages(prompt) -> list[dict]:
     """A stored prompt (list/array of structs) as plain message dicts for a chat template."""
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]

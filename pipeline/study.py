@@ -14,6 +14,10 @@ stages read in place of train_proxy[p].
 Each PPO variant (`ppo.variants`) adds an arm of the same shape: ppo_<name>[p] ─► ppo_<name>_sample[p] ─► ... The
 rl section's GRPO and RLOO (grpo[p], rloo[p]) share the same evaluation stages.
 
+With `ood.enabled`, ood_prompts (OOD evaluation prompts, held out from the ID ones) and an OOD copy of every
+evaluation stage — bon_sample_ood, bon_score_ood[s], bon_curve_ood[p], <arm>_sample_ood[run], <arm>_gold_ood[run],
+<arm>_curve_ood[run] — with the same config (so the same seeds) and ood_prompts as its `prompts` input (`_ood_stages`).
+
 Each stage gets exactly the slice of the config it depends on, so a change re-runs only what it affects. At paper
 scale (`policy.source: hub`) there is no world or sft_policy stage: the base model is a hub id, pairs come from a
 dataset in the Unified-Feedback schema, and an `eval_prompts` stage holds out prompts of that dataset for best-of-n.
@@ -21,6 +25,7 @@ dataset in the Unified-Feedback schema, and an `eval_prompts` stage holds out pr
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from pipeline.config import (
@@ -36,6 +41,7 @@ from pipeline.config import (
     KnowledgeBaseStageConfig,
     KnowledgePairsStageConfig,
     KnowledgeStageConfig,
+    OODPromptsStageConfig,
     PPOCurveStageConfig,
     PPOSampleStageConfig,
     PPOStageConfig,
@@ -112,6 +118,9 @@ def build_stages(cfg: StudyConfig) -> list[StageNode]:
         ds = cfg.distributed_smoke
         nodes.append(StageNode("distributed_smoke", "distributed_smoke", ds, launcher="accelerate",
                                num_processes=ds.num_processes, deepspeed_config=Path(ds.deepspeed_config)))
+    if cfg.ood.enabled:
+        nodes += _ood_stages(cfg, nodes)
+        return nodes + [_with_ood_report_inputs(_report(cfg), nodes)]
     return nodes + [_report(cfg)]
 
 
@@ -393,3 +402,77 @@ def _report(cfg: StudyConfig) -> StageNode:
                                                            rl_runs=arms, rl_settings=rl_settings(cfg),
                                                            setting=setting),
                      inputs, publish_to=Path(cfg.run.reports_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# over-optimization under shift
+
+
+# Stage modules that evaluate on the evaluation prompts (sample, score, curve): each gets an OOD copy.
+EVAL_STAGES = ("bon_sample", "bon_score", "bon_curve", "ppo_sample", "ppo_curve")
+OOD_SUFFIX = "_ood"
+OOD_ROLE = "ood:"  # the report's input role of an OOD curve: `ood:bon[p]`, `ood:ppo[run]` (no ID role has a colon)
+
+
+def ood_key(key: str) -> str:
+    """The key of an evaluation stage's OOD copy: `bon_sample` -> `bon_sample_ood`, `ppo_gold[bt]` ->
+    `ppo_gold_ood[bt]`."""
+    name, bracket, rest = key.partition("[")
+    return f"{name}{OOD_SUFFIX}{bracket}{rest}"
+
+
+def eval_prompt_count(cfg: StudyConfig) -> int:
+    """How many in-distribution evaluation prompts best-of-n and RL are evaluated on: the world's held-out share in
+    the tiny world, `bon.n_prompts` at paper scale (at most: eval_prompts keeps the held-out rows it finds)."""
+    if cfg.policy.source == "tiny":
+        from pipeline import world
+
+        return world.prompt_split_sizes(world.in_distribution_prompt_count(), cfg.world.n_eval_prompts,
+                                        cfg.world.eval_prompt_fraction)[1]
+    return cfg.bon.n_prompts if cfg.bon is not None else 0
+
+
+def ood_prompt_count(cfg: StudyConfig) -> int:
+    """How many OOD evaluation prompts: `ood.n_prompts`, default as many as the ID evaluation prompts (in the tiny
+    world at most its OOD prompt space)."""
+    if cfg.ood.n_prompts is not None:
+        return cfg.ood.n_prompts
+    if cfg.policy.source == "tiny" and not cfg.ood.prompts_path:
+        from pipeline import world
+
+        return min(eval_prompt_count(cfg), len(world.ood_prompt_space()))
+    return eval_prompt_count(cfg)
+
+
+def _ood_stages(cfg: StudyConfig, nodes: list[StageNode]) -> list[StageNode]:
+    """ood_prompts, and per evaluation stage (`EVAL_STAGES`) among `nodes` its OOD copy: the same module and config
+    (hence the same sampling seeds, scorers and fits), keyed `ood_key`, with ood_prompts in place of the ID prompts
+    and the OOD copies of its evaluation inputs (samples, scores, the best-of-n curve an RL curve is drawn beside) in
+    place of theirs. Training stages and models are shared: an RL run's exports are sampled on both prompt sets."""
+    generated = cfg.policy.source == "tiny" and not cfg.ood.prompts_path
+    prompts = StageNode("ood_prompts", "ood_prompts", OODPromptsStageConfig(
+        n_prompts=ood_prompt_count(cfg), seed=cfg.world.seed if generated else 0, prompts_path=cfg.ood.prompts_path),
+        {"id_prompts": _eval_prompts_input(cfg)}, external=_local(cfg.ood.prompts_path))
+    evaluated = {n.key for n in nodes if n.stage in EVAL_STAGES}
+    taken = sorted({ood_key(k) for k in evaluated} & {n.key for n in nodes})
+    if taken:  # e.g. a PPO variant named `sample_ood`
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"ood.enabled: the OOD copy of an evaluation stage would be keyed {taken[0]}, the key of a "
+                          f"stage the study already has; rename what that stage is named after")
+
+    def ood_input(role: str, upstream: str) -> str:
+        if role == "prompts":
+            return "ood_prompts"
+        return ood_key(upstream) if upstream in evaluated else upstream
+
+    return [prompts] + [dataclasses.replace(n, key=ood_key(n.key), inputs={role: ood_input(role, up)
+                                                                           for role, up in n.inputs.items()})
+                        for n in nodes if n.key in evaluated]
+
+
+def _with_ood_report_inputs(report: StageNode, nodes: list[StageNode]) -> StageNode:
+    """The report with each curve input (`bon[p]`, `<arm>[run]`) doubled by its OOD copy as `ood:<role>`."""
+    curve_keys = {n.key for n in nodes if n.stage in ("bon_curve", "ppo_curve")}
+    extra = {f"{OOD_ROLE}{role}": ood_key(up) for role, up in report.inputs.items() if up in curve_keys}
+    return dataclasses.replace(report, inputs={**report.inputs, **extra})

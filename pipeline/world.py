@@ -144,6 +144,13 @@ def all_prompts(verbs: list[str], openers: list[str], ks: list[int]) -> list[Pro
     return [PromptSpec(o, v, k, c) for o in openers for v in verbs for k in ks for c in CATEGORIES]
 
 
+def ood_prompt_space() -> list[PromptSpec]:
+    """Every out-of-distribution prompt, in `all_prompts` order: an unseen verb or opener, or a k beyond the training
+    ks (no in-distribution prompt is among them). The world's OOD pairs and the OOD evaluation prompts draw from it."""
+    specs = all_prompts(TRAIN_VERBS + OOD_VERBS, TRAIN_OPENERS + OOD_OPENERS, OOD_KS)
+    return [s for s in specs if s.verb in OOD_VERBS or s.opener in OOD_OPENERS or s.k > max(TRAIN_KS)]
+
+
 def prompt_split_sizes(n_prompts: int, n_eval_prompts: int, eval_prompt_fraction: float) -> tuple[int, int]:
     """(training, held-out evaluation) prompt counts of the in-distribution prompt space of `n_prompts` prompts:
     `n_eval_prompts` held out, at most `eval_prompt_fraction` of them (at least one)."""

@@ -19,14 +19,18 @@ common range (rl_matched_kl.csv per run, rl_matched_kl_over_seeds.csv over seeds
 common √KL grid). A PPO variant (`ppo.variants`, arm `ppo_<name>`) is an arm of its own, "PPO (<name>)", compared
 with plain PPO only. Differences between arms and between proxies (and, with several seeded proxies, of best-of-n peak
 gold and accuracy) are one family (`pipeline.comparison_stats`: paired by seed or Welch, MDD80, Holm): comparisons.csv
-and one generated sentence each. The README ends with what it was made with (package versions, CPU, threads, date),
-so it differs between machines: exact figures vary across CPUs.
+and one generated sentence each. With OOD evaluation (`ood:`; input roles `ood:bon[p]`, `ood:<arm>[run]`), the
+same curve sections are built again from the OOD curves into `ood/` (headings marked (OOD)), after a side-by-side
+figure per arm of ID and OOD curves and ood_vs_id.csv (peaks and ends per prompt set beside ID and OOD accuracy); their
+comparisons are named "OOD prompts: ...". The README ends with what it was made with (package versions, CPU,
+threads, date), so it differs between machines: exact figures vary across CPUs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -72,7 +76,6 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
 
     groups = cfg.groups or {p: [p] for p in cfg.proxies}
     group_of = {p: g for g, ps in groups.items() for p in ps}
-    labels = proxy_labels(cfg)
     acc = read_accuracy(cfg.proxies, inputs)
     if len(acc):
         acc.insert(0, "group", acc.proxy.map(group_of))
@@ -82,6 +85,27 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
     parts += _knowledge_section(cfg, inputs, out)
 
+    curve_parts, comparisons, curves = _curve_sections(cfg, inputs, groups, acc, out)
+    parts += curve_parts
+    ood_parts, ood_comparisons = _ood_sections(cfg, inputs, groups, acc, out)
+    parts += ood_parts
+    parts += _comparisons_section(comparisons + ood_comparisons, out)
+    parts += _examples_section(cfg, inputs, out)
+    parts += _made_with(describe())
+    readme = "\n".join(parts)
+    (out / "README.md").write_text(readme)
+    (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+
+
+def _curve_sections(cfg: ReportStageConfig, inputs: dict[str, Path], groups: dict[str, list[str]], acc: pd.DataFrame,
+                    out: Path) -> tuple[list[str], list[dict], dict[str, pd.DataFrame]]:
+    """The curves of one set of evaluation prompts: best-of-n, its aggregate over seeds (with `acc`'s over seeds), each
+    RL arm and the runs at matched KL, from the input roles `bon[p]` and `<arm>[run]`; files written to `out`. Returns
+    the sections, the comparisons they make (matched KL, and proxies' best-of-n peak gold and accuracy over seeds) and
+    the best-of-n curves. Run once for the in-distribution prompts and once for the OOD ones (`_ood_sections`)."""
+    group_of = {p: g for g, ps in groups.items() for p in ps}
+    labels = proxy_labels(cfg)
+    parts: list[str] = []
     curves = read_bon_curves(cfg.proxies, inputs)
     fits = {p: json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text()) for p in curves}
     bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
@@ -125,13 +149,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
                       + fit_text(fit, "d(α − βd)", "KL ≤") + over, ""]
     parts += _over_seeds_section(cfg, groups, acc, curves, out)
     rl_parts, rl_comparisons = _rl_sections(cfg, inputs, curves, out)
-    parts += rl_parts
-    parts += _comparisons_section(rl_comparisons + group_comparisons(groups, acc, curves), out)
-    parts += _examples_section(cfg, inputs, out)
-    parts += _made_with(describe())
-    readme = "\n".join(parts)
-    (out / "README.md").write_text(readme)
-    (out / "report.html").write_text(markdown_to_html(readme, out, title=f"overopt study {cfg.study}"))
+    return parts + rl_parts, rl_comparisons + group_comparisons(groups, acc, curves), curves
 
 
 def read_accuracy(proxies: list[str], inputs: dict[str, Path]) -> pd.DataFrame:
@@ -882,3 +900,111 @@ def _examples_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path
                              "proxy": shown.proxy.to_numpy(), "gold": shown.gold.to_numpy()})
         parts += [f"### Examples: {p}", "", _md(rows), ""]
     return parts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# over-optimization under shift
+
+
+OOD_ROLE = "ood:"  # an OOD curve's input role: `ood:bon[p]`, `ood:<arm>[run]` (pipeline.study._with_ood_report_inputs)
+OOD_FOLDER = "ood"  # the OOD part's tables and plots, under the same names as the ID ones
+
+
+def ood_inputs(inputs: dict[str, Path]) -> dict[str, Path]:
+    """The OOD curves' inputs under the roles of the ID ones (`ood:bon[p]` -> `bon[p]`), so the same section builders
+    read them; empty when the study has no OOD evaluation."""
+    return {role.removeprefix(OOD_ROLE): path for role, path in inputs.items() if role.startswith(OOD_ROLE)}
+
+
+def labelled_sections(parts: list[str], label: str, folder: str) -> list[str]:
+    """Sections another run of the section builders wrote into `folder`, placed in this README: every heading one
+    level down and marked `(label)`, every relative image or link target inside `folder`."""
+    heading = re.compile(r"^(#{2,}) (.*)$", re.M)
+    target = re.compile(r"\]\((?![a-z]+:|#|/)([^)]+)\)")
+    return [target.sub(rf"]({folder}/\1)", heading.sub(rf"#\1 \2 ({label})", part)) for part in parts]
+
+
+def _ood_sections(cfg: ReportStageConfig, inputs: dict[str, Path], groups: dict[str, list[str]], acc: pd.DataFrame,
+                  out: Path) -> tuple[list[str], list[dict]]:
+    """Over-optimization on the OOD prompts: the ID and OOD curves of each arm side by side (a figure per arm, and a
+    table of peaks and ends beside each proxy's ID and OOD accuracy), then the ID sections' builders run again on the
+    OOD curves (`_curve_sections`, files in `ood/`), their headings marked (OOD). Returns the sections and their
+    comparisons, each named as OOD and of its own family (so the matched-KL rows are one more family)."""
+    view = ood_inputs(inputs)
+    if not view:
+        return [], []
+    (out / OOD_FOLDER).mkdir(exist_ok=True)
+    ood_cfg = cfg.model_copy(update={"study": f"{cfg.study}, OOD prompts"})  # plot titles say which prompts
+    parts, comparisons, _ = _curve_sections(ood_cfg, view, groups, pd.DataFrame(), out / OOD_FOLDER)
+    intro = ["## Over-optimization out of distribution", "",
+             "Best-of-n and every RL run's exports sampled and gold-scored again on held-out out-of-distribution "
+             "prompts (stage ood_prompts: in the tiny world, prompts with an unseen verb or opener or a list length of "
+             "6 or 7, none of which the proxies' training pairs contain; at paper scale `ood.prompts_path`), by the "
+             "same stages with the same seeds as on the in-distribution prompts: the same proxies and RL runs, only "
+             "the prompts differ. KL is measured on the OOD prompts' own samples. The OOD sections below repeat the "
+             "in-distribution ones (fits, seeds, matched KL); their tables are in the ood folder beside this report "
+             "under the same names.", ""]
+    side, table = _id_vs_ood(cfg, inputs, view, groups, acc, out)
+    if table is not None:
+        table.to_csv(out / "ood_vs_id.csv", index=False)
+    named = [dict(r, family=f"{r['family']}, OOD prompts", what=f"OOD prompts: {r['what']}") for r in comparisons]
+    return intro + side + labelled_sections(parts, "OOD", OOD_FOLDER), named
+
+
+def _id_vs_ood(cfg: ReportStageConfig, inputs: dict[str, Path], view: dict[str, Path], groups: dict[str, list[str]],
+               acc: pd.DataFrame, out: Path) -> tuple[list[str], pd.DataFrame | None]:
+    """Per arm (best-of-n, then each RL arm) a figure of every proxy's ID and OOD gold curves side by side
+    (`plots.plot_overlay`: a column per proxy, one colour per prompt set, seeds as thin lines), and one table: per
+    proxy entry and arm, peak gold and gold at the largest KL on each prompt set (mean ± sd over seeds with a 95 %
+    t-interval), beside the entry's pairwise accuracy in distribution and out of distribution (clean labels)."""
+    sets = {"ID prompts": inputs, "OOD prompts": view}
+    arms = {"best-of-n": ("bon", {g: ps for g, ps in groups.items()}, "sqrt_kl_bound",
+                          "√KL bound (best-of-n)")}
+    arms |= {arm_name(a): (a, by_proxy, "sqrt_kl", "√KL measured on each set's samples (k1)")
+             for a, by_proxy in cfg.rl_runs.items()}
+    parts, rows = [], []
+    for shown, (arm, by_group, x, xlabel) in arms.items():
+        overlays, measured = [], {}
+        for g, runs in by_group.items():
+            for where, roles in sets.items():
+                found = [r for r in runs if f"{arm}[{r}]" in roles]
+                if not found:
+                    continue
+                tables = [pd.read_parquet(roles[f"{arm}[{r}]"] / "curve.parquet") for r in found]
+                # joined in KL order, as every RL plot (measured KL can drop between exports)
+                overlays += [plots.Overlay(t.sort_values(x, kind="stable"), x, g, where) for t in tables]
+                measured[(g, where)] = ([bon_peak(t)["peak_gold"] if arm == "bon" else t.gold.max() for t in tables],
+                                        [t.gold.iloc[-1] for t in tables])
+        if not any(where == "OOD prompts" for _, where in measured):
+            continue
+        figure = f"ood_vs_id_{arm}.png"
+        plots.plot_overlay(overlays, out / figure, f"{cfg.study}: {shown}, in distribution and out of distribution",
+                           xlabel)
+        parts += [f"![{shown}: ID and OOD]({figure})", ""]
+        for g in by_group:
+            row = {"proxy": g, "arm": shown}
+            for where in sets:
+                if (g, where) in measured:
+                    peaks, ends = measured[(g, where)]
+                    row[f"peak gold, {where}"] = _over_seeds_text(peaks)
+                    row[f"gold at the end, {where}"] = _over_seeds_text(ends)
+            if len(row) > 2:
+                rows.append(row)
+    if not rows:
+        return [], None
+    table = pd.DataFrame(rows)
+    if len(acc):
+        clean = acc[(acc.labels == "clean") & acc.set.isin(["id_test", "ood"])]
+        for s, name in (("id_test", "accuracy, ID"), ("ood", "accuracy, OOD")):
+            by_group = {g: _over_seeds_text(clean[(clean.set == s) & clean.proxy.isin(ps)].accuracy)
+                        for g, ps in groups.items() if ((clean.set == s) & clean.proxy.isin(ps)).any()}
+            if by_group:
+                table.insert(2 if name.endswith("ID") else 3, name, table.proxy.map(by_group).fillna("—"))
+    text = ["### In distribution and out of distribution", "",
+            "Each arm's gold curves on the in-distribution and the OOD evaluation prompts, per proxy (seeds as thin "
+            "lines); peak gold (best-of-n: the empirical peak over n; RL: over exports) and gold at the end (the "
+            "largest n; the last export) on each prompt set, mean ± sd over seeds with a 95 % t-interval, beside the "
+            "proxy's pairwise accuracy on the ID test pairs and the OOD pairs (clean labels). Every row is in "
+            "ood_vs_id.csv.", "",
+            *parts, _md(table.fillna("—")), ""]
+    return text, table

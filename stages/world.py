@@ -58,7 +58,7 @@ def run(cfg: WorldConfig, inputs: dict[str, Path], out: Path) -> None:
                                for s in demos]}).to_parquet(out / "demonstrations.parquet", index=False)
 
     # OOD: unseen verbs and opener, k up to 7, responses from another sampler
-    ood_space = [s for s in all_specs if s.verb in W.OOD_VERBS or s.opener in W.OOD_OPENERS or s.k > max(W.TRAIN_KS)]
+    ood_space = W.ood_prompt_space()
     ood = [rng.choice(ood_space) for _ in range(cfg.n_ood_pairs)]
     pd.DataFrame({"pair_id": [f"ood{i:05d}" for i in range(len(ood))],
                   "prompt_id": [f"ood:{s.render()}" for s in ood],

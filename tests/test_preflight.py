@@ -98,7 +98,8 @@ def test_a_causal_lm_as_gold_fails_before_any_stage(dirs, tmp_path, capsys):
     uf.write_bytes(b"x")  # never read: the model check comes first
     args = ["run", str(TINY), f"run.cache_root={tmp_path / 'cache'}", "policy.source=hub",
             f"policy.model_id={dirs['causal']}", "gold.type=hf", f"gold.model_id={dirs['causal']}",
-            "gold_label.source=unified_feedback", f"gold_label.dataset_path={uf}"]
+            "gold_label.source=unified_feedback", f"gold_label.dataset_path={uf}",
+            "ood.enabled=false"]  # tiny.yaml's OOD prompts come from the world, which a hub policy has not
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"gold.model_id: {dirs['causal']}: a causal LM" in err and "policy.model_id" not in err
