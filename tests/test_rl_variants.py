@@ -244,7 +244,10 @@ def test_a_study_with_a_variant_runs_it_and_reports_it_beside_ppo(study):
     assert "## PPO (kl)" in readme and "- **PPO (kl)**: against `bt`, 1 seed each; the ppo section's settings " \
                                       "with kl_coef = 0.5." in readme
     comparisons = pd.read_csv(root / "report" / "comparisons.csv")
-    assert set(comparisons.what.str.extract(r"^(.*) against")[0]) == {"PPO (kl) − PPO"}
+    matched = comparisons[comparisons.family == "RL at matched KL"]
+    assert set(matched.what.str.extract(r"^(.*) against")[0]) == {"PPO (kl) − PPO"}
+    against_baseline = comparisons[comparisons.family == "RL against the baseline"]
+    assert set(against_baseline.what.str.extract(r"^(.*), ")[0]) == {"PPO (kl) against `bt` − PPO against `bt`"}
 
 
 def test_the_reference_scorer_samples_the_same_response_for_a_prompt_and_update(study):
