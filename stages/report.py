@@ -46,7 +46,7 @@ from pipeline.proxy_types import describe_proxy
 from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
 from pipeline.seed_stats import mean_sd_text, seed_stats, stats_text
 
-VERSION = "7"
+VERSION = "8"  # 8: RL against the baseline, OOD sections, InfoRM outlier columns, PPO variants and DPO
 
 
 def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
