@@ -173,6 +173,10 @@ class GoldLabelConfig(Section):
     noise_seed: int = 0
     seed: int = 0  # the pair subset and the train/test split
     sampling_seed: int = 0  # policy_samples: the responses sampled for pairs
+    # policy_samples: "vllm" samples the candidates with vLLM on a GPU (pipeline/vllm_backend.py; on rank 0, with
+    # tensor_parallel_size GPUs); other samples than "hf" draws, so it is part of gold_score's fingerprint when set
+    sampling_backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=NOT_FINGERPRINTED)
 
     _home = field_validator("dataset_path")(classmethod(lambda cls, v: _expand_home(v)))
 
@@ -180,6 +184,9 @@ class GoldLabelConfig(Section):
     def _uf_needs_path(self) -> "GoldLabelConfig":
         if self.source == "unified_feedback" and not self.dataset_path:
             raise ValueError("gold_label.source is 'unified_feedback' but gold_label.dataset_path is not set")
+        if self.source == "unified_feedback" and self.sampling_backend != "hf":
+            raise ValueError("gold_label.sampling_backend is for source 'policy_samples'; 'unified_feedback' samples "
+                             "nothing")
         return self
 
 
@@ -381,7 +388,10 @@ class BonConfig(Section):
     sampling: SamplingConfig = SamplingConfig(batch_size=512)
     seed: int = 0
     prompts_per_shard: int = Field(8, ge=1)
+    # "vllm": sampled with vLLM on GPUs (pipeline/vllm_backend.py), one engine per launch.num_processes rank, each on
+    # tensor_parallel_size GPUs (in no fingerprint: it changes where, not what, is sampled)
     backend: Literal["hf", "vllm"] = "hf"
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     score_batch_size: int = Field(256, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     # Token limit when scoring samples (prompt + response); a longer sample is an error, never silently dropped.
     score_max_length: int = Field(2048, ge=8)
@@ -445,6 +455,10 @@ class PPOEvalConfig(Section):
     n_samples: int = Field(16, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # None = bon.sampling.max_new_tokens
     batch_size: int = Field(512, ge=1, json_schema_extra=NOT_FINGERPRINTED)
+    # "vllm": the exports sample with vLLM (an engine per export, loaded by path, on each launch.num_processes rank
+    # with tensor_parallel_size GPUs); the KL and the proxy's scores stay with the HF models (pipeline/vllm_backend.py)
+    backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
 
@@ -1135,6 +1149,8 @@ class GoldScoreStageConfig(Section):
     samples_per_prompt: int | None = None
     sampling: SamplingConfig | None = None
     seed: int = 0
+    sampling_backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    tensor_parallel_size: int = Field(1, json_schema_extra=NOT_FINGERPRINTED)
 
 
 class GoldLabelStageConfig(Section):
@@ -1201,6 +1217,7 @@ class BonSampleStageConfig(Section):
     prompts_per_shard: int
     backend: Literal["hf", "vllm"]
     policy: BaseModelRef
+    tensor_parallel_size: int = Field(1, json_schema_extra=NOT_FINGERPRINTED)
 
 
 class BonCurveStageConfig(Section):
@@ -1302,6 +1319,9 @@ class PPOSampleStageConfig(Section):
     prompts_per_shard: int = Field(8, ge=1)
     policy: BaseModelRef
     scorer: ScorerStageConfig
+    # generation only: "vllm" (PPOEvalConfig.backend of the arm's section); the KL is measured with the HF models
+    backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
+    tensor_parallel_size: int = Field(1, json_schema_extra=NOT_FINGERPRINTED)
 
 
 class PPOCurveStageConfig(Section):

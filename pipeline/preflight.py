@@ -35,11 +35,13 @@ def model_dirs(cfg: StudyConfig) -> list[tuple[str, str, str]]:
 
 def preflight(cfg: StudyConfig) -> None:
     """Raise ConfigError listing every configured local path that is missing, every DeepSpeed config that is not
-    usable, or every model directory that cannot serve its role, each with its config key."""
+    usable, a vLLM backend asked for without vllm, or every model directory that cannot serve its role, each with its
+    config key."""
     from pipeline.study import check_local_paths
 
     check_local_paths(cfg)
     check_deepspeed_configs(cfg)
+    check_vllm(cfg)
     problems = []
     for key, path, role in model_dirs(cfg):
         try:
@@ -48,6 +50,25 @@ def preflight(cfg: StudyConfig) -> None:
             problems.append(f"{key}: {path}: {e}")
     if problems:
         raise ConfigError("model directory check failed (before any stage ran):\n  " + "\n  ".join(problems))
+
+
+def vllm_keys(cfg: StudyConfig) -> list[str]:
+    """The config keys that ask for the vLLM backend (`pipeline.vllm_backend`)."""
+    sections = [("bon.backend", cfg.bon and cfg.bon.backend),
+                ("gold_label.sampling_backend", cfg.gold_label.sampling_backend)]
+    sections += [(f"{name}.eval.backend", arm and arm.eval.backend)
+                 for name, arm in (("ppo", cfg.ppo), ("rl", cfg.rl), ("dpo", cfg.dpo))]
+    return [key for key, backend in sections if backend == "vllm"]
+
+
+def check_vllm(cfg: StudyConfig) -> None:
+    """Raise ConfigError naming every key that asks for vLLM when vllm is not installed, before any stage runs."""
+    import importlib.util
+
+    keys = vllm_keys(cfg)
+    if keys and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{', '.join(keys)}: 'vllm', but vllm is not installed (pip install -e '.[vllm]'); set "
+                          f"{'them' if len(keys) > 1 else 'it'} to 'hf' to sample with Hugging Face generate")
 
 
 def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:

@@ -144,7 +144,8 @@ def _base_and_labels(cfg: StudyConfig) -> list[StageNode]:
     if lab.source == "policy_samples":
         score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, policy=_base_ref(cfg),
                                          samples_per_prompt=lab.samples_per_prompt, sampling=lab.sampling,
-                                         seed=lab.sampling_seed)
+                                         seed=lab.sampling_seed, sampling_backend=lab.sampling_backend,
+                                         tensor_parallel_size=lab.tensor_parallel_size)
     else:
         score_cfg = GoldScoreStageConfig(source=lab.source, gold=cfg.gold, dataset_path=lab.dataset_path,
                                          dataset_config=lab.dataset_config, dataset_split=lab.dataset_split,
@@ -210,7 +211,7 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
     bon = cfg.bon
     nodes = [StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
         n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
-        backend=bon.backend, policy=_base_ref(cfg)), {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
+        backend=bon.backend, policy=_base_ref(cfg), tensor_parallel_size=bon.tensor_parallel_size), {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
         external=_local(cfg.policy.model_id), **_data_parallel(cfg))]
     nodes.append(StageNode("bon_score[gold]", "bon_score", _gold_scorer(cfg), {"samples": "bon_sample"},
                            external=_local(cfg.gold.model_id), **_data_parallel(cfg)))
@@ -289,7 +290,8 @@ def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int,
             StageNode(f"{arm}_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
                 n_samples=eval_cfg.n_samples, max_new_tokens=eval_cfg.max_new_tokens or cfg.bon.sampling.max_new_tokens,
                 batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, prompts_per_shard=cfg.bon.prompts_per_shard,
-                policy=_base_ref(cfg), scorer=_sample_scorer(cfg, proxy)),
+                policy=_base_ref(cfg), scorer=_sample_scorer(cfg, proxy), backend=eval_cfg.backend,
+                tensor_parallel_size=eval_cfg.tensor_parallel_size),
                 {"rl": f"{arm}[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},
                 external=_local(cfg.policy.model_id, proxy.path), **_data_parallel(cfg)),
             StageNode(f"{arm}_gold[{run}]", "bon_score", _gold_scorer(cfg), {"samples": f"{arm}_sample[{run}]"},

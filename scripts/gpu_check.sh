@@ -10,7 +10,10 @@
 #   1. zero2: bf16 weights, PPO under DeepSpeed ZeRO-2 (bf16) with one rank per GPU, the data-parallel stages
 #      (sampling and scoring) with one rank per GPU;
 #   2. zero3: the same PPO under ZeRO-3 (bf16); everything upstream of PPO is cached from run 1;
-#   3. vllm (only when `import vllm` works): best-of-n and the PPO exports' sampling through vLLM.
+#   3. vllm (only when `import vllm` works): every sampler through vLLM (pipeline/vllm_backend.py), one engine per
+#      rank and GPU: best-of-n (bon.backend), the PPO exports' sampling (ppo.eval.backend; their KL still measured
+#      with the HF models) and gold_score's candidate pairs (gold_label.sampling_backend), on a policy with 64-wide
+#      attention heads (the smoke policy's 16 are below what vLLM's attention kernels take).
 # Artifacts go to a fresh cache (GPU_CHECK_CACHE, default a temporary folder), so nothing of a CPU study is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +39,8 @@ start=$(date +%s)
 "$PY" -m pipeline.cli run "${ZERO3[@]}"
 if "$PY" -c 'import vllm' 2>/dev/null; then
   VLLM=(configs/smoke.yaml study=gpu_check_vllm "${COMMON[@]}" ppo.deepspeed_config=configs/deepspeed/zero2_bf16.json
-        bon.backend=vllm ppo.eval.backend=vllm)
+        bon.backend=vllm ppo.eval.backend=vllm gold_label.sampling_backend=vllm policy.hidden_size=128
+        policy.num_heads=2)
   "$PY" -m pipeline.cli run "${VLLM[@]}"
   RUNS+=("${VLLM[*]}")
 else

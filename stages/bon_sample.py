@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import BonSampleStageConfig
 from pipeline.distributed import data_parallel_ranks
-from pipeline.generation import finish_response, sample_responses, stop_token_ids
+from pipeline.generation import sample_responses
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.records import SAMPLE_COLUMNS, messages, shards_problem, write_shard
 
@@ -29,42 +29,6 @@ RESUMABLE = True  # complete shards survive a killed run (see pipeline.cache.Art
 DATA_PARALLEL = True  # shards split over launch.num_processes ranks; the same artifact for any number
 resume_problem = shards_problem  # a killed run's shards are checked before resuming
 log = logging.getLogger("overopt")
-
-
-class VllmSampler:
-    """Optional GPU backend, one engine per stage run; prompts go through the same chat template as the HF path."""
-
-    def __init__(self, cfg: BonSampleStageConfig, model_path: str):
-        try:
-            from vllm import LLM
-        except ImportError as e:  # pragma: no cover - GPU users only
-            raise ImportError("bon.backend is 'vllm' but vllm is not installed (pip install 'overopt[vllm]')") from e
-        from transformers import GenerationConfig
-
-        self.cfg = cfg
-        self.llm = LLM(model=model_path, seed=cfg.seed, dtype=cfg.policy.dtype, load_format="safetensors",
-                       trust_remote_code=cfg.policy.trust_remote_code)
-        self.tokenizer = self.llm.get_tokenizer()
-        try:
-            gen_config = GenerationConfig.from_pretrained(model_path)
-        except OSError:
-            gen_config = None
-        self.stop_ids = stop_token_ids(self.tokenizer, gen_config)
-
-    def sample(self, prompts: list, seed: int) -> list[dict]:  # pragma: no cover - GPU users only
-        from vllm import SamplingParams
-
-        from pipeline.tokenization import prompt_ids
-
-        s = self.cfg.sampling
-        # one seed per prompt: requests sharing a seed would draw correlated samples across prompts
-        params = [SamplingParams(n=self.cfg.n_samples, temperature=s.temperature, top_p=s.top_p,
-                                 max_tokens=s.max_new_tokens, seed=seed * 100_003 + i, stop_token_ids=self.stop_ids)
-                  for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": prompt_ids(self.tokenizer, p)} for p in prompts], params)
-        return [{"prompt_index": i, "sample_idx": j, **finish_response(c.token_ids, self.stop_ids, self.tokenizer,
-                                                                      stopped=c.finish_reason == "stop")}
-                for i, o in enumerate(outs) for j, c in enumerate(o.outputs)]
 
 
 def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -84,8 +48,16 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     todo = ranks.mine(ranks.broadcast(todo))
     if not todo:
         sample = None
-    elif cfg.backend == "vllm":
-        sample = VllmSampler(cfg, model_path).sample
+    elif cfg.backend == "vllm":  # GPU: one engine per rank; a prompt's seed depends on its shard and place only
+        from pipeline.vllm_backend import VllmSampler, request_seed
+
+        engine = VllmSampler(model_path, dtype=cfg.policy.dtype, trust_remote_code=cfg.policy.trust_remote_code,
+                             seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size, backend_key="bon.backend",
+                             tp_key="bon.tensor_parallel_size")
+
+        def sample(chunk_prompts, seed):
+            seeds = [request_seed(seed, i) for i in range(len(chunk_prompts))]
+            return engine.sample(chunk_prompts, cfg.n_samples, cfg.sampling, seeds)
     else:
         tokenizer = load_tokenizer(model_path, cfg.policy.trust_remote_code)
         model = load_causal_lm(model_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
@@ -100,6 +72,8 @@ def run(cfg: BonSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         frame["prompt_id"] = chunk.prompt_id.to_numpy()[frame.prompt_index]
         frame["prompt"] = chunk.prompt.to_numpy()[frame.prompt_index]
         write_shard(frame[SAMPLE_COLUMNS], shard_dir / f"shard_{shard:05d}.parquet", SAMPLE_COLUMNS)
+    if todo and cfg.backend == "vllm":  # an inline stage shares the runner's process with the stages after it
+        engine.close()
     ranks.barrier()  # every rank's shards are written
     if ranks.main:
         (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,

@@ -9,7 +9,8 @@ without re-sampling or re-scoring; at paper scale `gold_label.n_pairs` picks the
 Data-parallel: under a launcher each rank computes whole batches of the gold's scoring
 (`pipeline.scoring.data_parallel`; the tiny world's programmatic gold is not split) and rank 0 writes. The tiny world's
 candidate sampling stays on rank 0 (its random stream is one seed over all prompts: split, it would draw other
-samples) and is sent to every rank.
+samples) and is sent to every rank; with `gold_label.sampling_backend: vllm` it is rank 0's vLLM engine
+(`pipeline.vllm_backend`).
 Writes candidates.parquet (and ood_candidates.parquet in the tiny world): pair_id, prompt_id, prompt, response_a,
 response_b, gold_a, gold_b (NaN where the pair is longer than the gold's max length).
 """
@@ -62,10 +63,21 @@ def _policy_candidates(cfg: GoldScoreStageConfig, inputs: dict[str, Path]) -> pd
     from pipeline.models import load_causal_lm, load_tokenizer
 
     policy_dir = inputs["policy"] / "model"
-    tokenizer, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir, cfg.policy.dtype)
     prompts = pd.read_parquet(inputs["world"] / "train_prompts.parquet")
-    rows = sample_responses(model, tokenizer, [messages(p) for p in prompts.prompt], cfg.samples_per_prompt,
-                            cfg.sampling, cfg.seed, progress=True)
+    chat = [messages(p) for p in prompts.prompt]
+    if cfg.sampling_backend == "vllm":  # a request per prompt, seeded by the seed and the prompt's place
+        from pipeline.vllm_backend import VllmSampler, request_seed
+
+        engine = VllmSampler(str(policy_dir), dtype=cfg.policy.dtype, trust_remote_code=False, seed=cfg.seed,
+                             tensor_parallel_size=cfg.tensor_parallel_size,
+                             backend_key="gold_label.sampling_backend", tp_key="gold_label.tensor_parallel_size")
+        rows = engine.sample(chat, cfg.samples_per_prompt, cfg.sampling,
+                             [request_seed(cfg.seed, i) for i in range(len(chat))])
+        engine.close()
+    else:
+        tokenizer, model = load_tokenizer(policy_dir), load_causal_lm(policy_dir, cfg.policy.dtype)
+        rows = sample_responses(model, tokenizer, chat, cfg.samples_per_prompt, cfg.sampling, cfg.seed,
+                                progress=True)
     by_prompt: dict[int, list[str]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_index"], []).append(r["response"])

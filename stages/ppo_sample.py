@@ -22,6 +22,7 @@ each sample's latent outlier score, as in bon_score) and samples.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -85,34 +86,36 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if todo:
         init_policy = load_causal_lm(init_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
         scorer = build_scorer(cfg.scorer, inputs)
-    loaded = None
-    for export, shard in todo:  # export-major: each export is loaded once per rank
-        step = _step(export)
-        if loaded is None or loaded[0] != export:
-            loaded = (export, load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code))
-        policy = loaded[1]
-        first = starts[shard]
-        indices = list(range(first, min(first + cfg.prompts_per_shard, len(prompts))))
-        rows = sample_responses(policy, tokenizer, [chat[i] for i in indices], cfg.n_samples, sampling,
-                                cfg.seed + shard)
-        for r in rows:  # the shard's prompt index -> the evaluation set's
-            r["prompt_index"] = indices[r["prompt_index"]]
-        query_rows = [heads[r["prompt_index"]] for r in rows]
-        k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
-        extras = {} if cfg.scorer.proxy is not None and cfg.scorer.proxy.type == "inform" else None
-        proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
-                               [r["token_ids"] for r in rows], [r["response"] for r in rows], extras)
-        check_finite(proxy, cfg.scorer.name,
-                     [(prompts.prompt_id[r["prompt_index"]], r["sample_idx"]) for r in rows],
-                     ("prompt_id", "sample_idx"), where=f"samples of the step-{step} export")
-        frame = pd.DataFrame(rows).drop(columns=["token_ids", "stop_id"])
-        frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
-        frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
-        frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
-        columns = RL_SAMPLE_COLUMNS + (["outlier"] if extras is not None else [])
-        if extras is not None:
-            frame["outlier"] = extras["outlier"]
-        write_shard(frame[columns], shard_dir / f"shard_{step:05d}_{shard:05d}.parquet", columns)
+    for export, units in itertools.groupby(todo, key=lambda unit: unit[0]):  # export-major: loaded once per rank
+        step, shards = _step(export), [shard for _, shard in units]
+        # vLLM: every shard of the export through one engine, closed before the HF copy is loaded for the KL
+        drawn = vllm_samples(cfg, export, [chat[starts[shard]:starts[shard] + cfg.prompts_per_shard]
+                                           for shard in shards], shards, sampling) if cfg.backend == "vllm" else None
+        policy = load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code)
+        for pos, shard in enumerate(shards):
+            first = starts[shard]
+            indices = list(range(first, min(first + cfg.prompts_per_shard, len(prompts))))
+            rows = drawn[pos] if drawn is not None else sample_responses(
+                policy, tokenizer, [chat[i] for i in indices], cfg.n_samples, sampling, cfg.seed + shard)
+            for r in rows:  # the shard's prompt index -> the evaluation set's
+                r["prompt_index"] = indices[r["prompt_index"]]
+            query_rows = [heads[r["prompt_index"]] for r in rows]
+            k1, k3 = measured_kl(policy, init_policy, query_rows, rows, pad_id, cfg.batch_size)
+            extras = {} if cfg.scorer.proxy is not None and cfg.scorer.proxy.type == "inform" else None
+            proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
+                                   [r["token_ids"] for r in rows], [r["response"] for r in rows], extras)
+            check_finite(proxy, cfg.scorer.name,
+                         [(prompts.prompt_id[r["prompt_index"]], r["sample_idx"]) for r in rows],
+                         ("prompt_id", "sample_idx"), where=f"samples of the step-{step} export")
+            frame = pd.DataFrame(rows).drop(columns=["token_ids", "stop_id"])
+            frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
+            frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
+            frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
+            columns = RL_SAMPLE_COLUMNS + (["outlier"] if extras is not None else [])
+            if extras is not None:
+                frame["outlier"] = extras["outlier"]
+            write_shard(frame[columns], shard_dir / f"shard_{step:05d}_{shard:05d}.parquet", columns)
+        del policy
     ranks.barrier()  # every rank's shards are written
     if not ranks.main:
         return
@@ -124,3 +127,24 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
                  frame.kl_k3.mean(), frame.proxy_score.mean(), frame.n_tokens.mean())
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
                                                   "exports": [_step(d) for d in exports]}))
+
+
+def vllm_samples(cfg: PPOSampleStageConfig, export: Path, shard_prompts: list[list], shards: list[int],
+                 sampling: SamplingConfig) -> list[list[dict]]:
+    """Each shard's samples from `export` through vLLM (one engine, one `generate` over the shards): records of
+    `sample_responses` with prompt_index within the shard. A prompt's request is seeded by its shard and its place
+    in it (`request_seed(seed + shard, index)`), the same for every export, rank and batch."""
+    from pipeline.vllm_backend import VllmSampler, request_seed
+
+    engine = VllmSampler(str(export), dtype=cfg.policy.dtype, trust_remote_code=cfg.policy.trust_remote_code,
+                         seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                         backend_key="{ppo,rl,dpo}.eval.backend", tp_key="{ppo,rl,dpo}.eval.tensor_parallel_size")
+    flat = [(pos, i) for pos, chunk in enumerate(shard_prompts) for i in range(len(chunk))]
+    rows = engine.sample([shard_prompts[pos][i] for pos, i in flat], cfg.n_samples, sampling,
+                         [request_seed(cfg.seed + shards[pos], i) for pos, i in flat])
+    engine.close()
+    out: list[list[dict]] = [[] for _ in shards]
+    for r in rows:
+        pos, i = flat[r["prompt_index"]]
+        out[pos].append({**r, "prompt_index": i})
+    return out
