@@ -211,7 +211,8 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
     bon = cfg.bon
     nodes = [StageNode("bon_sample", "bon_sample", BonSampleStageConfig(
         n_samples=bon.n_samples, sampling=bon.sampling, seed=bon.seed, prompts_per_shard=bon.prompts_per_shard,
-        backend=bon.backend, policy=_base_ref(cfg), tensor_parallel_size=bon.tensor_parallel_size), {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
+        backend=bon.backend, policy=_base_ref(cfg), tensor_parallel_size=bon.tensor_parallel_size),
+        {"prompts": _eval_prompts_input(cfg), **_policy_input(cfg)},
         external=_local(cfg.policy.model_id), **_data_parallel(cfg))]
     nodes.append(StageNode("bon_score[gold]", "bon_score", _gold_scorer(cfg), {"samples": "bon_sample"},
                            external=_local(cfg.gold.model_id), **_data_parallel(cfg)))

@@ -151,7 +151,8 @@ def smoke(tmp_path_factory):
 
     moved = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        moved.lm_head.weight.add_(0.5 * torch.randn(moved.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        noise = torch.randn(moved.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+        moved.lm_head.weight.add_(0.5 * noise)
     moved.save_pretrained(rl / "exports" / "step_00001")
     load_tokenizer(model_dir).save_pretrained(rl / "exports" / "step_00001")
     return SimpleNamespace(world=art["world"], policy=art["sft_policy"], rl=rl, cfg=cfg, tmp=tmp_path_factory)
