@@ -455,6 +455,11 @@ class PPOEvalConfig(Section):
     n_samples: int = Field(16, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # None = bon.sampling.max_new_tokens
     batch_size: int = Field(512, ge=1, json_schema_extra=NOT_FINGERPRINTED)
+    # prompts per sampling shard of an export (shard i sampled with seed + i); None = all the evaluation prompts in one
+    # shard, one generate call per export (fastest on CPU, and every export sampled with the same seed: common random
+    # numbers), the exports then being the units the data-parallel ranks share. Set it (e.g. 64) when there are fewer
+    # exports than ranks or an export's samples do not fit one rank's memory.
+    prompts_per_shard: int | None = Field(None, ge=1)
     # "vllm": the exports sample with vLLM (an engine per export, loaded by path, on each launch.num_processes rank
     # with tensor_parallel_size GPUs); the KL and the proxy's scores stay with the HF models (pipeline/vllm_backend.py)
     backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
@@ -1314,9 +1319,9 @@ class PPOSampleStageConfig(Section):
     max_new_tokens: int
     batch_size: int = Field(512, json_schema_extra=NOT_FINGERPRINTED)
     seed: int
-    # each export samples its prompts in shards of this many, shard i with seed + i (bon.prompts_per_shard): units
-    # fixed by the config, so any number of ranks samples the same
-    prompts_per_shard: int = Field(8, ge=1)
+    # each export samples its prompts in shards of this many (None: all of them), shard i with seed + i
+    # (PPOEvalConfig.prompts_per_shard): units fixed by the config, so any number of ranks samples the same
+    prompts_per_shard: int | None = Field(None, ge=1)
     policy: BaseModelRef
     scorer: ScorerStageConfig
     # generation only: "vllm" (PPOEvalConfig.backend of the arm's section); the KL is measured with the HF models

@@ -290,7 +290,7 @@ def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int,
     return [train,
             StageNode(f"{arm}_sample[{run}]", "ppo_sample", PPOSampleStageConfig(
                 n_samples=eval_cfg.n_samples, max_new_tokens=eval_cfg.max_new_tokens or cfg.bon.sampling.max_new_tokens,
-                batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, prompts_per_shard=cfg.bon.prompts_per_shard,
+                batch_size=eval_cfg.batch_size, seed=cfg.bon.seed, prompts_per_shard=eval_cfg.prompts_per_shard,
                 policy=_base_ref(cfg), scorer=_sample_scorer(cfg, proxy), backend=eval_cfg.backend,
                 tensor_parallel_size=eval_cfg.tensor_parallel_size),
                 {"rl": f"{arm}[{run}]", "prompts": _eval_prompts_input(cfg), **_policy_input(cfg), **scorer_inputs},

@@ -9,8 +9,8 @@ the initial policy. Per sequence:
     k1 = Σ_t (log π − log π_init)            its mean over samples estimates KL(π ‖ π_init), in nats
     k3 = Σ_t ((r − 1) − log r), r = π_init/π  also unbiased, and ≥ 0 for every sample
 
-Each export samples its prompts in shards of `prompts_per_shard`, shard i with seed + i, the same seeds for every export
-(common random numbers: differences between exports are less noisy). A shard (export, prompt shard) is one unit of
+Each export samples its prompts in shards of `prompts_per_shard` (default: all of them in one), shard i with seed + i,
+the same seeds for every export (common random numbers: differences between exports are less noisy). A shard (export, prompt shard) is one unit of
 work, sampled, KL-measured and proxy-scored whole and written atomically, so a killed run resumes at the missing ones;
 data-parallel, the missing units are dealt round robin to the ranks, and 1, 2 or k ranks (or a resumed run with any
 number) write the same shards. The gold scores these samples in its own stage (ppo_gold[p]), so the gold model never
@@ -40,7 +40,7 @@ from pipeline.records import RL_SAMPLE_COLUMNS, messages, read_records, shards_p
 from pipeline.scoring import build_scorer, check_finite, score_rollouts
 from pipeline.tokenization import pad_token_id, prompt_ids
 
-VERSION = "2"  # 2: sampled per shard of prompts with seed + shard (was: all prompts with one seed)
+VERSION = "2"  # 2: sampled per shard of prompts with seed + shard (one shard of all prompts by default)
 RESUMABLE = True
 DATA_PARALLEL = True  # (export, prompt shard) units split over launch.num_processes ranks; the same artifact for any
 resume_problem = shards_problem  # a killed run's shards are checked before resuming
@@ -72,7 +72,8 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size)
     exports = sorted((inputs["rl"] / "exports").glob("step_*"), key=_step)
-    starts = list(range(0, len(prompts), cfg.prompts_per_shard))
+    per_shard = cfg.prompts_per_shard or len(prompts)
+    starts = list(range(0, len(prompts), per_shard))
     shard_dir = out / "shards"
     ranks = data_parallel_ranks()
     todo = None
@@ -89,12 +90,12 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     for export, units in itertools.groupby(todo, key=lambda unit: unit[0]):  # export-major: loaded once per rank
         step, shards = _step(export), [shard for _, shard in units]
         # vLLM: every shard of the export through one engine, closed before the HF copy is loaded for the KL
-        drawn = vllm_samples(cfg, export, [chat[starts[shard]:starts[shard] + cfg.prompts_per_shard]
+        drawn = vllm_samples(cfg, export, [chat[starts[shard]:starts[shard] + per_shard]
                                            for shard in shards], shards, sampling) if cfg.backend == "vllm" else None
         policy = load_causal_lm(export, cfg.policy.dtype, cfg.policy.trust_remote_code)
         for pos, shard in enumerate(shards):
             first = starts[shard]
-            indices = list(range(first, min(first + cfg.prompts_per_shard, len(prompts))))
+            indices = list(range(first, min(first + per_shard, len(prompts))))
             rows = drawn[pos] if drawn is not None else sample_responses(
                 policy, tokenizer, [chat[i] for i in indices], cfg.n_samples, sampling, cfg.seed + shard)
             for r in rows:  # the shard's prompt index -> the evaluation set's

@@ -20,9 +20,10 @@ from pipeline.runner import Runner, is_data_parallel
 from pipeline.study import build_stages
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
-# small batches: 64 best-of-n samples in 8 batches, the knowledge and evaluation pairs in several
+# small batches: 64 best-of-n samples in 8 batches, the knowledge and evaluation pairs in several; each PPO export
+# sampled in 2 shards of 2 prompts (by default an export is one shard)
 SMALL_BATCHES = ["bon.score_batch_size=8", "eval_proxy.batch_size=16", "knowledge.batch_size=16",
-                 "knowledge.n_pairs=20", "ppo.eval.batch_size=4"]
+                 "knowledge.n_pairs=20", "ppo.eval.batch_size=4", "ppo.eval.prompts_per_shard=2"]
 # one stage of each data-parallel module: what the 2-rank runs recompute
 TWO_RANK_STAGES = ["gold_score", "bon_sample", "bon_score[bt]", "eval_proxy[grm_sft]", "knowledge_base",
                    "knowledge[bt]", "ppo_sample[bt]"]
