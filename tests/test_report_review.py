@@ -292,7 +292,8 @@ def test_matched_kl_comparisons_are_one_holm_family_with_generated_verdicts(rl_r
     for sentence in cs.verdicts(table):  # generated from the numbers, not written by hand
         assert f"- {sentence}" in readme
     tested = int(table.p.notna().sum())
-    assert f"after Holm correction over {tested} comparisons" in readme and "would go undetected at 80 % power" in readme
+    assert f"after Holm correction over {tested} comparisons" in readme
+    assert "would go undetected at 80 % power" in readme
 
 
 def test_rl_fits_that_fail_are_labelled(rl_report):
