@@ -13,8 +13,8 @@ Each export samples its prompts in shards of `prompts_per_shard` (default: all o
 the same seeds for every export (common random numbers: differences between exports are less noisy). A shard
 (export, prompt shard) is one unit of work, sampled, KL-measured and proxy-scored whole and written atomically, so a
 killed run resumes at the missing ones; data-parallel, the missing units are dealt round robin to the ranks, and 1, 2
-or k ranks (or a resumed run with any number) write the same shards. The gold scores these samples in its own stage (ppo_gold[p]), so the gold model never
-sits in RL memory.
+or k ranks (or a resumed run with any number) write the same shards. The gold scores these samples in its own stage
+(ppo_gold[p]), so the gold model never sits in RL memory.
 
 Writes shards/shard_<step>_<prompt shard>.parquet (`RL_SAMPLE_COLUMNS`; against an InfoRM proxy also `outlier`,
 each sample's latent outlier score, as in bon_score) and samples.json.
