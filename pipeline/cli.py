@@ -171,6 +171,7 @@ def _follow_run(cfg: StudyConfig, args, studies, runners, cache) -> int:
     from pipeline.machines import Follower, MachineError
 
     follower = Follower(cache, cfg.launch)
+    cache.verify = "size"  # the leader checks the artifacts; a follower only needs to know which are there
     forced: set[tuple[str, str]] = set()
     t0 = time.time()
     runner = None

@@ -817,10 +817,6 @@ class LaunchConfig(Section):
             raise ValueError("launch.hostfile is read only with launch.launcher: deepspeed_hostfile")
         return self
 
-    def total_processes(self, num_processes: int) -> int:
-        """The world size of a stage that runs `num_processes` ranks on each machine."""
-        return num_processes * self.num_machines
-
 
 # The RL training sections whose `num_processes` / `deepspeed_config` default to the launch section's, when set there.
 LAUNCHED_SECTIONS = ("ppo", "rl", "dpo")

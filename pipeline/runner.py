@@ -572,7 +572,11 @@ def run_job(node: StageNode, job_dir: Path, machines: MachineArgs | None = None,
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     # accelerate's pdsh launch writes `.deepspeed_env` (the environment for the other hosts) into its working folder
     # and DeepSpeed's runner starts every host's ranks there: the job folder, on the filesystem every host shares
-    cwd = job_dir if machines is not None and machines.hostfile is not None else None
+    cwd = None
+    if machines is not None and machines.hostfile is not None:
+        cwd = job_dir
+        # accelerate runs DeepSpeed's `deepspeed` command: the one beside this interpreter, venv activated or not
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     log.info("  launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, preexec_fn=die_with_parent)
     try:
