@@ -67,14 +67,28 @@ def _names(values: list[str] | None) -> set[str]:
     return {v for item in values or [] for v in item.split(",") if v}
 
 
+def _forced(runner, args, forced: set[tuple[str, str]]) -> set[str]:
+    """The keys `--force` names in this runner's study, less those already forced for another point of a sweep (a
+    stage the points share re-runs once); `forced` is updated."""
+    fps = runner.fingerprints()
+    force = {n.key for n in runner.nodes if n.key in _names(args.force) or n.stage in _names(args.force)}
+    force = {k for k in force if (k, fps[k]) not in forced}
+    forced |= {(k, fps[k]) for k in force}
+    return force
+
+
 def cmd_run(cfg: StudyConfig, args) -> int:
     """Run the study's stages that are not cached; a sweep runs every point's, one after the other on one cache (so
     what points share runs once), then writes the sweep report (`pipeline.sweep`); a study with `world.seeds` > 1
-    runs each world's the same way, then writes the report over worlds (`pipeline.worlds`)."""
+    runs each world's the same way, then writes the report over worlds (`pipeline.worlds`). On several machines
+    (`pipeline.machines`) machine rank 0 does all that and the others take their part in its multi-process stages."""
     import torch
 
     torch.set_num_threads(cfg.run.torch_threads)
+    from contextlib import ExitStack
+
     from pipeline.cache import ArtifactCache
+    from pipeline.machines import LeaderSession, check_hostfile_launch, is_follower, spread_over_machines
     from pipeline.preflight import preflight
 
     sweep = _expanded(cfg, args)
@@ -85,8 +99,14 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         preflight(study)  # before any work: local paths exist, model directories serve their roles
         runners.append(_runner(study, cache))
         runners[-1].check_names(_names(args.only) | _names(args.until) | _names(args.force))
+        runners[-1].launch = study.launch
+        if study.launch.launcher == "deepspeed_hostfile":
+            check_hostfile_launch(study.launch, runners[-1].nodes)
+    if is_follower(cfg.launch):
+        return _follow_run(cfg, args, studies, runners, cache)
     cache.claim()  # refuses a folder overopt did not make, before writing anything into it
-    with cache.lock(cfg.run.lock_timeout_s):
+    with ExitStack() as stack:
+        stack.enter_context(cache.lock(cfg.run.lock_timeout_s))  # the leader's alone on several machines
         cache.sweep_stale()
         run_dir = cfg.run.cache_root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir.mkdir(parents=True)
@@ -94,21 +114,24 @@ def cmd_run(cfg: StudyConfig, args) -> int:
         _setup_logging(run_dir / "run.log")
         t0 = time.time()
         forced: set[tuple[str, str]] = set()  # (key, fingerprint) already forced: a shared stage re-runs once
+        # several machines: the session the others join (after the sweep, which clears the last run's)
+        session = stack.enter_context(LeaderSession(cache, cfg.launch)) if spread_over_machines(cfg.launch) else None
         for i, ((point, study), runner) in enumerate(zip(studies, runners)):
+            runner.session = session
             if point is None:
                 log.info("study %s: %d stages; log and resolved config in %s", study.study, len(runner.nodes),
                          run_dir)
             else:
                 log.info("%s %d/%d %s: %d stages; log in %s", "world" if cfg.world.seeds > 1 else "sweep point",
                          i + 1, len(runners), point, len(runner.nodes), run_dir)
-            fps = runner.fingerprints()
-            force = {n.key for n in runner.nodes if n.key in _names(args.force) or n.stage in _names(args.force)}
-            force = {k for k in force if (k, fps[k]) not in forced}
-            forced |= {(k, fps[k]) for k in force}
             try:
-                plan = runner.run(only=_names(args.only), until=_names(args.until), force=force)
-            except Exception as e:
+                plan = runner.run(only=_names(args.only), until=_names(args.until), force=_forced(runner, args, forced))
+            except BaseException as e:
                 stage = runner.failed_stage and (runner.failed_stage + (f" of sweep point {point}" if point else ""))
+                if session is not None:  # the other machines stop, naming the leader's error
+                    session.finish("failed", failure_line(e, stage).removeprefix("error: "))
+                if not isinstance(e, Exception):
+                    raise
                 log.error("%s failed after %.1fs (finished stages stay cached)", f"stage {stage}" if stage else "run",
                           time.time() - t0, exc_info=True, extra={"file_only": True})
                 if isinstance(e, ConfigError):
@@ -137,6 +160,33 @@ def cmd_run(cfg: StudyConfig, args) -> int:
             study, points = sweep
             readme = write_sweep_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
             print(f"sweep of {len(points)} points: {readme}")
+        if session is not None:
+            session.finish("done")
+    return 0
+
+
+def _follow_run(cfg: StudyConfig, args, studies, runners, cache) -> int:
+    """`overopt run` on a machine of rank k > 0: join the leader's session, then walk the same stages, taking this
+    machine's part in each one spread over the machines (`pipeline.machines`); no lock, no commit, no run folder."""
+    from pipeline.machines import Follower, MachineError
+
+    follower = Follower(cache, cfg.launch)
+    cache.verify = "size"  # the leader checks the artifacts; a follower only needs to know which are there
+    forced: set[tuple[str, str]] = set()
+    t0 = time.time()
+    runner = None
+    try:
+        follower.join()
+        for runner in runners:
+            runner.follower = follower
+            runner.run(only=_names(args.only), until=_names(args.until), force=_forced(runner, args, forced))
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        stage = runner.failed_stage if runner is not None else None
+        print(f"error: {e}" if isinstance(e, MachineError) else failure_line(e, stage), file=sys.stderr)
+        return 1
+    log.info("machine %d finished in %.1fs", cfg.launch.machine_rank, time.time() - t0)
     return 0
 
 
@@ -455,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args, extra)
         args.overrides = list(args.overrides) + extra
         cfg = load_config(args.config, args.overrides)
+        if args.command == "run" and cfg.launch.launcher == "slurm":  # this node's place from SLURM's environment
+            from pipeline.machines import slurm_overrides
+
+            args.overrides += slurm_overrides(cfg.launch)
+            cfg = load_config(args.config, args.overrides)
         return {"run": cmd_run, "status": cmd_status, "show": cmd_show, "plan": cmd_plan}[args.command](cfg, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

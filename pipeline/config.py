@@ -823,6 +823,38 @@ class LaunchConfig(Section):
 
     num_processes: int = Field(1, ge=1)
     deepspeed_config: Path | None = None
+    # Many machines (`pipeline.machines`): where a stage runs, not what it computes, so none of these keys enters a
+    # fingerprint. `num_processes` (here and in ppo/rl/dpo) is per machine: a stage runs num_processes × num_machines
+    # ranks, and an RL stage's fingerprint counts that total (its world size), so 2 machines × 4 GPUs reuse the cache
+    # of 1 machine × 8. `standard`: the same `overopt run` on every node, `launch.machine_rank=k` on node k, over a
+    # cache root every node shares (rank 0 leads: takes the lock, runs the inline stages, commits; the others join
+    # its multi-process stages). `slurm`: the same, machine_rank / num_machines / main_process_ip from SLURM's
+    # environment. `deepspeed_hostfile`: one `overopt run` on the first host of `hostfile`; accelerate's DeepSpeed
+    # launcher (pdsh) starts the ranks of every DeepSpeed stage on every host, data-parallel stages run on this host.
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None  # the leader's address (default: its host name, published to the others)
+    main_process_port: int | None = Field(None, ge=1, le=65535)  # default: a free port the leader picks per stage
+    launcher: Literal["standard", "slurm", "deepspeed_hostfile"] = "standard"
+    hostfile: Path | None = None  # DeepSpeed hostfile (`host slots=N` a line), for launcher: deepspeed_hostfile
+    # A follower gives up (clear error) when no live leader appears, or the leader's heartbeat stops, for this long;
+    # the leader gives up when a machine has not joined within it.
+    leader_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_machines(self) -> LaunchConfig:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"launch.machine_rank {self.machine_rank} must be below launch.num_machines "
+                             f"{self.num_machines}")
+        if self.launcher == "deepspeed_hostfile":
+            if self.hostfile is None:
+                raise ValueError("launch.launcher deepspeed_hostfile needs launch.hostfile (DeepSpeed's hostfile)")
+            if self.machine_rank != 0:
+                raise ValueError("launch.launcher deepspeed_hostfile: one `overopt run`, on the first host of the "
+                                 "hostfile (launch.machine_rank 0); DeepSpeed starts the other hosts' ranks")
+        elif self.hostfile is not None:
+            raise ValueError("launch.hostfile is read only with launch.launcher: deepspeed_hostfile")
+        return self
 
 
 # The RL training sections whose `num_processes` / `deepspeed_config` default to the launch section's, when set there.
@@ -886,6 +918,23 @@ class StudyConfig(Section):
             if repeated:
                 raise ValueError(f"sweep key {key!r} lists {repeated[0]!r} twice")
         return sweep
+
+    @model_validator(mode="after")
+    def _world_size(self) -> "StudyConfig":
+        """Over several machines an RL section's checks that count its ranks (batch sizes divisible over them) hold
+        for its world size, num_processes × launch.num_machines: the config its stage gets (`study._world_view`)."""
+        for name in LAUNCHED_SECTIONS if self.launch.num_machines > 1 else ():
+            section = getattr(self, name)
+            if section is None:
+                continue
+            world = section.num_processes * self.launch.num_machines
+            try:
+                type(section).model_validate(section.model_dump() | {"num_processes": world})
+            except ValidationError as e:
+                raise ValueError(f"{name}.num_processes {section.num_processes} on each of launch.num_machines "
+                                 f"{self.launch.num_machines} machines is {world} ranks: "
+                                 f"{e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return self
 
     @model_validator(mode="after")
     def _world_seeds(self) -> "StudyConfig":

@@ -221,7 +221,7 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
     launch = "inline" if node.launcher == "inline" else "accelerate"
     if node.deepspeed_config is not None:
         launch += f" + ZeRO-{deepspeed_settings(node.deepspeed_config)['stage']}"
-    plan = StagePlan(node.key, launch, node.num_processes)
+    plan = StagePlan(node.key, launch, node.num_processes * node.num_machines)  # ranks over all machines
     c = node.config
     if node.stage == "sft_policy":
         n = c.pretrain.steps * c.pretrain.batch_size + c.sft.steps * c.sft.batch_size
@@ -312,7 +312,8 @@ def _memory_text(cfg: StudyConfig, node: StageNode, sizes: Sizes) -> str:
         dtype = BYTES[cfg.policy.dtype]
         value = policy.total if node.stage == "ppo" else 0
         trained = value + (policy.total if lora is None else policy.lora(lora))
-        frozen = 0 if lora is None else policy.total * dtype / (node.num_processes if ds["stage"] == 3 else 1)
+        world = node.num_processes * node.num_machines
+        frozen = 0 if lora is None else policy.total * dtype / (world if ds["stage"] == 3 else 1)
         if lora is None:
             frozen += policy.total * dtype  # the reference policy
         scorer = getattr(node.config, "scorer", None)
@@ -320,7 +321,7 @@ def _memory_text(cfg: StudyConfig, node: StageNode, sizes: Sizes) -> str:
             frozen += sizes.scorer(scorer) * BYTES[scorer.dtype]
     except ConfigNotHere as e:
         return f"not estimated: {e}"
-    device, host = model_states_per_rank(trained, policy.largest_layer, ds, node.num_processes)
+    device, host = model_states_per_rank(trained, policy.largest_layer, ds, world)
     return (f"{format_bytes(device)} device + {format_bytes(host)} host for {_count(trained)} trained params; "
             f"frozen weights {format_bytes(frozen)}")
 

@@ -24,12 +24,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel
 
 from pipeline.cache import ArtifactCache
 from pipeline.config import ConfigError
+from pipeline.machines import MachineError
 
 log = logging.getLogger("overopt")
 
@@ -43,7 +44,8 @@ class StageNode:
     config: BaseModel
     inputs: dict[str, str] = field(default_factory=dict)  # role -> upstream key
     launcher: Literal["inline", "accelerate"] = "inline"
-    num_processes: int = 1
+    num_processes: int = 1  # ranks on each machine
+    num_machines: int = 1  # machines its ranks spread over (launch.num_machines; 1 for a stage that stays on one)
     deepspeed_config: Path | None = None
     publish_to: Path | None = None  # copy the artifact here after the run (reports)
     external: tuple[str, ...] = ()  # local files/directories the stage reads (datasets, models): their signature counts
@@ -112,7 +114,10 @@ def fingerprint(node: StageNode, upstream: dict[str, str]) -> str:
         "inputs": {role: upstream[k] for role, k in sorted(node.inputs.items())},
         # a data-parallel stage's artifact is the same for any number of ranks: the count is not part of it (the
         # pair it always had, so its fingerprints are those of before it could run on several)
-        "launcher": ["inline", 1] if is_data_parallel(node) else [node.launcher, node.num_processes],
+        # and an RL stage's is its world size, however many machines it spreads over (`num_machines` 1: the pair of
+        # before machines, so no fingerprint changed)
+        "launcher": ["inline", 1] if is_data_parallel(node) else [node.launcher,
+                                                                  node.num_processes * node.num_machines],
     }
     if node.external:
         payload["external"] = {path: external_signature(path) for path in node.external}
@@ -181,6 +186,10 @@ class Runner:
         self.cache = cache
         self.failed_stage: str | None = None  # key of the stage whose run raised (for the CLI's one-line error)
         self.selected: set[str] = set()  # keys the last `run` selected (all, or those `only` / `until` named)
+        # over several machines (`pipeline.machines`): the leader's session, or this machine's part as a follower
+        self.launch = None  # the study's launch section (LaunchConfig), for the deepspeed_hostfile launcher
+        self.session = None
+        self.follower = None
 
     def check_names(self, names: set[str]) -> None:
         known = {n.key for n in self.nodes} | {n.stage for n in self.nodes}
@@ -219,7 +228,8 @@ class Runner:
             force: set[str] = frozenset()) -> list[PlannedStage]:
         """Run the DAG (or the part selected by `only` / `until`); return the plan with final states."""
         self.check_names(set(only) | set(until) | set(force))
-        self.cache.claim()
+        if self.follower is None:  # a follower writes nothing of its own in the cache
+            self.cache.claim()
         plan = self.plan()
         selected = {p.node.key for p in plan}
         if until:
@@ -234,6 +244,10 @@ class Runner:
             if n.key not in selected:
                 continue
             rerun = _matches(n, set(force))
+            if self.follower is not None:
+                if self._follow(n, p.fingerprint, rerun):
+                    p.status, state[n.key] = "cached", "cached"
+                continue
             if p.status == "cached" and not rerun:
                 log.info("✓ %-28s cached  %s", n.key, p.fingerprint)
                 self._publish(n, p.fingerprint)
@@ -257,6 +271,29 @@ class Runner:
             self._publish(n, p.fingerprint)
         return plan
 
+    def _follow(self, node: StageNode, fp: str, forced: bool) -> bool:
+        """A follower's part in one stage: its ranks of a stage spread over the machines (the leader runs the rest).
+        True when the stage is committed."""
+        if node.launcher != "accelerate" or node.num_machines <= 1:
+            log.info("· %-28s on the leader", node.key)
+            return False
+        job = self.follower.wait_for_job(node.key, fp, forced)
+        if job is None:
+            log.info("✓ %-28s cached  %s", node.key, fp)
+            return True
+        log.info("▶ %-28s this machine's ranks (%s)", node.key, fp)
+        job_dir, rendezvous = job
+        try:
+            run_job(node, job_dir, MachineArgs.of(self.follower.launch, rendezvous), watch=self.follower.check_leader)
+        except BaseException as e:
+            self.failed_stage = node.key
+            if not isinstance(e, MachineError):
+                self.follower.fail(f"stage {node.key}: {e}")
+            raise
+        self.follower.wait_for_commit(node.key, fp)
+        log.info("✓ %-28s committed by the leader", node.key)
+        return True
+
     def _execute(self, node: StageNode, fp: str, inputs: dict[str, Path], fresh: bool = False) -> dict:
         resumable = getattr(node.module, "RESUMABLE", False)
         scratch = tuple(getattr(node.module, "SCRATCH", ()))
@@ -266,8 +303,11 @@ class Runner:
                 return manifest
         with self.cache.staging(node.key, fp, resumable=resumable) as out:
             t0 = time.time()
-            if node.launcher == "accelerate":
-                peaks = launch_stage(node, inputs, out, scratch_root=self.cache.tmp_root)
+            if node.launcher == "accelerate" and node.num_machines > 1 and self.session is not None:
+                peaks = self._lead(node, fp, inputs, out)
+            elif node.launcher == "accelerate":
+                peaks = launch_stage(node, inputs, out, scratch_root=self.cache.tmp_root,
+                                     machines=MachineArgs.hostfile_of(self.launch, node))
             else:
                 peaks = _run_inline(node, inputs, out)
             wall = time.time() - t0
@@ -277,6 +317,17 @@ class Runner:
             if peaks:
                 record["peak_memory"] = peaks
             return self.cache.commit(node.key, fp, out, record, scratch=scratch)
+
+    def _lead(self, node: StageNode, fp: str, inputs: dict[str, Path], out: Path) -> list[dict]:
+        """The leader's launch of a stage spread over the machines: its job at the shared path the followers wait
+        on, its own ranks as machine 0; the job folder is removed once every rank has finished."""
+        job_dir, rendezvous = self.session.publish_job(node.key, fp)
+        try:
+            write_job(node, inputs, out, job_dir)
+            self.session.announce(job_dir, rendezvous)
+            return run_job(node, job_dir, MachineArgs.of(self.launch, rendezvous), watch=self.session.check_machines)
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
 
     def _prepare_partial(self, node: StageNode, fp: str, fresh: bool, scratch: tuple[str, ...]) -> dict | None:
         """Before a resumable stage runs: `--force` sets its partial output aside; a run killed inside the commit is
@@ -329,20 +380,55 @@ def _run_inline(node: StageNode, inputs: dict[str, Path], out: Path) -> list[dic
 # multi-process stages
 
 
-def _accelerate_config(node: StageNode, cuda: bool) -> dict:
+@dataclass(frozen=True)
+class MachineArgs:
+    """This machine's part in a launch whose ranks spread over several machines."""
+
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str | None
+    main_process_port: int
+    hostfile: Path | None = None  # deepspeed_hostfile: accelerate's pdsh launcher starts every host's ranks
+
+    @classmethod
+    def of(cls, launch, rendezvous: dict) -> MachineArgs:
+        """From the study's launch section and the leader's rendezvous for the stage (`machines.LeaderSession`)."""
+        return cls(launch.num_machines, launch.machine_rank, rendezvous["main_process_ip"],
+                   int(rendezvous["main_process_port"]))
+
+    @classmethod
+    def hostfile_of(cls, launch, node: StageNode) -> MachineArgs | None:
+        """Under launcher deepspeed_hostfile, a stage spread over the hostfile's hosts (None for any other): the
+        rendezvous at launch.main_process_ip (default the first host), port launch.main_process_port (default
+        29500, DeepSpeed's)."""
+        if launch is None or launch.launcher != "deepspeed_hostfile" or node.num_machines <= 1:
+            return None
+        from pipeline.machines import read_hostfile
+
+        hostfile = Path(launch.hostfile).expanduser().resolve()
+        ip = launch.main_process_ip or read_hostfile(hostfile)[0][0]
+        return cls(launch.num_machines, 0, ip, launch.main_process_port or 29500, hostfile)
+
+
+def _accelerate_config(node: StageNode, cuda: bool, machines: MachineArgs | None = None) -> dict:
     """A complete `accelerate launch` config, so a user's `~/.cache/huggingface/accelerate/default_config.yaml`
     (written by `accelerate config`) cannot change how a stage is launched."""
+    total = node.num_processes * (machines.num_machines if machines else 1)
     if node.deepspeed_config is not None:
         dist = "DEEPSPEED"
-    elif node.num_processes > 1:
+    elif total > 1:
         dist = "MULTI_GPU" if cuda else "MULTI_CPU"
     else:
         dist = "NO"
     precision = _mixed_precision(_resolve_repo_path(node.deepspeed_config)) if node.deepspeed_config else "no"
-    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": dist, "mixed_precision": precision,
-            "use_cpu": not cuda, "num_processes": node.num_processes, "num_machines": 1, "machine_rank": 0,
-            "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "main_training_function": "main",
-            "downcast_bf16": False, "debug": False, "enable_cpu_affinity": False}
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": dist, "mixed_precision": precision,
+              "use_cpu": not cuda, "num_processes": total, "num_machines": 1, "machine_rank": 0,
+              "gpu_ids": "all", "rdzv_backend": "static", "same_network": True, "main_training_function": "main",
+              "downcast_bf16": False, "debug": False, "enable_cpu_affinity": False}
+    if machines is not None:
+        config |= {"num_machines": machines.num_machines, "machine_rank": machines.machine_rank,
+                   "main_process_ip": machines.main_process_ip, "main_process_port": machines.main_process_port}
+    return config
 
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -398,67 +484,124 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_root: Path | None = None) -> list[dict]:
+def launch_stage(node: StageNode, inputs: dict[str, Path], out: Path, scratch_root: Path | None = None,
+                 machines: MachineArgs | None = None) -> list[dict]:
     """Run `stages.<stage>.run` under `accelerate launch` (+ DeepSpeed config); raise if any rank fails, else return
     the ranks' peak memory (`peak_memory_record`).
 
-    Every rank runs `python -m pipeline.stage_main JOBFILE`. The rendezvous port is a free one picked by accelerate
-    (`--main_process_port 0`), so concurrent launches do not collide; set MASTER_PORT to force one. The job folder
-    is made under `scratch_root` (the cache's `.tmp/`, which the next run sweeps, so a killed launch leaves nothing
-    behind elsewhere). A rank that fails writes its error there; the exception raised here carries the first one.
+    Every rank runs `python -m pipeline.stage_main JOBFILE`. The job folder is made under `scratch_root` (the cache's
+    `.tmp/`, which the next run sweeps, so a killed launch leaves nothing behind elsewhere). A rank that fails writes
+    its error there; the exception raised here carries the first one. `machines`: the deepspeed_hostfile launch of a
+    stage over several hosts (a stage spread over machines that each run `overopt run` goes through the Runner's
+    leader session instead).
     """
-    gpus = _visible_cuda_devices()
-    if 0 < gpus < node.num_processes:
-        raise RuntimeError(f"stage {node.key} needs {node.num_processes} processes, one per GPU, but {gpus} GPU(s) "
-                           f"are visible; lower num_processes or set CUDA_VISIBLE_DEVICES='' to run it on CPU")
-    cuda = gpus > 0
+    if scratch_root is not None:
+        Path(scratch_root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"overopt-launch-{node.key}-", dir=scratch_root) as tmp:
+        write_job(node, inputs, out, Path(tmp))
+        return run_job(node, Path(tmp), machines)
+
+
+def write_job(node: StageNode, inputs: dict[str, Path], out: Path, job_dir: Path) -> Path:
+    """The job file every rank of the stage reads (`pipeline.stage_main`), in `job_dir`."""
+    job = {"stage": node.stage, "config_class": f"{type(node.config).__module__}.{type(node.config).__qualname__}",
+           "config": node.config.model_dump(mode="json"), "inputs": {r: str(p) for r, p in inputs.items()},
+           "out": str(Path(out).resolve())}
+    job_file = Path(job_dir) / "job.json"
+    job_file.write_text(json.dumps(job))
+    return job_file
+
+
+def launch_command(node: StageNode, job_dir: Path, cuda: bool, machines: MachineArgs | None = None) -> list[str]:
+    """The `accelerate launch` command line of this machine's ranks of a stage whose job is in `job_dir` (its
+    accelerate config is written there too). `--num_processes` is accelerate's: the total over the machines.
+
+    One machine: the rendezvous port is a free one picked by accelerate (`--main_process_port 0`), so concurrent
+    launches do not collide; set MASTER_PORT to force one. Several (`machines`): `--num_machines`, this machine's
+    `--machine_rank` and the leader's address; a DeepSpeed stage names its multi-node launcher: `standard`
+    (torch.distributed.run on each machine, started by that machine's `overopt run`) or `pdsh` with the hostfile
+    (DeepSpeed's launcher starts every host's ranks from this one)."""
     ds_config = None
     if node.deepspeed_config is not None:
         ds_config = _resolve_repo_path(node.deepspeed_config)
         if not ds_config.is_file():
             raise FileNotFoundError(f"stage {node.key}: DeepSpeed config {node.deepspeed_config} not found")
-    job = {"stage": node.stage, "config_class": f"{type(node.config).__module__}.{type(node.config).__qualname__}",
-           "config": node.config.model_dump(mode="json"), "inputs": {r: str(p) for r, p in inputs.items()},
-           "out": str(Path(out).resolve())}
-    if scratch_root is not None:
-        Path(scratch_root).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"overopt-launch-{node.key}-", dir=scratch_root) as tmp:
-        job_file = Path(tmp) / "job.json"
-        job_file.write_text(json.dumps(job))
-        acc_file = Path(tmp) / "accelerate.json"
-        acc_file.write_text(json.dumps(_accelerate_config(node, cuda)))
-        port = os.environ.get("MASTER_PORT", "0")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
-               "--num_processes", str(node.num_processes), "--num_machines", "1",
-               "--mixed_precision", _mixed_precision(ds_config),
-               "--dynamo_backend", "no", "--main_process_port", port]
-        if ds_config is not None:
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
-        elif not cuda and node.num_processes > 1:
-            # `--cpu` would take accelerate's simple launcher, which starts ONE process whatever --num_processes
-            # says; `--multi_gpu` takes torch.distributed.run, which starts them all (gloo on CPU, see below)
-            cmd += ["--multi_gpu"]
-        elif not cuda:
-            cmd += ["--cpu"]
-        cmd += ["-m", "pipeline.stage_main", str(job_file)]
-        env = dict(os.environ)
-        if not cuda:
-            env.setdefault("DS_ACCELERATOR", "cpu")
-            if ds_config is None:  # accelerate's state in the ranks: MULTI_CPU with a gloo process group
-                env["ACCELERATE_USE_CPU"] = "true"
-        # `pipeline` and `stages` importable on every rank whatever the working directory.
-        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        log.info("  launching: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, env=env, preexec_fn=die_with_parent)
-        if proc.returncode != 0:
-            first = first_rank_error(Path(tmp))
-            message = f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})"
-            if first is not None:
-                rank, line, trace = first
-                log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
-                message += f": rank {rank}: {line}"
-            raise RuntimeError(message)
-        return rank_peak_memory(Path(tmp))
+    rank = machines.machine_rank if machines else 0
+    acc_file = Path(job_dir) / f"accelerate_machine{rank}.json"
+    acc_file.write_text(json.dumps(_accelerate_config(node, cuda, machines)))
+    total = node.num_processes * (machines.num_machines if machines else 1)
+    port = str(machines.main_process_port) if machines else os.environ.get("MASTER_PORT", "0")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_file),
+           "--num_processes", str(total), "--num_machines", str(machines.num_machines if machines else 1),
+           "--mixed_precision", _mixed_precision(ds_config),
+           "--dynamo_backend", "no", "--main_process_port", port]
+    if machines is not None:
+        cmd += ["--machine_rank", str(machines.machine_rank), "--main_process_ip", str(machines.main_process_ip)]
+    if ds_config is not None:
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(ds_config)]
+        if machines is not None and machines.hostfile is not None:
+            cmd += ["--deepspeed_multinode_launcher", "pdsh", "--deepspeed_hostfile", str(machines.hostfile)]
+        elif machines is not None:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+    elif not cuda and total > 1:
+        # `--cpu` would take accelerate's simple launcher, which starts ONE process whatever --num_processes
+        # says; `--multi_gpu` takes torch.distributed.run, which starts them all (gloo on CPU, see below)
+        cmd += ["--multi_gpu"]
+    elif not cuda:
+        cmd += ["--cpu"]
+    return cmd + ["-m", "pipeline.stage_main", str(Path(job_dir) / "job.json")]
+
+
+def run_job(node: StageNode, job_dir: Path, machines: MachineArgs | None = None,
+            watch: Callable[[], object] | None = None) -> list[dict]:
+    """Launch this machine's ranks of the stage whose job file is in `job_dir` and wait for them; raise if any rank
+    fails, else return the peak memory of the ranks that left it in `job_dir`. `watch` is called every second while
+    they run: an exception from it (the other machines failed) stops the launch and is raised."""
+    gpus = _visible_cuda_devices()
+    if 0 < gpus < node.num_processes:
+        raise RuntimeError(f"stage {node.key} needs {node.num_processes} processes, one per GPU, but {gpus} GPU(s) "
+                           f"are visible; lower num_processes or set CUDA_VISIBLE_DEVICES='' to run it on CPU")
+    cuda = gpus > 0
+    cmd = launch_command(node, job_dir, cuda, machines)
+    env = dict(os.environ)
+    if not cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        if node.deepspeed_config is None:  # accelerate's state in the ranks: MULTI_CPU with a gloo process group
+            env["ACCELERATE_USE_CPU"] = "true"
+    # `pipeline` and `stages` importable on every rank whatever the working directory.
+    env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # accelerate's pdsh launch writes `.deepspeed_env` (the environment for the other hosts) into its working folder
+    # and DeepSpeed's runner starts every host's ranks there: the job folder, on the filesystem every host shares
+    cwd = None
+    if machines is not None and machines.hostfile is not None:
+        cwd = job_dir
+        # accelerate runs DeepSpeed's `deepspeed` command: the one beside this interpreter, venv activated or not
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    log.info("  launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, preexec_fn=die_with_parent)
+    try:
+        while proc.poll() is None:
+            if watch is not None:
+                watch()
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        proc.kill()  # the ranks die with it (die_with_parent)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        if watch is not None:
+            watch()  # another machine's failure first: it is usually the cause
+        first = first_rank_error(Path(job_dir))
+        message = f"stage {node.key} failed under accelerate launch (exit code {proc.returncode})"
+        if first is not None:
+            rank, line, trace = first
+            log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
+            message += f": rank {rank}: {line}"
+        raise RuntimeError(message)
+    return rank_peak_memory(Path(job_dir))
 
 
 RANK_ERROR = "error_rank{rank}.txt"  # written by pipeline.stage_main beside the job file when a rank's stage raises

@@ -271,15 +271,28 @@ def rl_settings(cfg: StudyConfig) -> dict[str, dict]:
 
 
 def _data_parallel(cfg: StudyConfig) -> dict:
-    """How a data-parallel stage launches: `launch.num_processes` ranks, no DeepSpeed (the count is not part of its
-    fingerprint: `pipeline.runner.is_data_parallel`)."""
-    return _launch(cfg.launch.num_processes, None)
+    """How a data-parallel stage launches: `launch.num_processes` ranks on each machine, no DeepSpeed (the count is
+    not part of its fingerprint: `pipeline.runner.is_data_parallel`). Under the deepspeed_hostfile launcher, whose
+    multi-node launch is DeepSpeed's, it stays on the first host."""
+    machines = 1 if cfg.launch.launcher == "deepspeed_hostfile" else cfg.launch.num_machines
+    return _launch(cfg.launch.num_processes, None, machines)
 
 
-def _launch(n_processes: int, deepspeed_config: Path | None) -> dict:
-    multi = n_processes > 1 or deepspeed_config is not None
+def _launch(n_processes: int, deepspeed_config: Path | None, num_machines: int = 1) -> dict:
+    """A stage's launch fields: `n_processes` ranks on each of `num_machines` machines (inline when that is one
+    process without DeepSpeed)."""
+    multi = n_processes * num_machines > 1 or deepspeed_config is not None
     return {"launcher": "accelerate" if multi else "inline", "num_processes": n_processes,
+            "num_machines": num_machines if multi else 1,
             "deepspeed_config": Path(deepspeed_config) if deepspeed_config is not None else None}
+
+
+def _world_view(section, cfg: StudyConfig):
+    """An RL training section as its stage's config: over several machines its `num_processes` (per machine) is
+    replaced by the run's world size, so 2 machines × 4 ranks and 1 × 8 are one fingerprint, one artifact (on one
+    machine the section is as it always was)."""
+    n = cfg.launch.num_machines
+    return section if n == 1 else section.model_copy(update={"num_processes": section.num_processes * n})
 
 
 def _rl_arm(cfg: StudyConfig, arm: str, proxy: ProxyConfig, run: str, seed: int, train: StageNode,
@@ -313,11 +326,11 @@ def _ppo_stages(cfg: StudyConfig) -> list[StageNode]:
             for run, seed in ppo.runs(proxy.name):
                 train = StageNode(
                     f"{arm}[{run}]", "ppo",
-                    PPOStageConfig(ppo=ppo.training_view(seed), scorer=_sample_scorer(cfg, proxy),
+                    PPOStageConfig(ppo=_world_view(ppo.training_view(seed), cfg), scorer=_sample_scorer(cfg, proxy),
                                    policy=_base_ref(cfg)),
                     {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
                     external=_local(cfg.policy.model_id, proxy.path),
-                    **_launch(ppo.num_processes, ppo.deepspeed_config))
+                    **_launch(ppo.num_processes, ppo.deepspeed_config, cfg.launch.num_machines))
                 nodes += _rl_arm(cfg, arm, proxy, run, seed, train, ppo.eval)
     return nodes
 
@@ -331,10 +344,11 @@ def _group_rl_stages(cfg: StudyConfig) -> list[StageNode]:
             for run, seed in rl.runs(proxy.name):
                 train = StageNode(
                     f"{algo}[{run}]", "group_rl",
-                    GroupRLStageConfig(algo=algo, rl=rl.training_view(seed), scorer=_sample_scorer(cfg, proxy),
-                                       policy=_base_ref(cfg)),
+                    GroupRLStageConfig(algo=algo, rl=_world_view(rl.training_view(seed), cfg),
+                                       scorer=_sample_scorer(cfg, proxy), policy=_base_ref(cfg)),
                     {"pairs": "gold_label", **_policy_input(cfg), **_scorer_inputs(proxy, "train_proxy")},
-                    external=_local(cfg.policy.model_id, proxy.path), **_launch(rl.num_processes, rl.deepspeed_config))
+                    external=_local(cfg.policy.model_id, proxy.path),
+                    **_launch(rl.num_processes, rl.deepspeed_config, cfg.launch.num_machines))
                 nodes += _rl_arm(cfg, algo, proxy, run, seed, train, rl.eval)
     return nodes
 
@@ -353,10 +367,10 @@ def _dpo_stages(cfg: StudyConfig) -> list[StageNode]:
     for run, seed in dpo.runs(proxy.name):
         train = StageNode(
             f"dpo[{run}]", "dpo",
-            DPOStageConfig(dpo=dpo.training_view(seed), labels=cfg.proxy_training.labels,
+            DPOStageConfig(dpo=_world_view(dpo.training_view(seed), cfg), labels=cfg.proxy_training.labels,
                            n_train_pairs=cfg.proxy_training.n_train_pairs, policy=_base_ref(cfg)),
             {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id),
-            **_launch(dpo.num_processes, dpo.deepspeed_config))
+            **_launch(dpo.num_processes, dpo.deepspeed_config, cfg.launch.num_machines))
         nodes += _rl_arm(cfg, "dpo", proxy, run, seed, train, dpo.eval)
     return nodes
 
