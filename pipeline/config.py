@@ -218,6 +218,18 @@ class RMTrainingConfig(Section):
     lora: LoraConfig | None = None
     # Which label column the proxy trains on: "noisy" (equals clean when gold_label.noise_rate is 0) or "clean".
     labels: Literal["noisy", "clean"] = "noisy"
+    # How each train_proxy[p] launches (README "Paper scale"): `num_processes` ranks under `accelerate launch`,
+    # DeepSpeed ZeRO (2 or 3; full fine-tuning or LoRA) when `deepspeed_config` is set, plain DDP when not; 1 process
+    # without DeepSpeed runs in the runner's process. None = the launch section's key. `batch_size` stays the global
+    # batch: each rank takes batch_size / num_processes pairs a micro-step (it must divide), so the effective batch per
+    # optimizer step is batch_size × gradient_accumulation_steps for any number of ranks: the same optimisation problem
+    # (equal up to reduction order; ODIN's correlation terms are batch statistics, taken within each rank's share). Not
+    # fingerprinted here: the launch enters train_proxy's fingerprint as the node's launcher (processes, DeepSpeed
+    # config file), unchanged while it runs in one process as before.
+    num_processes: int | None = Field(None, ge=1, json_schema_extra=NOT_FINGERPRINTED)
+    deepspeed_config: Path | None = Field(None, json_schema_extra=NOT_FINGERPRINTED)
+    # How often (optimizer steps) the Trainer logs the loss to train_log.json: a log, not a result.
+    logging_steps: int = Field(10, ge=1, json_schema_extra=NOT_FINGERPRINTED)
 
 
 class RMTrainingOverrides(Section):
@@ -818,7 +830,8 @@ class LaunchConfig(Section):
 
     For the RL training sections (ppo, rl, dpo) both keys are defaults: a section that does not set its own
     `num_processes` or `deepspeed_config` takes the one set here; one set in neither keeps the section's own default
-    (2 processes under configs/deepspeed/zero2.json).
+    (2 processes under configs/deepspeed/zero2.json). So are they for `proxy_training` (train_proxy[p]), whose own
+    default is 1 process without DeepSpeed.
     """
 
     num_processes: int = Field(1, ge=1)
@@ -901,6 +914,25 @@ class StudyConfig(Section):
             if isinstance(out.get(name), dict):
                 out[name] = {**launch, **out[name]}
         return out
+
+    def proxy_launch(self) -> tuple[int, Path | None]:
+        """(processes, DeepSpeed config) of every train_proxy stage: proxy_training's keys, else launch's."""
+        tr = self.proxy_training
+        return (tr.num_processes or self.launch.num_processes,
+                tr.deepspeed_config if tr.deepspeed_config is not None else self.launch.deepspeed_config)
+
+    @model_validator(mode="after")
+    def _proxy_batches_divide(self) -> "StudyConfig":
+        """Every trained proxy's batch splits evenly over train_proxy's ranks (each takes batch_size / processes)."""
+        n = self.proxy_launch()[0]
+        ranks_key = "proxy_training.num_processes" if self.proxy_training.num_processes else "launch.num_processes"
+        for p in self.proxies:
+            size = p.resolved_training(self.proxy_training).batch_size
+            if (proxy_spec(p.type).trained or proxy_spec(p.type).composite) and size % n:
+                key = f"proxies.{p.name}.training.batch_size" if p.training.batch_size else "proxy_training.batch_size"
+                raise ValueError(f"{key} ({size}) must be divisible by {ranks_key} ({n}): each of train_proxy's ranks "
+                                 f"takes an equal share of the batch")
+        return self
 
     @field_validator("sweep")
     @classmethod

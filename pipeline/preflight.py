@@ -82,6 +82,9 @@ def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:
         out.append(("dpo.deepspeed_config", cfg.dpo.deepspeed_config))
     if cfg.distributed_smoke.enabled:
         out.append(("distributed_smoke.deepspeed_config", cfg.distributed_smoke.deepspeed_config))
+    if cfg.proxy_launch()[1] is not None:
+        key = "proxy_training" if cfg.proxy_training.deepspeed_config is not None else "launch"
+        out.append((f"{key}.deepspeed_config", cfg.proxy_launch()[1]))
     return out
 
 

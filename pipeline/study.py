@@ -177,7 +177,8 @@ def _proxy_stages(cfg: StudyConfig) -> list[StageNode]:
                 f"train_proxy[{member.name}]", "train_proxy",
                 TrainProxyStageConfig(proxy=member.canonical(), training=member.resolved_training(cfg.proxy_training),
                                       base=_base_ref(cfg)),
-                {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id)))
+                {"pairs": "gold_label", **_policy_input(cfg)}, external=_local(cfg.policy.model_id),
+                **_launch(*cfg.proxy_launch())))
         if proxy.type == "warm":
             nodes.append(StageNode(
                 f"warm_average[{proxy.name}]", "warm_average",
