@@ -915,23 +915,28 @@ class StudyConfig(Section):
                 out[name] = {**launch, **out[name]}
         return out
 
-    def proxy_launch(self) -> tuple[int, Path | None]:
-        """(processes, DeepSpeed config) of every train_proxy stage: proxy_training's keys, else launch's."""
-        tr = self.proxy_training
-        return (tr.num_processes or self.launch.num_processes,
-                tr.deepspeed_config if tr.deepspeed_config is not None else self.launch.deepspeed_config)
+    def proxy_launch(self) -> tuple[int, Path | None, int]:
+        """(processes per machine, DeepSpeed config, machines) of every train_proxy stage: proxy_training's keys, else
+        launch's. Without DeepSpeed, a deepspeed_hostfile launch keeps it on the first host (as data-parallel
+        stages: pdsh starts only DeepSpeed stages on the other hosts)."""
+        tr, launch = self.proxy_training, self.launch
+        ds = tr.deepspeed_config if tr.deepspeed_config is not None else launch.deepspeed_config
+        machines = 1 if ds is None and launch.launcher == "deepspeed_hostfile" else launch.num_machines
+        return tr.num_processes or launch.num_processes, ds, machines
 
     @model_validator(mode="after")
     def _proxy_batches_divide(self) -> "StudyConfig":
-        """Every trained proxy's batch splits evenly over train_proxy's ranks (each takes batch_size / processes)."""
-        n = self.proxy_launch()[0]
-        ranks_key = "proxy_training.num_processes" if self.proxy_training.num_processes else "launch.num_processes"
+        """Every trained proxy's batch splits evenly over train_proxy's ranks (each takes batch_size / world size)."""
+        n, _, machines = self.proxy_launch()
+        ranks = f"{'proxy_training' if self.proxy_training.num_processes else 'launch'}.num_processes ({n})"
+        if machines > 1:
+            ranks = f"the world size, {ranks} × launch.num_machines ({machines}) = {n * machines}"
         for p in self.proxies:
             size = p.resolved_training(self.proxy_training).batch_size
-            if (proxy_spec(p.type).trained or proxy_spec(p.type).composite) and size % n:
+            if (proxy_spec(p.type).trained or proxy_spec(p.type).composite) and size % (n * machines):
                 key = f"proxies.{p.name}.training.batch_size" if p.training.batch_size else "proxy_training.batch_size"
-                raise ValueError(f"{key} ({size}) must be divisible by {ranks_key} ({n}): each of train_proxy's ranks "
-                                 f"takes an equal share of the batch")
+                raise ValueError(f"{key} ({size}) must be divisible by {ranks}: each of train_proxy's ranks takes an "
+                                 f"equal share of the batch")
         return self
 
     @field_validator("sweep")

@@ -242,6 +242,8 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
         n = int(2 * pairs * tr.epochs)
         plan.train = Work(n, n * tr.max_length)
         plan.score = Work(2 * pairs, 2 * pairs * tr.max_length)  # reference statistics on the training responses
+        if node.num_processes > 1:
+            plan.note = f"{tr.batch_size // node.num_processes} pairs per rank per micro-step"
     elif node.stage == "eval_proxy":
         pairs = _pairs(cfg)[1] + (cfg.world.n_ood_pairs if cfg.policy.source == "tiny" else 0)
         plan.score = Work(2 * pairs, 2 * pairs * c.scorer.max_length)
@@ -299,13 +301,15 @@ def _memory_text(cfg: StudyConfig, node: StageNode, sizes: Sizes) -> str:
     """DeepSpeed's model-state estimate per rank for what a ZeRO stage trains, and the weights of the frozen models.
 
     PPO's engine holds the policy and a value model (a second decoder, counted as a policy); GRPO/RLOO's and DPO's the
-    policy.
+    policy; train_proxy's the proxy (its base LM; the reward head is a rounding error).
     With LoRA only the adapters (and PPO's value model) train: DeepSpeed's formula is applied to the trained
     parameters and the policy's frozen base weights are added as weights (partitioned over the ranks under ZeRO-3).
-    The reference policy (none with LoRA: the adapters are switched off) and the proxy are frozen copies on every rank.
+    The reference policy (none with LoRA: the adapters are switched off; for train_proxy only GRM's DPO regulariser
+    has one, LoRA or not) and the proxy are frozen copies on every rank.
     """
     ds = deepspeed_settings(node.deepspeed_config)
-    section = next((getattr(node.config, k) for k in ("ppo", "rl", "dpo") if getattr(node.config, k, None)), None)
+    section = next((getattr(node.config, k) for k in ("ppo", "rl", "dpo", "training")
+                    if getattr(node.config, k, None)), None)
     lora = getattr(section, "lora", None)
     try:
         policy = sizes.policy()
@@ -314,7 +318,11 @@ def _memory_text(cfg: StudyConfig, node: StageNode, sizes: Sizes) -> str:
         trained = value + (policy.total if lora is None else policy.lora(lora))
         world = node.num_processes * node.num_machines
         frozen = 0 if lora is None else policy.total * dtype / (world if ds["stage"] == 3 else 1)
-        if lora is None:
+        if node.stage == "train_proxy":
+            from pipeline.proxy_types import spec
+
+            frozen += policy.total * dtype if spec(node.config.proxy.type).needs_reference(node.config.proxy) else 0
+        elif lora is None:
             frozen += policy.total * dtype  # the reference policy
         scorer = getattr(node.config, "scorer", None)
         if scorer is not None:

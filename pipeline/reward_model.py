@@ -272,7 +272,8 @@ class GRMRewardModel(nn.Module):
     def _reward_at_last(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         last = last_token_index(attention_mask)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.v_head.outputs(h.to(torch.float32))
+        # float32, the head's dtype, except under a DeepSpeed bf16/fp16 engine, which casts every parameter to 16 bits
+        return self.v_head.outputs(h.to(next(self.v_head.parameters()).dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 return_logits: bool = True) -> RewardModelOutput:

@@ -160,25 +160,28 @@ def init_reward_model(cfg: TrainProxyStageConfig, base: str):
 
 
 def make_trainer(cfg: TrainProxyStageConfig, model, dataset, tokenizer, ref_model, output_dir, world: int = 1,
-                 launched: bool = False):
+                 accelerator=None):
     """The Hugging Face Trainer of one proxy: data order (`data_seed`) and dropout (`seed`) follow `proxy.seed`.
 
-    `world` ranks take `batch_size / world` pairs each a micro-step. `launched`: under `accelerate launch`, where the
-    Accelerator (DeepSpeed plugin, CPU process-group backend) was made by `pipeline.distributed.make_accelerator`; the
-    Trainer fills the DeepSpeed config's "auto" batch sizes, accumulation and clipping from these arguments."""
+    `world` ranks take `batch_size / world` pairs each a micro-step. `accelerator`: under `accelerate launch`, the one
+    `pipeline.distributed.make_accelerator` made (DeepSpeed plugin, CPU process-group backend), which the Trainer
+    takes; it fills the DeepSpeed config's "auto" batch sizes, accumulation and clipping from these arguments and
+    checks its precision flags against the config's bf16/fp16 (which `launch_stage` gave accelerate)."""
     from transformers import TrainingArguments
 
     proxy, tr = cfg.proxy, cfg.training
-    placement = {"accelerator_config": {"use_configured_state": True}} if launched else \
-        {"use_cpu": not torch.cuda.is_available()}
+    launch = {}
+    if accelerator is not None:
+        launch = {"accelerator_config": {"use_configured_state": True},
+                  "bf16": accelerator.mixed_precision == "bf16", "fp16": accelerator.mixed_precision == "fp16"}
     args = TrainingArguments(
         output_dir=output_dir, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size // world,
         gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,
         lr_scheduler_type=tr.lr_scheduler, warmup_steps=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm,
         weight_decay=tr.weight_decay, seed=proxy.seed, data_seed=proxy.seed, logging_steps=tr.logging_steps,
         save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=True,
-        dataloader_num_workers=0, **placement)
-    if launched:  # as in stages.group_rl: the Trainer's Accelerator takes the configured one's DeepSpeed plugin
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **launch)
+    if accelerator is not None:  # as in stages.group_rl: the Trainer's Accelerator takes the configured one's plugin
         args.deepspeed_plugin = None
     return make_trainer_class()(model=model, args=args, train_dataset=dataset,
                                 data_collator=PairCollator(pad_token_id(tokenizer)), proxy=proxy, ref_model=ref_model)
@@ -235,7 +238,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if accelerator is not None and zero_stage(accelerator):
         fill_hidden_size_autos(accelerator, model.causal_lm().config.get_text_config().hidden_size)
     with tempfile.TemporaryDirectory(dir=out) as scratch:  # the Trainer wants an output_dir; nothing in it is kept
-        trainer = make_trainer(cfg, model, dataset, tokenizer, ref_model, scratch, world, launched)
+        trainer = make_trainer(cfg, model, dataset, tokenizer, ref_model, scratch, world, accelerator)
         result = trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
 

@@ -185,6 +185,17 @@ def test_zero3_saves_the_whole_model(inputs, one_process, tmp_path):
     assert json.loads((three / "metrics.json").read_text())["zero_stage"] == 3
 
 
+@pytest.mark.slow
+def test_bf16_zero2_trains_and_saves_a_loadable_model(inputs, one_process, tmp_path):
+    """The paper's precision: configs/deepspeed/zero2_bf16.json, whose engine casts every parameter (the reward head
+    too) to bf16 while it keeps fp32 master weights. The Trainer is told bf16 (it checks against the config); the
+    losses follow the fp32 run's within bf16's precision (8 significant bits: ~4e-3 of a loss of ~0.6)."""
+    bf16 = run_launched(inputs, tmp_path / "bf16", stage_config(), Path("configs/deepspeed/zero2_bf16.json"))
+    np.testing.assert_allclose(losses(bf16), losses(one_process), rtol=0, atol=1e-2)
+    scores = rescore(bf16, inputs)
+    assert np.isfinite(scores).all() and scores.std() > 0.01
+
+
 # ---------------------------------------------------------------------------------------------------- configuration
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -217,9 +228,9 @@ def test_existing_fingerprints_are_unchanged_and_the_launch_counts_only_when_set
     assert changed["gold_label"] == base["gold_label"] and changed["bon_sample"] == base["bon_sample"]
     # the launch section is the default; proxy_training's own keys win
     from_launch = load_config(SMOKE, ["launch.num_processes=2", f"launch.deepspeed_config={ZERO3}"])
-    assert from_launch.proxy_launch() == (2, ZERO3)
+    assert from_launch.proxy_launch() == (2, ZERO3, 1)
     own = load_config(SMOKE, ["launch.num_processes=2", "proxy_training.num_processes=4"])
-    assert own.proxy_launch() == (4, None)
+    assert own.proxy_launch() == (4, None, 1)
 
 
 def test_a_batch_the_ranks_cannot_share_is_refused_naming_the_key(inputs, tmp_path, monkeypatch):
@@ -232,9 +243,40 @@ def test_a_batch_the_ranks_cannot_share_is_refused_naming_the_key(inputs, tmp_pa
     with pytest.raises(ConfigError, match=r"proxies.bt.training.batch_size \(6\) must be divisible by "
                                           r"proxy_training.num_processes \(4\)"):
         load_config(SMOKE, ["proxy_training.num_processes=4", "proxies.bt.training={batch_size: 6}"])
-    # a launch whose world size does not divide the batch (e.g. more machines) fails in the stage before any work
+    with pytest.raises(ConfigError, match=r"proxy_training.batch_size \(32\) must be divisible by the world size, "
+                                          r"proxy_training.num_processes \(4\) × launch.num_machines \(3\) = 12"):
+        load_config(SMOKE, ["proxy_training.num_processes=4", "launch.num_machines=3"])
+    # a launch whose world size does not divide the batch fails in the stage too, before any work
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setattr(train_proxy, "load_tokenizer", lambda *a: pytest.fail("work started"))
     with pytest.raises(ValueError, match=r"proxy_training.batch_size \(16\) must be divisible by the number of "
                                          r"processes \(3\)"):
         train_proxy.run(stage_config(), inputs, tmp_path)
+
+
+def test_plan_shows_train_proxys_launch_and_deepspeeds_estimate(tmp_path, monkeypatch):
+    """`overopt plan`: a train_proxy row says its launch, and under ZeRO-2 without offload DeepSpeed's formula for the
+    proxy's trained parameters (2 bytes/param of 16-bit weights on every rank, 18 bytes/param of gradients, fp32
+    master weights and Adam states partitioned over the ranks), from a real local checkpoint's config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.plan import format_bytes, plan_study
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "policy")
+    n = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    paper = ROOT / "configs" / "paper" / "gemma2b_unified_feedback.yaml"
+    base = [f"policy.model_id={tmp_path / 'policy'}", f"run.cache_root={tmp_path}/cache"]
+    cfg = load_config(paper, base + ["proxy_training.num_processes=4", f"proxy_training.deepspeed_config={ZERO2}",
+                                     "proxy_training.lora=null"])
+    row = {p.key: p for p in plan_study(cfg)}["train_proxy[bt]"]
+    assert (row.launch, row.processes) == ("accelerate + ZeRO-2", 4)
+    assert row.memory.startswith(f"{format_bytes(2 * n + int(18 * n / 4))} device"), row.memory
+    assert row.memory.endswith(f"for {n / 1e3:.3g}K trained params; frozen weights 0 B"), row.memory
+    assert row.note == "1 pairs per rank per micro-step"  # the paper's batch_size 4 over 4 ranks
+    # in one process (the paper config as it is) there is no DeepSpeed and no estimate
+    row = {p.key: p for p in plan_study(load_config(paper, base))}["train_proxy[bt]"]
+    assert (row.launch, row.processes, row.memory) == ("inline", 1, "—")
