@@ -204,7 +204,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 TINY_TRAIN_PROXY = {
     "train_proxy[bt]": "c72a2d8f505d02d2", "train_proxy[grm_sft]": "25a888b1b3f8fc0d",
     "train_proxy[label_smoothing]": "f3966e0faf0badb3", "train_proxy[ensemble-m0]": "a2e3217c34da2e63",
-    "train_proxy[ensemble@seed2-m2]": "610068f8017ab7d7", "report": "e57cc2de6d633503",
+    "train_proxy[ensemble@seed2-m2]": "610068f8017ab7d7",
 }
 
 
