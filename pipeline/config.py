@@ -471,7 +471,7 @@ class PPOEvalConfig(Section):
     # shard, one generate call per export (fastest on CPU, and every export sampled with the same seed: common random
     # numbers), the exports then being the units the data-parallel ranks share. Set it (e.g. 64) when there are fewer
     # exports than ranks or an export's samples do not fit one rank's memory.
-    prompts_per_shard: int | None = Field(None, ge=1)
+    prompts_per_shard: int | None = Field(None, ge=1, json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
     # "vllm": the exports sample with vLLM (an engine per export, loaded by path, on each launch.num_processes rank
     # with tensor_parallel_size GPUs); the KL and the proxy's scores stay with the HF models (pipeline/vllm_backend.py)
     backend: Literal["hf", "vllm"] = Field("hf", json_schema_extra=FINGERPRINTED_UNLESS_DEFAULT)
