@@ -261,6 +261,13 @@ class Ranks:
         return out
 
 
+def trainer_precision(accelerator) -> dict[str, bool]:
+    """The Hugging Face Trainer's (and TRL's) bf16/fp16 flags for a run under `accelerator`: what `launch_stage` gave
+    accelerate from the DeepSpeed config, which the Trainer checks its own flags against; both off without one."""
+    precision = getattr(accelerator, "mixed_precision", "no") if accelerator is not None else "no"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
 def data_parallel_ranks() -> Ranks:
     """This process's `Ranks`: under a launcher (WORLD_SIZE > 1) the process group is set up through accelerate (gloo
     on CPU, NCCL with this rank's GPU), else one process."""

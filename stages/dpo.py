@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DPOStageConfig
-from pipeline.distributed import make_accelerator, zero_stage
+from pipeline.distributed import make_accelerator, trainer_precision, zero_stage
 from pipeline.models import build_policy, checked_local, load_tokenizer
 from pipeline.records import PAIR_COLUMNS, read_records
 from pipeline.trl_runs import export_callback, export_policy, write_log_history
@@ -69,7 +69,7 @@ def trainer_class():
     return TokenizedPairsDPOTrainer
 
 
-def trl_config(cfg: DPOStageConfig, output_dir: str, per_device: int):
+def trl_config(cfg: DPOStageConfig, output_dir: str, per_device: int, accelerator=None):
     """TRL's DPOConfig from overopt's settings; everything TRL would otherwise decide is set here."""
     from trl import DPOConfig
 
@@ -80,7 +80,7 @@ def trl_config(cfg: DPOStageConfig, output_dir: str, per_device: int):
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=d.max_grad_norm,
         beta=d.beta, loss_type=[d.loss_type], max_length=d.max_length, precompute_ref_log_probs=False,
         seed=d.seed, data_seed=d.seed, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, bf16=False, fp16=False,
+        dataloader_num_workers=0, **trainer_precision(accelerator),  # bf16/fp16 as the DeepSpeed config says
         # the Accelerator (and its DeepSpeed plugin) is made by pipeline.distributed before the Trainer asks for one
         accelerator_config={"use_configured_state": True})
     args.deepspeed_plugin = None  # as in stages.group_rl: the Trainer's Accelerator takes the configured one's
@@ -101,7 +101,7 @@ def build_trainer(cfg: DPOStageConfig, inputs: dict[str, Path], scratch: str, ac
         raise ValueError(f"dpo: no training pair fits dpo.max_length={cfg.dpo.max_length}")
     policy = build_policy(policy_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
     reference = build_policy(policy_path, cfg.policy.dtype, cfg.policy.trust_remote_code).eval().requires_grad_(False)
-    trainer = trainer_class()(model=policy, ref_model=reference, args=trl_config(cfg, scratch, per_device),
+    trainer = trainer_class()(model=policy, ref_model=reference, args=trl_config(cfg, scratch, per_device, accelerator),
                               train_dataset=Dataset.from_dict(preference_rows(encoded)), processing_class=tokenizer,
                               callbacks=list(callbacks))
     return trainer, tokenizer, encoded

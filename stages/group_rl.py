@@ -36,7 +36,7 @@ import torch
 
 from pipeline import reward_transforms
 from pipeline.config import GroupRLStageConfig, RewardTransformConfig, SamplingConfig
-from pipeline.distributed import frozen_model_loading, make_accelerator, zero_stage
+from pipeline.distributed import frozen_model_loading, make_accelerator, trainer_precision, zero_stage
 from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo.rollout import proxy_scores, sample_rollout
@@ -118,7 +118,7 @@ def reference_scorer(ref_policy, tokenizer, scorer, scorer_name: str, sampling: 
     return scores
 
 
-def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int):
+def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int, accelerator=None):
     """TRL's GRPOConfig or RLOOConfig from overopt's settings; everything TRL would otherwise decide is set here."""
     from trl import GRPOConfig, RLOOConfig
 
@@ -131,7 +131,7 @@ def trl_config(cfg: GroupRLStageConfig, output_dir: str, per_device: int):
         lr_scheduler_type="constant",  # as overopt's PPO; TRL's default decays linearly to 0 over max_steps
         warmup_steps=0, weight_decay=0.0, beta=rl.beta, epsilon=rl.epsilon, num_iterations=rl.num_iterations,
         max_grad_norm=rl.max_grad_norm, seed=rl.seed, data_seed=rl.seed, logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, **trainer_precision(accelerator),
         # the Accelerator (and its DeepSpeed plugin, with the CPU process-group backend) is made by
         # pipeline.distributed before TRL's Trainer asks for one
         accelerator_config={"use_configured_state": True})
@@ -185,8 +185,9 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     # TRL's output_dir; nothing in it is kept. Made inside the stage's own staging folder (under the cache's .tmp/),
     # so a killed run leaves nothing in the system's temp folder: the next run sweeps .tmp/
     with tempfile.TemporaryDirectory(prefix="trl-scratch-", dir=out) as scratch:
-        trainer = trainer_class(model=policy, reward_funcs=reward, args=trl_config(cfg, scratch, per_device),
-                                train_dataset=data, processing_class=tokenizer, callbacks=[exporter])
+        args = trl_config(cfg, scratch, per_device, accelerator)
+        trainer = trainer_class(model=policy, reward_funcs=reward, args=args, train_dataset=data,
+                                processing_class=tokenizer, callbacks=[exporter])
         trainer.train()
     if accelerator.is_main_process:
         write_log_history(trainer, out / "metrics.jsonl")

@@ -53,6 +53,7 @@ from pipeline.distributed import (
     frozen_model_loading,
     gathered_for_generation,
     make_accelerator,
+    trainer_precision,
     zero_stage,
 )
 from pipeline.models import DTYPES, load_tokenizer
@@ -172,8 +173,7 @@ def make_trainer(cfg: TrainProxyStageConfig, model, dataset, tokenizer, ref_mode
     proxy, tr = cfg.proxy, cfg.training
     launch = {}
     if accelerator is not None:
-        launch = {"accelerator_config": {"use_configured_state": True},
-                  "bf16": accelerator.mixed_precision == "bf16", "fp16": accelerator.mixed_precision == "fp16"}
+        launch = {"accelerator_config": {"use_configured_state": True}, **trainer_precision(accelerator)}
     args = TrainingArguments(
         output_dir=output_dir, num_train_epochs=tr.epochs, per_device_train_batch_size=tr.batch_size // world,
         gradient_accumulation_steps=tr.gradient_accumulation_steps, learning_rate=tr.lr,

@@ -280,3 +280,16 @@ def test_plan_shows_train_proxys_launch_and_deepspeeds_estimate(tmp_path, monkey
     # in one process (the paper config as it is) there is no DeepSpeed and no estimate
     row = {p.key: p for p in plan_study(load_config(paper, base))}["train_proxy[bt]"]
     assert (row.launch, row.processes, row.memory) == ("inline", 1, "—")
+
+
+def test_every_trainer_takes_its_precision_from_the_launch():
+    """train_proxy, DPO and GRPO/RLOO hand the Trainer the bf16/fp16 flags accelerate was launched with (from the
+    DeepSpeed config), which the Trainer checks its own against: one helper for all three."""
+    from types import SimpleNamespace
+
+    from pipeline.distributed import trainer_precision
+
+    assert trainer_precision(SimpleNamespace(mixed_precision="bf16")) == {"bf16": True, "fp16": False}
+    assert trainer_precision(SimpleNamespace(mixed_precision="fp16")) == {"bf16": False, "fp16": True}
+    assert trainer_precision(SimpleNamespace(mixed_precision="no")) == trainer_precision(None) == {"bf16": False,
+                                                                                                  "fp16": False}
