@@ -220,12 +220,14 @@ class RMTrainingConfig(Section):
     labels: Literal["noisy", "clean"] = "noisy"
     # How each train_proxy[p] launches (README "Paper scale"): `num_processes` ranks under `accelerate launch`,
     # DeepSpeed ZeRO (2 or 3; full fine-tuning or LoRA) when `deepspeed_config` is set, plain DDP when not; 1 process
-    # without DeepSpeed runs in the runner's process. None = the launch section's key. `batch_size` stays the global
-    # batch: each rank takes batch_size / num_processes pairs a micro-step (it must divide), so the effective batch per
-    # optimizer step is batch_size × gradient_accumulation_steps for any number of ranks: the same optimisation problem
-    # (equal up to reduction order; ODIN's correlation terms are batch statistics, taken within each rank's share). Not
-    # fingerprinted here: the launch enters train_proxy's fingerprint as the node's launcher (processes, DeepSpeed
-    # config file), unchanged while it runs in one process as before.
+    # without DeepSpeed runs in the runner's process. None = 1 process, no DeepSpeed: unlike the data-parallel stages,
+    # a proxy's training depends (slightly) on its rank count, so `launch.num_processes` set for faster sampling and
+    # scoring does not retrain every proxy; set these keys to train proxies on several devices. `batch_size` stays the
+    # global batch: each rank takes batch_size / num_processes pairs a micro-step (it must divide), so the effective
+    # batch per optimizer step is batch_size × gradient_accumulation_steps for any number of ranks: the same
+    # optimisation problem (equal up to reduction order; ODIN's correlation terms are batch statistics, taken within
+    # each rank's share). Not fingerprinted here: the launch enters train_proxy's fingerprint as the node's launcher
+    # (processes, DeepSpeed config file), unchanged while it runs in one process as before.
     num_processes: int | None = Field(None, ge=1, json_schema_extra=NOT_FINGERPRINTED)
     deepspeed_config: Path | None = Field(None, json_schema_extra=NOT_FINGERPRINTED)
     # How often (optimizer steps) the Trainer logs the loss to train_log.json: a log, not a result.
@@ -916,19 +918,22 @@ class StudyConfig(Section):
         return out
 
     def proxy_launch(self) -> tuple[int, Path | None, int]:
-        """(processes per machine, DeepSpeed config, machines) of every train_proxy stage: proxy_training's keys, else
-        launch's. Without DeepSpeed, a deepspeed_hostfile launch keeps it on the first host (as data-parallel
-        stages: pdsh starts only DeepSpeed stages on the other hosts)."""
+        """(processes per machine, DeepSpeed config, machines) of every train_proxy stage: proxy_training's keys (one
+        process on the leader when neither is set, whatever the launch section says: see `RMTrainingConfig`). Without
+        DeepSpeed, a deepspeed_hostfile launch keeps it on the first host (as data-parallel stages: pdsh starts only
+        DeepSpeed stages on the other hosts)."""
         tr, launch = self.proxy_training, self.launch
-        ds = tr.deepspeed_config if tr.deepspeed_config is not None else launch.deepspeed_config
+        if tr.num_processes is None and tr.deepspeed_config is None:
+            return 1, None, 1
+        ds = tr.deepspeed_config
         machines = 1 if ds is None and launch.launcher == "deepspeed_hostfile" else launch.num_machines
-        return tr.num_processes or launch.num_processes, ds, machines
+        return tr.num_processes or 1, ds, machines
 
     @model_validator(mode="after")
     def _proxy_batches_divide(self) -> "StudyConfig":
         """Every trained proxy's batch splits evenly over train_proxy's ranks (each takes batch_size / world size)."""
         n, _, machines = self.proxy_launch()
-        ranks = f"{'proxy_training' if self.proxy_training.num_processes else 'launch'}.num_processes ({n})"
+        ranks = f"proxy_training.num_processes ({n})"
         if machines > 1:
             ranks = f"the world size, {ranks} × launch.num_machines ({machines}) = {n * machines}"
         for p in self.proxies:

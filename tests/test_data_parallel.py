@@ -36,7 +36,9 @@ def file_hashes(artifact: Path) -> dict[str, str]:
 
 
 def study(root: Path, ranks: int):
-    cfg = load_config(SMOKE, [f"run.cache_root={root}", *SMALL_BATCHES, f"launch.num_processes={ranks}"])
+    # proxies train in one process whatever the launch (their fingerprint counts their ranks: it is not data-parallel)
+    cfg = load_config(SMOKE, [f"run.cache_root={root}", *SMALL_BATCHES, f"launch.num_processes={ranks}",
+                              "proxy_training.num_processes=1"])
     return Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
 
 
