@@ -855,6 +855,16 @@ class LaunchConfig(Section):
     # A follower gives up (clear error) when no live leader appears, or the leader's heartbeat stops, for this long;
     # the leader gives up when a machine has not joined within it.
     leader_timeout_s: float = Field(600.0, gt=0)
+    # One name for this run, the same on every machine and new for each run (slurm: slurm-<job id>.<step id> unless
+    # set). With it a follower knows the leader's session as its own even when it starts after the leader (a leader
+    # that already failed is named at once, not at leader_timeout_s); without it, only a session begun after the
+    # follower, or one whose heartbeat advances, is taken for this run's.
+    run_id: str | None = Field(None, min_length=1)
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_id_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # launch.run_id=17
 
     @model_validator(mode="after")
     def _check_machines(self) -> LaunchConfig:
