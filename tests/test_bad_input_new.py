@@ -1,0 +1,68 @@
+"""Bad input on the newest config surface (launch, ood, sweep, RL variants and transforms, RewardBench files) is a
+ConfigError naming the key (and the file and column), raised while the config is loaded or by the preflight checks
+`overopt run` makes before its first stage: never after proxies were trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.preflight import preflight
+
+ROOT = Path(__file__).parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+PAPER = ROOT / "configs" / "paper" / "gemma2b_unified_feedback.yaml"
+PAPER_HF = ["bon.backend=hf", "ppo.eval.backend=hf"]  # vllm is not installed here; its own check comes first
+
+
+# ------------------------------------------------------------------------------------------------- data files
+
+
+def test_ood_prompts_file_missing_or_with_wrong_columns_fails_at_preflight(tmp_path):
+    # ood_prompts runs after every proxy, best-of-n and RL stage: the file is checked before the first stage instead
+    with pytest.raises(ConfigError, match=r"not found:\n  ood.prompts_path: .*missing.jsonl"):
+        preflight(load_config(PAPER, PAPER_HF + ["ood.enabled=true", f"ood.prompts_path={tmp_path}/missing.jsonl"]))
+    wrong = tmp_path / "wrong.jsonl"
+    pd.DataFrame({"id": ["a"], "text": ["hi"]}).to_json(wrong, orient="records", lines=True)
+    with pytest.raises(ConfigError, match=r"before any stage ran\):\n  ood.prompts_path: .*wrong.jsonl: missing "
+                                          r"column 'prompt_id' .*it has \['id', 'text'\]"):
+        preflight(load_config(PAPER, PAPER_HF + ["ood.enabled=true", f"ood.prompts_path={wrong}"]))
+    not_text = tmp_path / "not_text.parquet"
+    pd.DataFrame({"prompt_id": ["a"], "prompt": [3]}).to_parquet(not_text)
+    with pytest.raises(ConfigError, match=r"ood.prompts_path: .*not_text.parquet: column 'prompt' row 0 is neither"):
+        preflight(load_config(SMOKE, ["ood.enabled=true", f"ood.prompts_path={not_text}"]))
+
+
+def test_rewardbench_files_of_the_wrong_schema_fail_at_preflight(tmp_path):
+    rb = tmp_path / "rb.parquet"
+    pd.DataFrame({"id": ["1"], "prompt": ["p"], "chosen": ["a"], "rejected": ["b"],
+                  "subset": ["alpacaeval-easy"]}).to_parquet(rb)
+    rb2 = tmp_path / "rb2.parquet"
+    pd.DataFrame({"id": ["1"], "prompt": ["p"], "chosen": [["a"]], "rejected": [["b", "c"]],
+                  "subset": ["Math"]}).to_parquet(rb2)
+    no_subset = tmp_path / "no_subset.parquet"
+    pd.DataFrame({"prompt": ["p"], "chosen": ["a"], "rejected": ["b"]}).to_parquet(no_subset)
+    preflight(load_config(SMOKE, [f"eval_proxy.rewardbench_path={rb}", f"eval_proxy.rewardbench2_path={rb2}"]))
+    with pytest.raises(ConfigError, match=r"eval_proxy.rewardbench_path: .*no_subset.parquet: missing required "
+                                          r"column\(s\) \['subset'\]"):
+        preflight(load_config(SMOKE, [f"eval_proxy.rewardbench_path={no_subset}"]))
+    with pytest.raises(ConfigError, match=r"eval_proxy.rewardbench_path: .*rb2.parquet: row 0 \(id 1\): column "
+                                          r"'chosen' must be a string .*goes in eval_proxy.rewardbench2_path"):
+        preflight(load_config(SMOKE, [f"eval_proxy.rewardbench_path={rb2}"]))
+    with pytest.raises(ConfigError, match=r"eval_proxy.rewardbench2_path: .*rb.parquet: row 0 \(id 1\): column "
+                                          r"'chosen' must be a non-empty list of strings"):
+        preflight(load_config(SMOKE, [f"eval_proxy.rewardbench2_path={rb}"]))
+
+
+def test_a_bad_data_file_stops_overopt_run_before_the_first_stage(tmp_path, capsys):
+    wrong = tmp_path / "pairs.jsonl"
+    pd.DataFrame({"prompt": ["p"], "good": ["a"]}).to_json(wrong, orient="records", lines=True)
+    code = main(["run", str(SMOKE), f"run.cache_root={tmp_path / 'cache'}", f"knowledge.pairs_path={wrong}"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "knowledge.pairs_path: " in err and "missing column 'clean'" in err, err
+    assert not (tmp_path / "cache" / "world").exists()
