@@ -66,3 +66,42 @@ def test_a_bad_data_file_stops_overopt_run_before_the_first_stage(tmp_path, caps
     assert code != 0
     assert "knowledge.pairs_path: " in err and "missing column 'clean'" in err, err
     assert not (tmp_path / "cache" / "world").exists()
+
+
+# ------------------------------------------------------------------------------------------- RL sections
+
+RL = ["rl.proxies=[bt]", "rl.num_processes=1", "rl.deepspeed_config=null", "rl.steps=2", "rl.prompts_per_step=2",
+      "rl.group_size=2", "rl.minibatches=1"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a clip_range beside another kind was silently unused
+    (["ppo.reward_transform.kind=par", "ppo.reward_transform.clip_range=[0, 1]"],
+     r"ppo.reward_transform.clip_range is read only with kind clip \(kind is 'par'\)"),
+    (RL + ["rl.reward_transform.kind=log_sigmoid", "rl.reward_transform.clip_range=[0, 1]"],
+     r"rl.reward_transform.clip_range is read only with kind clip \(kind is 'log_sigmoid'\)"),
+    # a variant inheriting clip's range must null it when it changes the kind
+    (["ppo.reward_transform={kind: clip, clip_range: [0, 1]}", "ppo.variants={p: {reward_transform: {kind: par}}}"],
+     r"ppo.variants.p \(the ppo section with its overrides\): ppo.reward_transform.clip_range is read only with kind "
+     r"clip .*null where it is inherited"),
+    # empty or repeated algorithms: no arm, or a raw "duplicate stage keys in the DAG"
+    (RL + ["rl.algos=[]"], r"rl.algos is empty"),
+    (RL + ["rl.algos=[grpo, rloo, grpo]"], r"rl.algos \['grpo', 'rloo', 'grpo'\] names an algorithm twice"),
+    # an empty proxy list made an arm with no runs, silently
+    (["ppo.proxies=[]"], r"ppo.proxies is empty: no run would be made"),
+    (RL + ["rl.proxies=[]"], r"rl.proxies is empty"),
+    (["ppo.variants={kl: {proxies: []}}"], r"ppo.variants.kl.proxies is empty"),
+    # a variant that changes nothing re-trains the plain arm under other stage keys
+    (["ppo.variants={kl: {}}"], r"ppo.variants.kl changes no PPO setting \(its overrides \{\}"),
+    (["ppo.variants={kl: {kl_coef: 0.0, proxies: [bt]}}"], r"ppo.variants.kl changes no PPO setting"),
+])
+def test_bad_rl_settings_name_their_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(SMOKE, overrides)
+
+
+def test_a_variant_that_sets_the_kind_and_nulls_the_range_is_accepted():
+    cfg = load_config(SMOKE, ["ppo.reward_transform={kind: clip, clip_range: [0, 1]}",
+                              "ppo.variants={p: {reward_transform: {kind: par, clip_range: null}}}"])
+    assert cfg.ppo.variant("p").reward_transform.kind == "par"
+    assert cfg.ppo.variant("p").reward_transform.clip_range is None
