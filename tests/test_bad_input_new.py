@@ -105,3 +105,35 @@ def test_a_variant_that_sets_the_kind_and_nulls_the_range_is_accepted():
                               "ppo.variants={p: {reward_transform: {kind: par, clip_range: null}}}"])
     assert cfg.ppo.variant("p").reward_transform.kind == "par"
     assert cfg.ppo.variant("p").reward_transform.clip_range is None
+
+
+# ------------------------------------------------------------------------------------------------------ sweep
+
+
+def _sweep_config(tmp_path, sweep: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SMOKE.read_text() + f"\nsweep: {sweep}\n")
+    return path
+
+
+@pytest.mark.parametrize("sweep, message", [
+    # a section the study does not have would be created, with its defaults, in every point (two more RL arms)
+    ("{rl.steps: [2, 4]}", r"sweep key 'rl.steps': the study has no rl section, so setting rl.steps would add one"),
+    # a key the study does not read (BT has no alpha) made points that are one study under two names
+    ("{proxies.bt.alpha: [0.1, 0.2]}", r"sweep key 'proxies.bt.alpha': values 0.1 and 0.2 make the same study"),
+    ("{'proxies.bt.margin_scale,proxies.grm_sft.margin_scale': [1.0, 2.0]}",
+     r"sweep key 'proxies.bt.margin_scale,proxies.grm_sft.margin_scale': values 1.0 and 2.0 make the same study"),
+])
+def test_a_sweep_key_the_study_does_not_have_is_named(tmp_path, sweep, message):
+    from pipeline.sweep import expand_sweep
+
+    with pytest.raises(ConfigError, match=message):
+        expand_sweep(_sweep_config(tmp_path, sweep))
+
+
+def test_a_sweep_key_that_changes_the_study_still_expands(tmp_path):
+    from pipeline.sweep import expand_sweep
+
+    _, points = expand_sweep(_sweep_config(tmp_path, "{'proxies.grm_sft.alpha,proxy_training.lr': [0.1, 0.2]}"))
+    assert [p.config.proxy_training.lr for p in points] == [0.1, 0.2]
+    assert [p.config.proxies[1].alpha for p in points] == [0.1, 0.2]
