@@ -137,3 +137,20 @@ def test_a_sweep_key_that_changes_the_study_still_expands(tmp_path):
     _, points = expand_sweep(_sweep_config(tmp_path, "{'proxies.grm_sft.alpha,proxy_training.lr': [0.1, 0.2]}"))
     assert [p.config.proxy_training.lr for p in points] == [0.1, 0.2]
     assert [p.config.proxies[1].alpha for p in points] == [0.1, 0.2]
+
+
+# ----------------------------------------------------------------------------------------------------- launch
+
+
+def test_a_bad_launch_deepspeed_config_is_named_as_the_user_wrote_it(tmp_path):
+    from pipeline.preflight import check_deepspeed_configs
+
+    missing = tmp_path / "ds.json"
+    # no stage takes it (smoke's ppo sets its own null, no rl/dpo, proxies train in one process): it was ignored
+    with pytest.raises(ConfigError, match=r"before any stage ran\):\n  launch.deepspeed_config: .*ds.json: not found"):
+        check_deepspeed_configs(load_config(SMOKE, [f"launch.deepspeed_config={missing}"]), cuda=False)
+    # a dpo section that sets none takes it as its default: the error names both keys
+    with pytest.raises(ConfigError, match=r"\n  dpo.deepspeed_config \(= launch.deepspeed_config\): .*ds.json: not "
+                                          r"found$"):
+        check_deepspeed_configs(load_config(SMOKE, [f"launch.deepspeed_config={missing}", "dpo={batch_size: 8}"]),
+                                cuda=False)
