@@ -90,6 +90,30 @@ def point_config(study_tree: dict, values: dict[str, Any], source: str, reports_
     return validate_config(tree, source)
 
 
+def _check_key_matters(study: StudyConfig, key: str, values: list[Any], configs: list[StudyConfig]) -> None:
+    """Raise ConfigError naming `key` when setting it adds an RL or best-of-n section the study does not have (an
+    override key would create that section with its defaults in every point), or when two of its values make the
+    same stages with the same fingerprints (a field the study does not read, such as `alpha` of a BT proxy: the
+    points would be one study under two names)."""
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    for part in sweep_keys(key):
+        section = part.split(".")[0]
+        if "." in part and section in StudyConfig.model_fields and getattr(study, section) is None \
+                and any(getattr(c, section) is not None for c in configs):
+            raise ConfigError(f"sweep key {key!r}: the study has no {section} section, so setting {part} would add "
+                              f"one with its defaults to every point; add {section}: to the study to sweep its keys")
+    seen: dict[tuple, Any] = {}
+    for value, config in zip(values, configs):
+        stages = tuple(sorted(Runner(build_stages(config), cache=None).fingerprints().items()))
+        if stages in seen:
+            raise ConfigError(f"sweep key {key!r}: values {seen[stages]!r} and {value!r} make the same study (every "
+                              f"stage and fingerprint equal): the study does not read {key} (e.g. a setting the "
+                              f"proxy's type does not use) or the two values mean the same")
+        seen[stages] = value
+
+
 def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[StudyConfig, list[SweepPoint]]:
     """The study (with its `sweep:`) and its points: the cartesian product of the `sweep:` values in the order the
     keys and values are written, each point the study with those values set and `sweep:` removed; no points when the
@@ -106,8 +130,9 @@ def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         return study, []
     study_tree = {k: v for k, v in tree.items() if k != "sweep"}
     for key, values in study.sweep.items():
-        for value in values:
-            point_config(study_tree, {key: value}, f"{path}, sweep key {key} = {value!r}", None)
+        alone = [point_config(study_tree, {key: value}, f"{path}, sweep key {key} = {value!r}", None)
+                 for value in values]
+        _check_key_matters(study, key, values, alone)
     labels = key_labels(list(study.sweep))
     points = []
     for combo in itertools.product(*study.sweep.values()):
