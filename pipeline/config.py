@@ -851,8 +851,9 @@ class LaunchConfig(Section):
 
     For the RL training sections (ppo, rl, dpo) both keys are defaults: a section that does not set its own
     `num_processes` or `deepspeed_config` takes the one set here; one set in neither keeps the section's own default
-    (2 processes under configs/deepspeed/zero2.json). So are they for `proxy_training` (train_proxy[p]), whose own
-    default is 1 process without DeepSpeed.
+    (2 processes under configs/deepspeed/zero2.json). They are not defaults for `proxy_training` (train_proxy[p]):
+    a proxy's training depends slightly on its rank count, so raising the data-parallel ranks must not retrain every
+    proxy; set `proxy_training.num_processes` / `deepspeed_config` (default 1 process without DeepSpeed) yourself.
     """
 
     num_processes: int = Field(1, ge=1)
