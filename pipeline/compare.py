@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import markdown
 from pipeline.comparison_stats import DIFFERENCE_COLUMNS, design_text, difference_of_runs, p_text, verdicts, with_holm
 from pipeline.config import proxy_family
 from pipeline.seed_stats import seed_stats
@@ -259,13 +260,7 @@ def _peak_md(table: pd.DataFrame) -> str:
                           "test": [design_text(r._asdict()) if isinstance(r.test, str) else "—" for r in rows],
                           "p": table.p.map(p_text), "Holm p": table.p_holm.map(p_text),
                           "MDD80": table.mdd80.map(_cell)})
-    return _md(shown)
-
-
-def _md(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)]
-    return "\n".join(lines)
+    return markdown.table(shown)
 
 
 def default_out(studies: list[Study]) -> Path:

@@ -519,6 +519,9 @@ class RewardTransformConfig(Section):
         """Raise ValueError naming `<section>.reward_transform.<key>` where the settings cannot run (`section`: ppo
         or rl; the sections check what depends on their own batch sizes)."""
         key = f"{section}.reward_transform"
+        if self.clip_range is not None and self.kind != "clip":
+            raise ValueError(f"{key}.clip_range is read only with kind clip (kind is {self.kind!r}); set "
+                             f"{key}.kind: clip, or remove clip_range (null where it is inherited)")
         if self.kind == "clip":
             if self.clip_range is None:
                 raise ValueError(f"{key}.clip_range: [lo, hi] is required with kind clip")
@@ -622,6 +625,17 @@ class PPOConfig(Section):
             self.variant(name)
         return self
 
+    def check_variants_differ(self) -> None:
+        """Raise ValueError naming `ppo.variants.<name>` for a variant that overrides no training setting with another
+        value: its runs would train exactly the plain arm's, again, under other stage keys. (Called by StudyConfig
+        after it checked the variants' `proxies`, the more specific error.)"""
+        plain = self.model_dump(exclude={"proxies", "variants"})
+        for name in self.variants:
+            if self.variant(name).model_dump(exclude={"proxies", "variants"}) == plain:
+                raise ValueError(f"ppo.variants.{name} changes no PPO setting (its overrides {self.variants[name]} "
+                                 f"equal the ppo section's values): it would repeat the plain ppo arm's runs; "
+                                 f"override a training setting or remove the variant")
+
     def variant(self, name: str) -> "PPOConfig":
         """The ppo section with variant `name`'s overrides laid over it (and no variants of its own); a ValueError
         naming `ppo.variants.<name>.<key>` for a bad name or override."""
@@ -719,6 +733,11 @@ class GroupRLConfig(Section):
             raise ValueError("rl.reward_transform.rollouts_per_prompt is PPO's; the rl section samples rl.group_size "
                              "completions per prompt (leave it unset)")
         transform.check("rl")
+        if not self.algos:
+            raise ValueError("rl.algos is empty: list grpo and/or rloo, or remove the rl section (rl: null) to run "
+                             "no group-baseline RL")
+        if len(set(self.algos)) < len(self.algos):
+            raise ValueError(f"rl.algos {self.algos} names an algorithm twice (each algorithm is one arm)")
         completions = self.prompts_per_step * self.group_size
         if completions % (self.num_processes * self.minibatches):
             raise ValueError(f"rl.prompts_per_step × rl.group_size ({completions}) must be divisible by "
@@ -832,8 +851,9 @@ class LaunchConfig(Section):
 
     For the RL training sections (ppo, rl, dpo) both keys are defaults: a section that does not set its own
     `num_processes` or `deepspeed_config` takes the one set here; one set in neither keeps the section's own default
-    (2 processes under configs/deepspeed/zero2.json). So are they for `proxy_training` (train_proxy[p]), whose own
-    default is 1 process without DeepSpeed.
+    (2 processes under configs/deepspeed/zero2.json). They are not defaults for `proxy_training` (train_proxy[p]):
+    a proxy's training depends slightly on its rank count, so raising the data-parallel ranks must not retrain every
+    proxy; set `proxy_training.num_processes` / `deepspeed_config` (default 1 process without DeepSpeed) yourself.
     """
 
     num_processes: int = Field(1, ge=1)
@@ -855,6 +875,16 @@ class LaunchConfig(Section):
     # A follower gives up (clear error) when no live leader appears, or the leader's heartbeat stops, for this long;
     # the leader gives up when a machine has not joined within it.
     leader_timeout_s: float = Field(600.0, gt=0)
+    # One name for this run, the same on every machine and new for each run (slurm: slurm-<job id>.<step id> unless
+    # set). With it a follower knows the leader's session as its own even when it starts after the leader (a leader
+    # that already failed is named at once, not at leader_timeout_s); without it, only a session begun after the
+    # follower, or one whose heartbeat advances, is taken for this run's.
+    run_id: str | None = Field(None, min_length=1)
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_id_text(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # launch.run_id=17
 
     @model_validator(mode="after")
     def _check_machines(self) -> LaunchConfig:
@@ -1021,6 +1051,9 @@ class StudyConfig(Section):
             if section is None:
                 continue
             named = section.proxies if arm != "dpo" else [section.proxy] if section.proxy else None
+            if named == []:
+                raise ValueError(f"{arm}.proxies is empty: no run would be made; list proxy entries, leave it unset "
+                                 f"(every entry) or remove the {arm.split('.')[0]} section to run none")
             unknown = sorted(set(named or []) - {p.name for p in self.proxies})
             if unknown:
                 key = "dpo.proxy" if arm == "dpo" else f"{arm}.proxies"
@@ -1029,6 +1062,8 @@ class StudyConfig(Section):
             if self.bon is None:
                 raise ValueError(f"{arm} evaluates on the best-of-n evaluation prompts and beside the best-of-n "
                                  f"curves: it needs the bon section")
+        if self.ppo is not None:
+            self.ppo.check_variants_differ()
         if self.sweep_baseline is not None and self.sweep_baseline not in {p.name for p in self.proxies}:
             raise ValueError(f"sweep_baseline {self.sweep_baseline!r} is not a proxy entry of this study "
                              f"({[p.name for p in self.proxies]})")

@@ -4,7 +4,8 @@ Nothing here starts a process on another machine or talks to one: the ranks find
 launcher (`torch.distributed.run`'s static rendezvous at the leader's address, or DeepSpeed's pdsh launcher for a
 hostfile), and the `overopt run`s of the nodes coordinate through small files in the cache root they share:
 
-    <cache_root>/.tmp/multinode/session.json     the leader's run: id, state (running | done | failed), its error
+    <cache_root>/.tmp/multinode/session.json     the leader's run: id, launch.run_id, state (running | done |
+                                                 failed), its error
     <cache_root>/.tmp/multinode/heartbeat        a counter the leader rewrites every few seconds while it runs
     <cache_root>/.tmp/multinode/machine<k>.json  machine k joined the session (or failed, with its error)
     <cache_root>/.tmp/multinode/jobs/<key>.<fingerprint>/   one multi-process stage's job: the job file every rank
@@ -64,7 +65,8 @@ def slurm_overrides(launch: LaunchConfig, env: dict[str, str] | None = None,
                     hostnames: Callable[[str], list[str]] = scontrol_hostnames) -> list[str]:
     """The `launch.*` overrides that place this `srun` task: machine_rank = SLURM_NODEID, num_machines =
     SLURM_NNODES, main_process_ip = the first host of SLURM_JOB_NODELIST (unless the config sets one, e.g. an
-    InfiniBand address). Raises ConfigError outside a SLURM step, with more than one task on a node, or when the
+    InfiniBand address), run_id = slurm-<SLURM_JOB_ID>.<SLURM_STEP_ID> (unless set: the same on every node of the
+    step, new for each step). Raises ConfigError outside a SLURM step, with more than one task on a node, or when the
     config's num_machines disagrees with the allocation."""
     env = os.environ if env is None else env
     missing = [v for v in ("SLURM_NODEID", "SLURM_NNODES", "SLURM_JOB_NODELIST") if v not in env]
@@ -85,6 +87,8 @@ def slurm_overrides(launch: LaunchConfig, env: dict[str, str] | None = None,
             raise ConfigError(f"launch.launcher slurm: `scontrol show hostnames {env['SLURM_JOB_NODELIST']}` "
                               f"listed no host")
         out.append(f"launch.main_process_ip={hosts[0]}")
+    if launch.run_id is None and "SLURM_JOB_ID" in env:
+        out.append(f"launch.run_id=slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}")
     return out
 
 
@@ -187,6 +191,11 @@ class LeaderSession:
 
     def __enter__(self) -> LeaderSession:
         self.files.root.mkdir(parents=True, exist_ok=True)
+        run_id = self.launch.run_id
+        if run_id is not None and (_read_json(self.files.session) or {}).get("run_id") == run_id:
+            # its followers could take that earlier session (failed or done) for this run's
+            raise MachineError(f"launch.run_id {run_id!r} was already used by an earlier run on the cache root "
+                               f"{self.cache.root}: give each run its own")
         self._record("running")
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="overopt-heartbeat")
         self._beat.start()
@@ -198,7 +207,8 @@ class LeaderSession:
         self._stop.set()
 
     def _record(self, state: str, error: str | None = None) -> None:
-        _write_atomic(self.files.session, {"session": self.id, "state": state, "error": error,
+        _write_atomic(self.files.session, {"session": self.id, "run_id": self.launch.run_id, "state": state,
+                                           "error": error,
                                            "host": socket.gethostname(), "pid": os.getpid(),
                                            "num_machines": self.launch.num_machines})
 
@@ -278,22 +288,31 @@ class Follower:
     # ---- joining
 
     def join(self) -> None:
-        """Wait for a live leader session (one begun after this follower started, or one whose heartbeat advances),
-        then record this machine in it. Raises MachineError after launch.leader_timeout_s without one."""
-        stale = (_read_json(self.files.session) or {}).get("session")
+        """Wait for this run's leader session, then record this machine in it. With launch.run_id: the session of
+        that run id, whenever it began (one that already failed raises its error at once). Without: one begun after
+        this follower started, or one whose heartbeat advances. Raises MachineError after launch.leader_timeout_s
+        without one."""
+        run_id = self.launch.run_id
+        stale = (_read_json(self.files.session) or {}).get("session") if run_id is None else None
         deadline = time.monotonic() + self.launch.leader_timeout_s
         first_beat = self._read_beat()
         while True:
             rec = _read_json(self.files.session)
-            if rec and rec.get("session") != stale:
+            if rec and run_id is not None and rec.get("run_id") == run_id:
+                if rec.get("state") == "failed":
+                    raise MachineError(f"machine {self.rank}: the leader of run {run_id} failed: {rec.get('error')}")
                 break
-            if rec and rec.get("state") == "running" and self._read_beat() not in (None, first_beat):
+            if rec and run_id is None and rec.get("session") != stale:
+                break
+            if (run_id is None and rec and rec.get("state") == "running"
+                    and self._read_beat() not in (None, first_beat)):
                 break  # the session that was there already is alive: its leader started first
             if time.monotonic() > deadline:
                 last = f"; the last leader session found ({stale}) is {rec.get('state')}" + (
                     f": {rec['error']}" if rec and rec.get("error") else "") if rec else ""
+                which = f" of launch.run_id {run_id!r}" if run_id is not None else ""
                 raise MachineError(
-                    f"machine {self.rank}: no live leader (launch.machine_rank=0) appeared in "
+                    f"machine {self.rank}: no live leader (launch.machine_rank=0){which} appeared in "
                     f"{self.files.root} within launch.leader_timeout_s={self.launch.leader_timeout_s} s{last}")
             time.sleep(min(0.5, _heartbeat_interval(self.launch)))
         self.session = rec["session"]

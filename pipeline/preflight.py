@@ -40,6 +40,7 @@ def preflight(cfg: StudyConfig) -> None:
     from pipeline.study import check_local_paths
 
     check_local_paths(cfg)
+    check_data_files(cfg)
     check_deepspeed_configs(cfg)
     check_vllm(cfg)
     problems = []
@@ -50,6 +51,43 @@ def preflight(cfg: StudyConfig) -> None:
             problems.append(f"{key}: {path}: {e}")
     if problems:
         raise ConfigError("model directory check failed (before any stage ran):\n  " + "\n  ".join(problems))
+
+
+def data_files(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """(config key, local path) of every configured data file a stage of the study will read whose schema overopt
+    checks: OOD prompts, minimal pairs, RewardBench and RewardBench 2 (hub ids are left to the stage)."""
+    wanted = [("eval_proxy.rewardbench_path", cfg.eval_proxy.rewardbench_path),
+              ("eval_proxy.rewardbench2_path", cfg.eval_proxy.rewardbench2_path)]
+    if cfg.ood.enabled:
+        wanted.append(("ood.prompts_path", cfg.ood.prompts_path))
+    if cfg.knowledge_enabled():
+        wanted.append(("knowledge.pairs_path", cfg.knowledge.pairs_path))
+    return [(key, path) for key, path in wanted if path and looks_local(path)]
+
+
+def check_data_files(cfg: StudyConfig) -> None:
+    """Raise ConfigError naming the config key, the file and what is wrong (a missing column, a value of the wrong
+    type, no rows) for each data file `data_files` lists, read with the loader its stage uses. Those stages
+    (ood_prompts, knowledge_pairs, eval_proxy[p]) run after proxies are trained, or after best-of-n and RL: a bad
+    column found there costs the whole run up to them."""
+    from pipeline.hf_data import load_rewardbench, load_rewardbench2
+    from pipeline.knowledge import load_pairs_file
+    from pipeline.records import load_prompts_file
+    from pipeline.study import ood_prompt_count
+
+    loaders = {"eval_proxy.rewardbench_path": load_rewardbench, "eval_proxy.rewardbench2_path": load_rewardbench2,
+               # the first n_prompts rows, as the ood_prompts stage reads them
+               "ood.prompts_path": lambda path: load_prompts_file(path, "ood.prompts_path", ood_prompt_count(cfg)),
+               "knowledge.pairs_path": load_pairs_file}
+    problems = []
+    for key, path in data_files(cfg):
+        try:
+            loaders[key](path)
+        except (ValueError, OSError) as e:  # RecordError is a ValueError; the loaders name the file and column
+            message = str(e) or type(e).__name__
+            problems.append(f"{key}: {message.removeprefix(key).lstrip(': ')}")
+    if problems:
+        raise ConfigError("data file check failed (before any stage ran):\n  " + "\n  ".join(problems))
 
 
 def vllm_keys(cfg: StudyConfig) -> list[str]:
@@ -85,6 +123,14 @@ def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:
     if cfg.proxy_launch()[1] is not None:
         key = "proxy_training" if cfg.proxy_training.deepspeed_config is not None else "launch"
         out.append((f"{key}.deepspeed_config", cfg.proxy_launch()[1]))
+    launch = cfg.launch.deepspeed_config
+    if launch is not None:
+        # a section that took launch's file names it too (the key the user wrote); one no stage uses is still
+        # checked, so a mistyped path is not silently ignored
+        out = [(f"{key} (= launch.deepspeed_config)" if path == launch and not key.startswith("launch") else key, path)
+               for key, path in out]
+        if all(path != launch for _, path in out):
+            out.append(("launch.deepspeed_config", launch))
     return out
 
 

@@ -93,7 +93,7 @@ def check_local_paths(cfg: StudyConfig) -> None:
               "eval_proxy.mt_bench_path": cfg.eval_proxy.mt_bench_path,
               "eval_proxy.rewardbench_path": cfg.eval_proxy.rewardbench_path,
               "eval_proxy.rewardbench2_path": cfg.eval_proxy.rewardbench2_path,
-              "knowledge.pairs_path": cfg.knowledge.pairs_path,
+              "knowledge.pairs_path": cfg.knowledge.pairs_path, "ood.prompts_path": cfg.ood.prompts_path,
               **{f"proxies.{p.name}.path": p.path for p in cfg.proxies}}
     missing = [f"{key}: {path}" for key, path in wanted.items()
                if path and looks_local(path) and not Path(path).expanduser().exists()]

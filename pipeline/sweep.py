@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import markdown
 from pipeline.config import (
     ConfigError,
     StudyConfig,
@@ -75,7 +76,7 @@ def key_labels(keys: list[str]) -> dict[str, str]:
     return {k: re.sub(r"[^A-Za-z0-9._+-]+", "-", k) for k in keys}
 
 
-def _point_config(study_tree: dict, values: dict[str, Any], source: str, reports_dir: Path | None) -> StudyConfig:
+def point_config(study_tree: dict, values: dict[str, Any], source: str, reports_dir: Path | None) -> StudyConfig:
     """The study tree with each sweep key set to its value (a tied key sets each of its override keys), validated."""
     tree = copy.deepcopy(study_tree)
     for key, value in values.items():
@@ -87,6 +88,30 @@ def _point_config(study_tree: dict, values: dict[str, Any], source: str, reports
     if reports_dir is not None:
         set_key(tree, "run.reports_dir", str(reports_dir))
     return validate_config(tree, source)
+
+
+def _check_key_matters(study: StudyConfig, key: str, values: list[Any], configs: list[StudyConfig]) -> None:
+    """Raise ConfigError naming `key` when setting it adds an RL or best-of-n section the study does not have (an
+    override key would create that section with its defaults in every point), or when two of its values make the
+    same stages with the same fingerprints (a field the study does not read, such as `alpha` of a BT proxy: the
+    points would be one study under two names)."""
+    from pipeline.runner import Runner
+    from pipeline.study import build_stages
+
+    for part in sweep_keys(key):
+        section = part.split(".")[0]
+        if "." in part and section in StudyConfig.model_fields and getattr(study, section) is None \
+                and any(getattr(c, section) is not None for c in configs):
+            raise ConfigError(f"sweep key {key!r}: the study has no {section} section, so setting {part} would add "
+                              f"one with its defaults to every point; add {section}: to the study to sweep its keys")
+    seen: dict[tuple, Any] = {}
+    for value, config in zip(values, configs):
+        stages = tuple(sorted(Runner(build_stages(config), cache=None).fingerprints().items()))
+        if stages in seen:
+            raise ConfigError(f"sweep key {key!r}: values {seen[stages]!r} and {value!r} make the same study (every "
+                              f"stage and fingerprint equal): the study does not read {key} (e.g. a setting the "
+                              f"proxy's type does not use) or the two values mean the same")
+        seen[stages] = value
 
 
 def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[StudyConfig, list[SweepPoint]]:
@@ -105,14 +130,15 @@ def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         return study, []
     study_tree = {k: v for k, v in tree.items() if k != "sweep"}
     for key, values in study.sweep.items():
-        for value in values:
-            _point_config(study_tree, {key: value}, f"{path}, sweep key {key} = {value!r}", None)
+        alone = [point_config(study_tree, {key: value}, f"{path}, sweep key {key} = {value!r}", None)
+                 for value in values]
+        _check_key_matters(study, key, values, alone)
     labels = key_labels(list(study.sweep))
     points = []
     for combo in itertools.product(*study.sweep.values()):
         values = dict(zip(study.sweep, combo))
         name = ",".join(f"{labels[k]}={value_text(v)}" for k, v in values.items())
-        config = _point_config(study_tree, values, f"{path}, sweep point {name}",
+        config = point_config(study_tree, values, f"{path}, sweep point {name}",
                                Path(study.run.reports_dir) / "points" / name)
         points.append(SweepPoint(name, values, config))
     names = [p.name for p in points]
@@ -173,7 +199,7 @@ def point_inputs(point: SweepPoint, cache, roles: tuple[str, ...] = ("eval[", "b
     return {role: cache.path(key, fps[key]) for role, key in wanted.items()}
 
 
-def _measure_order(measure: str) -> tuple[int, str]:
+def measure_order(measure: str) -> tuple[int, str]:
     # accuracies (in distribution, then out of it) before best-of-n, as the README's tables read
     return (measure.startswith("best-of-n"), measure.replace("id_test", "0").replace("ood", "1"))
 
@@ -193,13 +219,14 @@ def point_runs(point: SweepPoint, cache) -> pd.DataFrame:
 
 
 def rl_point_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
-    """Each RL run's peak gold (`<Arm> peak gold`: its fit.json's empirical peak over exports) and its gold at matched
-    KL (`<Arm> gold at KL k`, interpolated in √KL, `matched_kl.value_at`), at the KLs `matched_points` picks for the
-    runs of every arm at every point (sweep point or world) together, so that every point is read at the same KLs;
-    column `world` names the point, `group` the proxy entry the arm optimised. Empty for a study without RL arms."""
+    """Each RL run's peak gold (`<Arm> peak gold`: `stages.report.run_endpoint`, the empirical peak over exports)
+    and its gold at matched KL (`<Arm> gold at KL k`, interpolated in √KL, `matched_kl.value_at`), at the KLs
+    `matched_points` picks for the runs of every arm at every point (sweep point or world) together, so that every
+    point is read at the same KLs; column `world` names the point, `group` the proxy entry the arm optimised. Empty
+    for a study without RL arms."""
     from pipeline import matched_kl
     from pipeline.study import rl_runs
-    from stages.report import arm_name, matched_points
+    from stages.report import arm_name, matched_points, run_endpoint
 
     found = []  # (world, arm, proxy, run, curve, fit)
     for point in points:
@@ -213,11 +240,11 @@ def rl_point_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
     columns = ["world", "group", "run", "measure", "value"]
     if not found:
         return pd.DataFrame(columns=columns)
-    kls, _, _ = matched_points([c for *_, c, _ in found], [f["empirical_peak"]["kl"] for *_, f in found])
+    kls, _, _ = matched_points([c for *_, c, _ in found], [run_endpoint(f, "KL at the gold peak") for *_, f in found])
     rows = []
     for world, arm, proxy, run, curve, fit in found:
         at = {"world": world, "group": proxy, "run": run}
-        rows.append({**at, "measure": f"{arm_name(arm)} peak gold", "value": float(fit["empirical_peak"]["gold"])})
+        rows.append({**at, "measure": f"{arm_name(arm)} peak gold", "value": run_endpoint(fit, "peak gold")})
         rows += [{**at, "measure": f"{arm_name(arm)} gold at KL {k:g}", "value": v}
                  for k, v in zip(kls, matched_kl.value_at(curve, kls))]
     return pd.DataFrame(rows, columns=columns)
@@ -235,7 +262,7 @@ def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[st
     values = {p.name: {labels[k]: v for k, v in p.values.items()} for p in points}
     runs = pd.concat([point_runs(p, cache) for p in points], ignore_index=True)
     rl = rl_point_runs(points, cache).rename(columns={"world": "point"})
-    proxy_measures = sorted(runs.measure.unique(), key=_measure_order)
+    proxy_measures = sorted(runs.measure.unique(), key=measure_order)
     runs = pd.concat([runs, rl], ignore_index=True) if len(rl) else runs
     measures = proxy_measures + list(dict.fromkeys(rl.measure))  # RL measures after the proxies', in arm order
     baseline = study.baseline_entry()
@@ -256,16 +283,6 @@ def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[st
     differences = pd.DataFrame(differences)
     return {"runs": runs, "groups": pd.DataFrame(groups),
             "differences": with_holm(differences) if len(differences) else differences}
-
-
-def _slug(measure: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", measure).strip("_")
-
-
-def _md(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path,
@@ -290,7 +307,7 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
              "| point | " + " | ".join(keys) + " | report |", "|" + "---|" * (len(keys) + 2)]
     parts += [f"| {p.name} | " + " | ".join(value_text(v) for v in p.values.values())
               + f" | [points/{p.name}](points/{p.name}/README.md) |" for p in points]
-    parts += ["", *_time_lines(points, cache, wall_s), ""]
+    parts += ["", *time_lines(points, cache, wall_s), ""]
 
     runs, groups, diffs = tables["runs"], tables["groups"], tables["differences"]
     measures = list(dict.fromkeys(groups.measure))
@@ -300,7 +317,7 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
     cells = runs.groupby(["point", "group", "measure"], sort=False).value.agg(
         lambda v: f"{mean_sd_text(v)} ({len(v)})").unstack("measure")
     order = pd.MultiIndex.from_tuples(list(dict.fromkeys(zip(runs.point, runs.group))), names=["point", "group"])
-    parts += [_md(cells.reindex(order)[measures].reset_index().rename(columns={"group": "entry"})), ""]
+    parts += [markdown.table(cells.reindex(order)[measures].reset_index().rename(columns={"group": "entry"})), ""]
     if len(diffs):
         parts += [f"## Differences to `{baseline}`", "",
                   f"Each entry minus `{baseline}` at each point, with its 95 % interval: the paired t test over seeds "
@@ -314,7 +331,7 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
             sub = diffs[diffs.measure == measure]
             if not len(sub):
                 continue
-            figure = f"sweep_{_slug(measure)}.png"
+            figure = f"sweep_{markdown.slug(measure)}.png"
             plots.plot_sweep_differences(sub, keys[0], keys[1:], out / figure,
                                          f"{study.study}: {measure}, entry − {baseline}", f"Δ {measure}")
             shown = pd.DataFrame({"point": sub.point, "entry": sub.group,
@@ -324,13 +341,13 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
                                   "test": [design_text(r) for _, r in sub.iterrows()],
                                   "p": sub.p.map(p_text), "Holm p": sub.p_holm.map(p_text),
                                   "MDD80": [f"{v:.3f}" if np.isfinite(v) else "—" for v in sub.mdd80]})
-            parts += [f"### {measure}", "", f"![{measure}]({figure})", "", _md(shown), ""]
+            parts += [f"### {measure}", "", f"![{measure}]({figure})", "", markdown.table(shown), ""]
     readme = out / "README.md"
     readme.write_text("\n".join(parts))
     return readme
 
 
-def _time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[str]:
+def time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[str]:
     """How long the sweep took: the summed wall time of its distinct stages (from their manifests, whichever run
     made them) and this run's own wall time."""
     from pipeline.cache import ArtifactCache
@@ -346,10 +363,7 @@ def _time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[s
             state = sized.check(key, fp)
             if state.status == "cached":  # a missing or damaged artifact has no time to add
                 seen[(key, fp)] = float(state.manifest.get("wall_time_s", 0.0))
-    line = (f"Compute: {len(seen)} distinct stages, {_duration(sum(seen.values()))} of stage wall time in all "
+    line = (f"Compute: {len(seen)} distinct stages, {markdown.duration(sum(seen.values()))} of stage wall time in all "
             "(from their manifests, whichever run made them)")
-    return [line + (f"; the run that wrote this report took {_duration(wall_s)}." if wall_s is not None else ".")]
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    ran = f"; the run that wrote this report took {markdown.duration(wall_s)}." if wall_s is not None else "."
+    return [line + ran]

@@ -40,17 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import markdown
 from pipeline.config import StudyConfig
-from pipeline.sweep import (
-    SweepPoint,
-    _md,
-    _measure_order,
-    _point_config,
-    _slug,
-    _time_lines,
-    point_runs,
-    rl_point_runs,
-)
+from pipeline.sweep import SweepPoint, measure_order, point_config, point_runs, rl_point_runs, time_lines
 
 POINTS_DIR = "worlds"  # each world's report: <reports_dir>/worlds/<point>/
 
@@ -67,7 +59,7 @@ def world_points(study: StudyConfig, tree: dict, source: str) -> list[SweepPoint
     for i in range(study.world.seeds):
         values = {"world.seed": study.world.seed + i, "policy.seed": study.policy.seed + i}
         name = f"world{values['world.seed']}"
-        config = _point_config(tree, {**values, "world.seeds": 1}, f"{source}, world point {name}",
+        config = point_config(tree, {**values, "world.seeds": 1}, f"{source}, world point {name}",
                                Path(study.run.reports_dir) / POINTS_DIR / name)
         points.append(SweepPoint(name, values, config))
     return points
@@ -82,7 +74,7 @@ def world_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
     group (the proxy entry), run, measure, value. Proxy measures as the sweep report reads them (`sweep.point_runs`),
     then the RL arms' (`sweep.rl_point_runs`)."""
     proxies = pd.concat([point_runs(p, cache) for p in points], ignore_index=True).rename(columns={"point": "world"})
-    proxies = proxies.assign(_order=proxies.measure.map(_measure_order)).sort_values("_order", kind="stable")
+    proxies = proxies.assign(_order=proxies.measure.map(measure_order)).sort_values("_order", kind="stable")
     runs = pd.concat([proxies.drop(columns="_order"), rl_point_runs(points, cache)], ignore_index=True)
     seeds = {p.name: p.values for p in points}
     return runs.assign(world_seed=runs.world.map(lambda w: seeds[w]["world.seed"]),
@@ -232,7 +224,7 @@ def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out:
              "| world | world.seed | policy.seed | report |", "|---|---|---|---|"]
     parts += [f"| {p.name} | {p.values['world.seed']} | {p.values['policy.seed']} | "
               f"[{POINTS_DIR}/{p.name}]({POINTS_DIR}/{p.name}/README.md) |" for p in points]
-    parts += ["", *_time_lines(points, cache, wall_s), ""]
+    parts += ["", *time_lines(points, cache, wall_s), ""]
 
     parts += ["## Over worlds: the mean and the two sources of spread", "",
               "Per entry and measure: the mean over every run of every world, with its 95 % t-interval over the world "
@@ -250,7 +242,7 @@ def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out:
                                        components.itertuples()],
         "σ between worlds": components.sd_between.map(_num), "σ within a world": components.sd_within.map(_num),
         "share between": components.share_between.map(lambda v: _num(v, ".0%")), "note": components.note})
-    parts += [_md(shown), ""]
+    parts += [markdown.table(shown), ""]
 
     if len(diffs):
         family = int(diffs.p_holm.notna().sum())
@@ -270,7 +262,7 @@ def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out:
             what=[f"`{g}` − `{baseline}` in {m}, over worlds" for g, m in zip(diffs.group, diffs.measure)]))))
         for measure in dict.fromkeys(diffs.measure):
             sub, per = diffs[diffs.measure == measure], by_world[by_world.measure == measure]
-            figure = f"worlds_{_slug(measure)}.png"
+            figure = f"worlds_{markdown.slug(measure)}.png"
             plots.plot_world_differences(per, sub, out / figure, f"{study.study}: {measure}, entry − {baseline}",
                                          f"Δ {measure}")
             cells = {(r.group, r.world): _interval(r.difference, r.ci_lo, r.ci_hi) for r in per.itertuples()}
@@ -284,7 +276,7 @@ def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out:
                                                        for r in sub.itertuples()],
                                   "pooled test": [design_text({"n_a": r.pooled_n_a, "n_b": r.pooled_n_b,
                                                                "test": r.pooled_test}) for r in sub.itertuples()]})
-            parts += [f"### {measure}", "", f"![{measure}]({figure})", "", _md(table), "",
+            parts += [f"### {measure}", "", f"![{measure}]({figure})", "", markdown.table(table), "",
                       *[f"- {said[i]}" for i in sub.index], ""]
     readme = out / "README.md"
     readme.write_text("\n".join(parts))

@@ -2,8 +2,10 @@
 
     python scripts/gpu_check_table.py CONFIG [section.key=value ...] [-- CONFIG [overrides ...] ...]
 
-Used by scripts/gpu_check.sh after its runs; works for any study (peak memory is recorded by the runner: a GPU
-rank's `torch.cuda.max_memory_allocated`, a CPU rank's peak resident memory; an inline CPU stage records none).
+Run from the repository root with overopt installed, or with PYTHONPATH=. (scripts/gpu_check.sh sets it). Used by
+scripts/gpu_check.sh after its runs (and after a failed run, for the stages that did run); works for any study (peak
+memory is recorded by the runner: a GPU rank's `torch.cuda.max_memory_allocated`, a CPU rank's peak resident memory;
+an inline CPU stage records none).
 Exits 1 if a stage of a named study is not cached (it did not run or failed).
 """
 
@@ -34,7 +36,7 @@ def main(argv: list[str]) -> int:
     print(f"{'study':<18} {'stage':<28} {'wall s':>8}  peak memory per rank")
     for path, overrides in _studies(argv):
         cfg = load_config(path, overrides)
-        runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root))
+        runner = Runner(build_stages(cfg), ArtifactCache(cfg.run.cache_root, cfg.run.verify))
         for planned in runner.plan():
             if planned.status != "cached":
                 print(f"{cfg.study:<18} {planned.node.key:<28} {'—':>8}  {planned.status}")

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import comparison_stats as cs
-from pipeline import matched_kl, plots
+from pipeline import markdown, matched_kl, plots
 from pipeline import world as W
 from pipeline.config import ReportStageConfig
 from pipeline.environment import describe
@@ -47,14 +47,6 @@ from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
 from pipeline.seed_stats import mean_sd_text, seed_stats, stats_text
 
 VERSION = "8"  # 8: RL against the baseline, OOD sections, InfoRM outlier columns, PPO variants and DPO
-
-
-def _md(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in frame.iterrows():
-        lines.append("| " + " | ".join(f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
 
 
 def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -82,7 +74,7 @@ def run(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path) -> None:
         acc.to_csv(out / "accuracy.csv", index=False)
         wide = acc.pivot_table(index="proxy", columns=["set", "labels"], values="accuracy").reindex(cfg.proxies)
         wide.columns = [f"{s} ({labels})" for s, labels in wide.columns]
-        parts += ["## Proxy pairwise accuracy", "", _md(wide.reset_index()), ""]
+        parts += ["## Proxy pairwise accuracy", "", markdown.table(wide.reset_index()), ""]
     parts += _knowledge_section(cfg, inputs, out)
 
     curve_parts, comparisons, curves = _curve_sections(cfg, inputs, groups, acc, out)
@@ -143,7 +135,7 @@ def _curve_sections(cfg: ReportStageConfig, inputs: dict[str, Path], groups: dic
             over = ("" if len(ps) == 1 else f" Over the {len(ps)} seeds of `{g}`, the empirical peak is at KL ≤ "
                     f"{stats_text(seed_stats([fits[q]['empirical_peak']['kl_bound'] for q in ps]), '.2f')} "
                     f"(mean ± sd [95 % t-interval]).")
-            parts += [f"### {p}", "", (f"{labels[p]}.\n\n" if p in labels else "") + others + _md(t), "",
+            parts += [f"### {p}", "", (f"{labels[p]}.\n\n" if p in labels else "") + others + markdown.table(t), "",
                       f"Gold peaks at n = {peak['n']} (KL ≤ {peak['kl_bound']:.2f}) at {peak['gold']:.3f}; "
                       f"at n = {int(c.n.iloc[-1])} it is {c.gold.iloc[-1]:.3f} (n = 1: {fit['gold_at_n1']:.3f}). "
                       + fit_text(fit, "d(α − βd)", "KL ≤") + over, ""]
@@ -294,7 +286,7 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
         wide = {g: {"proxy": g, "seeds": int(t.seeds.max())} | {f"{r.set} ({r.labels})": stats_text(r._asdict())
                                                                   for r in t.itertuples()}
                 for g, t in table.groupby("group", sort=False)}
-        parts += ["### Pairwise accuracy", "", _md(pd.DataFrame(list(wide.values()))), ""]
+        parts += ["### Pairwise accuracy", "", markdown.table(pd.DataFrame(list(wide.values()))), ""]
     if bon_groups:
         labels = proxy_labels(cfg)
         peaks = {g: pd.DataFrame([bon_peak(curves[p]) for p in ps]) for g, ps in bon_groups.items()}
@@ -319,7 +311,7 @@ def _over_seeds_section(cfg: ReportStageConfig, groups: dict[str, list[str]], ac
         parts += ["### Best-of-n", "", "Each seed's empirical gold peak over n (its KL bound) and its gold at the "
                   f"largest n (per seed in the CSV table bon_peaks). The plot: gold relative to n = 1, the mean curve "
                   f"over seeds; {band} (every point in bon_curves_over_seeds).", "",
-                  _md(pd.DataFrame(rows)), "",
+                  markdown.table(pd.DataFrame(rows)), "",
                   "![best-of-n over seeds](bon_over_seeds.png)", ""]
     return parts
 
@@ -369,10 +361,10 @@ def _knowledge_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Pat
              "replaces one item by a word of another category, `repeat` by a repeat of another item. AUC = "
              "P(score(clean) > score(flawed)), ties counting ½ (0.5 is chance), with a 95 % percentile bootstrap "
              f"interval over pairs. The {BASE_SCORER} row is the base policy's summed log-probability log π(y|x): "
-             "the knowledge there was for a proxy to keep.", "", _md(wide), ""]
+             "the knowledge there was for a proxy to keep.", "", markdown.table(wide), ""]
     if over_seeds is not None:
         parts += ["Over the seeds of each proxy trained with several: mean ± sd of the AUC, with a 95 % Student-t "
-                  "interval for the mean (knowledge_over_seeds.csv).", "", _md(over_seeds), ""]
+                  "interval for the mean (knowledge_over_seeds.csv).", "", markdown.table(over_seeds), ""]
     if "pairs" in inputs:
         pairs = read_records(inputs["pairs"] / "pairs.parquet", PAIR_COLUMNS)
         train = pairs[pairs.split == "train"]
@@ -518,7 +510,7 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
             rows += [{"arm": arm_name(arm), **_seed_row(proxy, by_proxy[proxy], {r: fits[(arm, r)] for r in
                                                                                     by_proxy[proxy]}, None, inputs)}
                      for arm, by_proxy in arms.items() if proxy in by_proxy]
-        parts += [_md(pd.DataFrame(rows)), ""]
+        parts += [markdown.table(pd.DataFrame(rows)), ""]
     return parts, comparisons
 
 
@@ -551,11 +543,11 @@ def _arm_section(cfg, arm: str, by_proxy: dict[str, list[str]], curves, fits, bo
         parts += ["### Over seeds", "", f"Mean ± standard deviation over {name} seeds with a 95 % t-interval for the "
                   "mean (each run's empirical gold peak over its exports, and its last export); best-of-n of the same "
                   "proxy for reference, at its KL bound.", "",
-                  _md(pd.DataFrame([_seed_row(p, rs, {r: fits[(arm, r)] for r in rs}, bon.get(p), inputs)
+                  markdown.table(pd.DataFrame([_seed_row(p, rs, {r: fits[(arm, r)] for r in rs}, bon.get(p), inputs)
                                     for p, rs in by_proxy.items()]).fillna("—")), ""]
     for p, rs in by_proxy.items():
         for r in rs:
-            parts += [f"### {name}: {r}", "", _md(_rl_table(curves[(arm, r)])), "",
+            parts += [f"### {name}: {r}", "", markdown.table(_rl_table(curves[(arm, r)])), "",
                       _rl_sentence(curves[(arm, r)], fits[(arm, r)]), ""]
     return parts
 
@@ -600,10 +592,10 @@ def _over_seeds_text(values, fmt: str = ".3f") -> str:
 def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None, inputs: dict[str, Path]) -> dict:
     row = {"proxy": proxy, "seeds": len(runs),
            "gold at step 0": _over_seeds_text([fits[r]["gold_at_step0"] for r in runs]),
-           "peak gold": _over_seeds_text([fits[r]["empirical_peak"]["gold"] for r in runs]),
-           "KL at the peak": _over_seeds_text([fits[r]["empirical_peak"]["kl"] for r in runs], ".2f"),
-           "gold at last step": _over_seeds_text([fits[r]["gold_at_last_step"] for r in runs]),
-           "KL at last step": _over_seeds_text([fits[r]["kl_at_last_step"] for r in runs], ".2f")}
+           "peak gold": _over_seeds_text([run_endpoint(fits[r], "peak gold") for r in runs]),
+           "KL at the peak": _over_seeds_text([run_endpoint(fits[r], "KL at the gold peak") for r in runs], ".2f"),
+           "gold at last step": _over_seeds_text([run_endpoint(fits[r], "gold at the last export") for r in runs]),
+           "KL at last step": _over_seeds_text([run_endpoint(fits[r], "KL at the last export") for r in runs], ".2f")}
     if bon is not None and f"bon[{proxy}]" in inputs:
         peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
         estimated = bon.kl_estimated[bon.n == peak["n"]] if "kl_estimated" in bon else pd.Series(dtype=float)
@@ -655,7 +647,7 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
     of arms (per proxy) and of proxies (per arm, each against the arm's first proxy), for the report's family."""
     runs = [(arm, p, r) for arm, by_proxy in arms.items() for p, rs in by_proxy.items() for r in rs]
     kls, (lo, hi), range_text = matched_points([curves[(a, r)] for a, _, r in runs],
-                                               [fits[(a, r)]["empirical_peak"]["kl"] for a, _, r in runs])
+                                               [run_endpoint(fits[(a, r)], "KL at the gold peak") for a, _, r in runs])
     if not kls and not math.isfinite(lo):
         return ["## RL at matched KL", "", "The RL runs share no range of measured KL: nothing to compare.", ""], []
     rate = f"gold lost per √nat, √KL {lo:.2f}–{hi:.2f}"
@@ -707,7 +699,7 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
              f"over one range for all runs ({range_text}; a shrinking rate past a late peak no longer rewards a run "
              "for stopping early). Mean ± sd over seeds with a 95 % t-interval; best-of-n of the same proxy (every "
              "seed of its entry) at the same KLs, labelled by which KL it is read at.", "",
-             _md(wide.rename(columns={"proxy_name": "proxy"}).fillna("—")), ""]
+             markdown.table(wide.rename(columns={"proxy_name": "proxy"}).fillna("—")), ""]
     if figures:
         parts += ["The arms' mean gold over seeds on the √KL range every run covers, with 95 % t-bands (every point "
                   "in rl_curves_over_seeds):", "", *[f"![{f[:-4]}]({f})\n" for f in figures]]
@@ -721,7 +713,8 @@ RUN_ENDPOINTS = {"peak gold": ("empirical_peak", "gold"), "KL at the gold peak":
                  "KL at the last export": ("kl_at_last_step", None)}
 
 
-def _endpoint(fit: dict, quantity: str) -> float:
+def run_endpoint(fit: dict, quantity: str) -> float:
+    """One of RUN_ENDPOINTS of an RL run, from its curve stage's fit.json (the one reader of those keys)."""
     key, sub = RUN_ENDPOINTS[quantity]
     return float(fit[key][sub] if sub else fit[key])
 
@@ -738,7 +731,7 @@ def _against_baseline_section(arms: dict[str, dict[str, list[str]]], fits: dict)
     base = ("ppo", next(iter(arms["ppo"]))) if "ppo" in arms else pairs[0]
 
     def values(arm: str, proxy: str, q: str) -> pd.Series:
-        return pd.Series({r: _endpoint(fits[(arm, r)], q) for r in arms[arm][proxy]})
+        return pd.Series({r: run_endpoint(fits[(arm, r)], q) for r in arms[arm][proxy]})
 
     rows, comparisons = [], []
     for arm, p in pairs:
@@ -765,7 +758,7 @@ def _against_baseline_section(arms: dict[str, dict[str, list[str]]], fits: dict)
              "Δ is the difference from the baseline with its 95 % interval, paired by seed (every difference is in "
              "the comparisons below, Holm-adjusted with the rest). The peak lies on the export grid (steps 0, 1, 2, "
              "4, ...), so its KL moves in steps.", "",
-             _md(table.drop(columns=[c for c in deltas if table[c].isna().all()]).fillna("baseline")), ""]
+             markdown.table(table.drop(columns=[c for c in deltas if table[c].isna().all()]).fillna("baseline")), ""]
     return parts, comparisons
 
 
@@ -853,7 +846,7 @@ def _comparisons_section(rows: list[dict], out: Path) -> list[str]:
             f"seeds, Welch's test otherwise (the test column says which); p-values Holm-adjusted over all {family} "
             "tested comparisons; MDD80 is the smallest true difference the design detects with 80 % power, so a "
             "non-significant difference smaller than it is not evidence of no difference.", "",
-            _md(shown), "", *[f"- {v}" for v in cs.verdicts(table)], ""]
+            markdown.table(shown), "", *[f"- {v}" for v in cs.verdicts(table)], ""]
 
 
 def _cell(text: str, limit: int) -> str:
@@ -898,7 +891,7 @@ def _examples_section(cfg: ReportStageConfig, inputs: dict[str, Path], out: Path
                              "prompt": [_cell(t, 60) for t in shown.prompt],
                              "response": [_cell(t, 120) for t in shown.response],
                              "proxy": shown.proxy.to_numpy(), "gold": shown.gold.to_numpy()})
-        parts += [f"### Examples: {p}", "", _md(rows), ""]
+        parts += [f"### Examples: {p}", "", markdown.table(rows), ""]
     return parts
 
 
@@ -1006,5 +999,5 @@ def _id_vs_ood(cfg: ReportStageConfig, inputs: dict[str, Path], view: dict[str, 
             "largest n; the last export) on each prompt set, mean ± sd over seeds with a 95 % t-interval, beside the "
             "proxy's pairwise accuracy on the ID test pairs and the OOD pairs (clean labels). Every row is in "
             "ood_vs_id.csv.", "",
-            *parts, _md(table.fillna("—")), ""]
+            *parts, markdown.table(table.fillna("—")), ""]
     return text, table

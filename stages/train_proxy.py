@@ -262,7 +262,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
                    "trainable_parameters": trainable}
         if launched:
             metrics |= {"world_size": world, "per_device_batch_size": tr.batch_size // world,
-                        "zero_stage": zero_stage(accelerator)}
+                        "zero_stage": zero_stage(accelerator), "mixed_precision": accelerator.mixed_precision}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("  %s (%s): %d pairs, %d steps, loss %.3f, train accuracy %.3f", proxy.name, proxy.type,
                  len(dataset), result.global_step, result.training_loss, metrics["train_accuracy"])

@@ -58,7 +58,7 @@ def test_kl_bound_vectorised_and_checked():
     assert kl.shape == (4,)
     np.testing.assert_allclose(kl, np.log(ns) - (ns - 1) / ns)
     assert np.all(np.diff(kl) > 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"best-of-n needs n >= 1"):
         kl_bon_bound(0)
 
 
@@ -92,7 +92,7 @@ def test_weight_matrix_rows():
 
 @pytest.mark.parametrize("N,n", [(5, 0), (5, 6), (0, 0)])
 def test_weights_reject_bad_n(N, n):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"best-of-n needs 1 <= n <= N"):
         bon_subset_weights(N, n)
     with pytest.raises(TypeError):
         bon_subset_weights(5, 2.0)
@@ -195,11 +195,11 @@ def test_others_forms_and_validation():
     np.testing.assert_array_equal(d["gold"], g)
     np.testing.assert_array_equal(p1, p2)
     np.testing.assert_array_equal(p1, p3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"others has shape \(3, 9\), but proxy has shape \(3, 10\)"):
         unbiased_bon(proxy, gold[:, :9], [1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"best-of-n needs 1 <= n <= N, got n=11"):
         unbiased_bon(proxy, gold, [11])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"proxy scores contain NaN"):
         unbiased_bon(np.where(proxy > 0, np.nan, proxy), gold, [1])
 
 
@@ -243,8 +243,10 @@ def test_bootstrap_deterministic_for_seed():
 
 def test_bootstrap_validation():
     x = np.zeros((5, 2))
-    for bad in [dict(n_boot=-1), dict(n_boot=10, ci=1.0), dict(n_boot=10, ci=0.0)]:
-        with pytest.raises(ValueError):
+    for bad, message in [(dict(n_boot=-1), r"n_boot must be a non-negative integer"),
+                         (dict(n_boot=10, ci=1.0), r"ci must lie in \(0, 1\)"),
+                         (dict(n_boot=10, ci=0.0), r"ci must lie in \(0, 1\)")]:
+        with pytest.raises(ValueError, match=message):
             bootstrap_ci(x, **bad)
 
 
@@ -294,7 +296,7 @@ def test_curve_table_nested_estimator():
     assert df.loc[0, "gold_rel"] == pytest.approx(0.0, abs=1e-12)
     # At n = N both estimators select the argmax of every prompt.
     assert df.loc[2, "gold"] == pytest.approx(bon_curve_table(proxy, gold, [16], n_boot=0).loc[0, "gold"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"estimator must be 'unbiased' or 'nested'"):
         bon_curve_table(proxy, gold, [1], n_boot=0, estimator="other")
 
 
@@ -327,5 +329,5 @@ def test_fit_without_peak_and_validation():
     assert fit_bon(d, gao_bon(d, 1.0, -0.2))["d_star"] == math.inf
     assert fit_rl(d, gao_rl(d, 1.0, -0.2))["d_star"] == math.inf
     assert gao_rl(0.0, 1.0, 1.0) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need at least 2 points with d > 0"):
         fit_bon([0.0, 1.0], [0.0, 1.0])  # only one point with d > 0

@@ -104,13 +104,13 @@ def test_exact_is_below_the_bound_for_random_discrete_policies():
 
 
 def test_exact_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"probs must sum to 1"):
         kl_bon_exact([0.5, 0.4], [0.0, 1.0], 2)  # does not sum to 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"probs and rewards must be non-empty and of equal length"):
         kl_bon_exact([0.5, 0.5], [0.0], 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"best-of-n needs integer n >= 1"):
         kl_bon_exact([0.5, 0.5], [0.0, 1.0], 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"probs must be non-negative"):
         kl_bon_exact([1.5, -0.5], [0.0, 1.0], 2)
 
 
@@ -172,11 +172,11 @@ def test_repeated_responses_lower_the_kl_and_response_ids_merge_copies():
 
 
 def test_estimate_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"best-of-n needs 1 <= n <= N, got n=5, N=4"):
         kl_bon_estimate(np.zeros((2, 4)), [5])  # n > N
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"proxy scores contain NaN"):
         kl_bon_estimate(np.array([[0.0, np.nan]]), [1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"response_ids has shape \(2, 3\), but proxy has shape \(2, 4\)"):
         kl_bon_estimate(np.zeros((2, 4)), [2], response_ids=np.zeros((2, 3)))
 
 

@@ -170,15 +170,35 @@ def test_peak_gold_differences_paired_by_run_name_welch_otherwise_holm_over_all(
     def p(v: float) -> str:
         return f"{v:.2g}"
 
+    # MDD80 of the paired design: the noncentrality λ at which the two-sided 5 % t test on 2 df has power 0.8, × SE.
+    # Power written out, not through the noncentral t comparison_stats uses: T = (Z + λ)/√(V/2), V ~ χ²(2), so
+    # P(|T| > c) = E_V[Φ(λ − c√(V/2)) + Φ(−λ − c√(V/2))], integrated over V.
+    from scipy import integrate
+    from scipy.optimize import brentq
+
+    crit = stats.t.ppf(0.975, 2)
+
+    def power(lam: float) -> float:
+        def inner(v: float) -> float:
+            s = crit * math.sqrt(v / 2)
+            return (stats.norm.cdf(lam - s) + stats.norm.cdf(-lam - s)) * stats.chi2.pdf(v, 2)
+        return integrate.quad(inner, 0, math.inf)[0]
+
+    lam = brentq(lambda x: power(x) - 0.8, 0.0, 50.0, xtol=1e-10)
+    mdd_bt = lam * se
+    assert mdd_bt > 0.3  # with 3 seeds even the difference observed sits below 80 % power
+    half_grm = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+
     bt = table_rows(readme, "bt")[1].split(" | ")
     assert bt[7:12] == ["-0.300", f"[{-0.3 - half:.3f}, {-0.3 + half:.3f}]", "paired t, 3 seeds", p(p_bt), p(holm_bt)]
-    assert float(bt[12].rstrip(" |")) > 0.3  # with 3 seeds even the difference observed sits below 80 % power
+    assert bt[12].rstrip(" |") == f"{mdd_bt:.3f}"
     grm = table_rows(readme, "grm")[1].split(" | ")
-    assert grm[7:12] == ["+0.100", grm[8], "Welch, 2 vs 3 seeds", p(p_grm), p(holm_grm)]
+    assert grm[7:12] == ["+0.100", f"[{0.1 - half_grm:.3f}, {0.1 + half_grm:.3f}]", "Welch, 2 vs 3 seeds", p(p_grm),
+                         p(holm_grm)]
     assert "## Differences in peak gold" in readme
     assert (f"- b − a in bt's best-of-n peak gold: -0.300 [{-0.3 - half:.3f}, {-0.3 + half:.3f}] (paired t, 3 seeds); "
             f"{'not significant' if holm_bt >= 0.05 else 'significant'} after Holm correction over 2 comparisons "
-            f"(adjusted p = {p(holm_bt)}); a difference smaller than {bt[12].rstrip(' |')} would go undetected at "
+            f"(adjusted p = {p(holm_bt)}); a difference smaller than {mdd_bt:.3f} would go undetected at "
             f"80 % power.") in readme
 
 

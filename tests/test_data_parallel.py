@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import ArtifactCache
-from pipeline.config import LaunchConfig, load_config
+from pipeline.config import ConfigError, LaunchConfig, load_config
 from pipeline.runner import Runner, is_data_parallel
 from pipeline.study import build_stages
 
@@ -120,5 +120,5 @@ def test_the_launch_section_defaults_and_overrides(tmp_path):
     cfg = load_config(tiny, ["launch.num_processes=4", "ppo.num_processes=1", "ppo.deepspeed_config=null"])
     assert _rl_launch(cfg) == (1, None)
     assert {n.key: n.num_processes for n in build_stages(cfg)}["bon_sample"] == 4
-    with pytest.raises(Exception, match="num_processes"):
+    with pytest.raises(ConfigError, match=r"launch\.num_processes: Input should be greater than or equal to 1"):
         load_config(tiny, ["launch.num_processes=0"])

@@ -233,9 +233,9 @@ def test_misfit_counts_points_outside_their_ci_and_measures_residuals_on_the_fit
                      max_rel_residual=3.5)["ok"]
     assert not check_fit("rl", d, mean, lo, hi, hand_fit(0.5, 0.9), {"estimate": 0.5, "lo": 0.5, "hi": 1.0},
                          max_rel_residual=3.5, max_outside_fraction=0.2)["ok"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"each point needs lo <= mean <= hi"):
         check_fit("rl", d, mean, hi, lo, hand_fit(0.5, 0.9), {"estimate": 0.5, "lo": 0.5, "hi": 1.0})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"form must be one of .*got 'quadratic'"):
         check_fit("quadratic", d, mean, lo, hi, hand_fit(0.5, 0.9), {"estimate": 0.5, "lo": 0.5, "hi": 1.0})
 
 
@@ -248,7 +248,7 @@ def test_empirical_peak_first_maximum_shared_resamples_and_validation():
     x = np.array([0.0, 1.0, 1.1, 0.2]) + rng.normal(0, 1.0, (40, 4))
     a, b = empirical_peak(x, d, n_boot=300, seed=5), empirical_peak(x, d, n_boot=300, seed=5)
     assert a == b and a["lo"] <= a["estimate"] <= a["hi"] and {a["lo"], a["hi"]} <= set(d)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"one column per d \(3\)"):
         empirical_peak(x, d[:3])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ci must lie in \(0, 1\)"):
         empirical_peak(x, d, ci=1.0)

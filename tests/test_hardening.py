@@ -53,7 +53,9 @@ def test_several_cpu_processes_without_deepspeed_are_rejected(tmp_path, capsys):
 
 
 def test_the_shipped_deepspeed_configs_pass():
-    for f in (ROOT / "configs" / "deepspeed").glob("*.json"):
+    files = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
+    assert {"zero2.json", "zero3.json", "zero2_bf16.json", "zero3_bf16.json"} <= {f.name for f in files}
+    for f in files:
         fp16 = json.loads(f.read_text()).get("fp16", {}).get("enabled") is True
         assert deepspeed_config_problem(f, cuda=False) is None or fp16, f
         assert deepspeed_config_problem(f, cuda=True) is None, f

@@ -143,7 +143,7 @@ def test_unified_feedback_directory_picks_config_and_split(tmp_path):
     assert len(train) == 6 and all(p.startswith("uf_") for p in train.pair_id)
     assert all(p.startswith("val_") for p in load_unified_feedback(root, "all", "val").pair_id)
     assert all(p.startswith("hh_") for p in load_unified_feedback(root, "hh-rlhf", "train").pair_id)
-    with pytest.raises(FileNotFoundError, match="test"):
+    with pytest.raises(FileNotFoundError, match=r"no data files for split 'test'"):
         load_unified_feedback(root, "all", "test")
 
 

@@ -43,7 +43,7 @@ def test_label_smoothing_by_hand():
                 - eps * sum(log_sigmoid(-d) for d in DIFFS) / 3)
     assert label_smoothing_loss(t(R_C), t(R_R), eps).item() == pytest.approx(expected, abs=1e-12)
     assert label_smoothing_loss(t(R_C), t(R_R), 0.0).item() == pytest.approx(bt_loss(t(R_C), t(R_R)).item())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"label smoothing eps must lie in \[0, 1\]"):
         label_smoothing_loss(t(R_C), t(R_R), 1.5)
 
 
@@ -90,7 +90,7 @@ def test_grm_loss_combines_bt_and_reg():
     expected = (1 - alpha) * bt_loss(t(R_C), t(R_R)).item() + alpha * reg.item()
     assert grm_loss(t(R_C), t(R_R), reg, alpha).item() == pytest.approx(expected, abs=1e-12)
     assert grm_loss(t(R_C), t(R_R), reg, 0.0).item() == pytest.approx(bt_loss(t(R_C), t(R_R)).item())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"GRM alpha must lie in \[0, 1\]"):
         grm_loss(t(R_C), t(R_R), reg, 1.5)
 
 

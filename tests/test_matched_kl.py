@@ -86,5 +86,5 @@ def test_loss_rate_on_a_line():
     assert loss_rate(r, 0.3, 3.7) == pytest.approx(0.5)
     assert loss_rate(r, 1.0, 3.0, column="proxy") == pytest.approx(-2.0)  # a gain is a negative loss
     assert np.isnan(loss_rate(r, 1.0, 5.0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need sqrt_kl_hi > sqrt_kl_lo"):
         loss_rate(r, 2.0, 2.0)

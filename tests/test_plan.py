@@ -75,6 +75,18 @@ def test_lora_trains_only_the_adapters_and_the_value_model(tmp_path, offline):
     ppo = next(p for p in plan_study(cfg) if p.key.startswith("ppo["))
     adapters = 2 * 4 * 32 * (32 + 32)
     assert f"{(adapters + n_policy) / 1e3:.3g}K trained params" in ppo.memory, ppo.memory
+    # ZeRO-3 partitions the frozen bf16 base over the 8 ranks; ZeRO-2 keeps it whole on each: 7/8 of it more
+    zero2 = load_config(PAPER, [f"policy.model_id={policy_dir}", f"run.cache_root={tmp_path}/cache",
+                                "ppo.deepspeed_config=configs/deepspeed/zero2_bf16.json"])
+    ppo2 = next(p for p in plan_study(zero2) if p.key.startswith("ppo["))
+    assert cfg.ppo.num_processes == 8 and cfg.policy.dtype == "bfloat16"
+    assert frozen_bytes(ppo2.memory) - frozen_bytes(ppo.memory) == pytest.approx(2 * n_policy * 7 / 8, rel=0.01)
+
+
+def frozen_bytes(memory: str) -> float:
+    """The `frozen weights` figure of a plan's memory text, in bytes (3 significant digits)."""
+    value, unit = memory.rsplit("frozen weights ", 1)[1].split()
+    return float(value) * {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[unit]
 
 
 def test_paper_plan_prints_offline_and_says_what_it_cannot_estimate(capsys, offline):

@@ -449,9 +449,9 @@ def test_bfloat16_backbone_float32_head(bases, tok, tmp_path):
 
 
 def test_bad_settings_are_errors(bases):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"reward head type must be 'mlp' or 'linear'"):
         RewardHeadConfig(type="transformer")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"reward head dropout must lie in \[0, 1\)"):
         RewardHeadConfig(dropout=1.0)
     with pytest.raises(ValueError, match="target_modules"):
         new_model(bases["llama"], lora=SimpleNamespace(r=4, alpha=8))

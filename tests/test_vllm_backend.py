@@ -237,6 +237,7 @@ def test_ppo_sample_shards_and_seeds_do_not_depend_on_the_rank(smoke, fake_vllm,
     n_one = len(fake_vllm.engines)
     halves = [shard_hashes(run_ppo_sample(smoke, cfg, monkeypatch, OneRankOfTwo(rank, 2))) for rank in (0, 1)]
     assert set(halves[0]).isdisjoint(halves[1]) and halves[0] | halves[1] == whole
+    assert abs(len(halves[0]) - len(halves[1])) <= 1 and halves[0] and halves[1]  # each rank its round-robin share
     assert {r for e in fake_vllm.engines[n_one:] for r in e.requests} == seeds_one
 
 

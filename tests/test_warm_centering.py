@@ -232,7 +232,7 @@ def test_warm_config_errors_and_seed_copies(tmp_path):
     with pytest.raises(ConfigError, match=r"proxies\.w\.init_seed"):
         load_config(cfg)
     cfg.write_text("proxies:\n  - {name: w, type: warm, members: 1}\n")
-    with pytest.raises(ConfigError, match="members"):
+    with pytest.raises(ConfigError, match=r"proxies\.0\.members: Input should be greater than or equal to 2"):
         load_config(cfg)
     cfg.write_text("proxies:\n  - {name: w, type: warm}\n  - {name: w-m1, type: bt}\n")
     with pytest.raises(ConfigError, match=r"duplicate names \['w-m1'\]"):
@@ -265,6 +265,7 @@ def test_smoke_study_with_a_warm_proxy_and_a_centred_bt(tmp_path):
                for i in range(2)]
     averaged = GRMRewardModel.from_pretrained(art["warm_average[warm]"] / "model").state_dict()
     assert not torch.equal(members[0]["v_head.summary.0.weight"], members[1]["v_head.summary.0.weight"])
+    assert averaged.keys() == members[0].keys()
     for name, value in averaged.items():
         assert torch.allclose(value, (members[0][name] + members[1][name]) / 2, atol=1e-6), name
 
