@@ -2,8 +2,8 @@
 `stages/dpo.py`): exporting the policy at log-spaced points of the run, where `ppo_sample` finds it, and writing the
 trainer's log.
 
-An export is `exports/step_XXXXX/` (a plain HF causal LM with its tokenizer, `save_causal_lm`), XXXXX counting the
-stage's own unit: an update of an RL arm (a generation batch, several optimizer steps), an optimizer step of DPO.
+An export is `exports/step_XXXXX/` (`pipeline.exports`), XXXXX counting the stage's own unit: an update of an RL arm
+(a generation batch, several optimizer steps), an optimizer step of DPO.
 """
 
 from __future__ import annotations
@@ -11,30 +11,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import log_spaced_steps
-from pipeline.distributed import save_causal_lm
+from pipeline.exports import export_policy
 
 
-def export_policy(lm, accelerator, tokenizer, out: Path, step: int) -> None:
-    """Save the (unwrapped) policy as export `step` of the stage writing to `out`; every rank joins (ZeRO-3 gathers)."""
-    save_causal_lm(lm, accelerator, tokenizer, Path(out) / "exports" / f"step_{step:05d}")
-
-
-def export_callback(accelerator, tokenizer, out: Path, optimizer_steps_per_unit: int = 1,
-                    units: list[int] | None = None):
+def export_callback(accelerator, tokenizer, out: Path, units: list[int], optimizer_steps_per_unit: int = 1):
     """A TrainerCallback that exports the policy after each of `units` (export points counted in units of
-    `optimizer_steps_per_unit` optimizer steps). `units` None: 1, 2, 4, ..., last of the run, whose length is known
-    once the trainer starts (`log_spaced_steps` of its max_steps). Export 0, the initial policy, is the stage's own
-    (`export_policy` before the trainer is built). The callback's `units` are the export points after training."""
+    `optimizer_steps_per_unit` optimizer steps): the schedule the stage's config gives (`export_steps`), the one
+    `overopt plan` and the curves read too. Export 0, the initial policy, is the stage's own (`export_policy` before
+    the trainer is built). When training begins, the trainer's own length must end the schedule: a trainer that counts
+    its steps otherwise (a dataset of another size, a batch that does not divide) stops the run with the two counts
+    instead of exporting on another grid than the config's."""
     from transformers import TrainerCallback
 
     class ExportAtSteps(TrainerCallback):
         def __init__(self):
-            self.units = units
+            self.units = list(units)
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if self.units is None:
-                self.units = log_spaced_steps(state.max_steps // optimizer_steps_per_unit)
+            if state.max_steps != self.units[-1] * optimizer_steps_per_unit:
+                raise RuntimeError(f"the trainer runs {state.max_steps} optimizer steps, but the config's export "
+                                   f"schedule {self.units} × {optimizer_steps_per_unit} ends at "
+                                   f"{self.units[-1] * optimizer_steps_per_unit}")
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             unit, rest = divmod(state.global_step, optimizer_steps_per_unit)

@@ -37,13 +37,14 @@ import torch
 from pipeline import reward_transforms
 from pipeline.config import GroupRLStageConfig, RewardTransformConfig, SamplingConfig
 from pipeline.distributed import frozen_model_loading, make_accelerator, trainer_precision, zero_stage
+from pipeline.exports import export_policy
 from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo.rollout import proxy_scores, sample_rollout
 from pipeline.records import messages, training_prompts
 from pipeline.scoring import TRLRewardFunction, build_scorer
 from pipeline.tokenization import as_messages, pad_token_id, prompt_ids
-from pipeline.trl_runs import export_callback, export_policy, write_log_history
+from pipeline.trl_runs import export_callback, write_log_history
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -179,7 +180,7 @@ def run(cfg: GroupRLStageConfig, inputs: dict[str, Path], out: Path) -> None:
     exports = rl.export_steps()
     export_policy(policy, accelerator, tokenizer, out, 0)  # the initial policy
     per_update = rl.optimizer_steps_per_update()  # TRL counts optimizer steps; an update is `per_update` of them
-    exporter = export_callback(accelerator, tokenizer, out, per_update, exports)
+    exporter = export_callback(accelerator, tokenizer, out, exports, per_update)
 
     trainer_class = GRPOTrainer if cfg.algo == "grpo" else RLOOTrainer
     # TRL's output_dir; nothing in it is kept. Made inside the stage's own staging folder (under the cache's .tmp/),

@@ -75,26 +75,33 @@ def test_trl_loss_on_a_batch_is_the_dpo_loss(study, tmp_path):
 
 
 def test_export_callback_schedule(monkeypatch):
-    """Exports after 1, 2, 4, ..., last units: from the trainer's step count when no units are given, else at the
-    given units counted in optimizer steps per unit (GRPO/RLOO's updates)."""
+    """Exports after each unit of the config's schedule (DPO: optimizer steps 1, 2, 4, ..., last of
+    `DPOConfig.export_steps`, the schedule `overopt plan` reads too; GRPO/RLOO: updates of several optimizer steps),
+    and a trainer whose own length does not end that schedule stops the run with both counts."""
     from types import SimpleNamespace
 
     import pipeline.trl_runs as trl_runs
+    from pipeline.config import DPOConfig
 
     saved = []
     monkeypatch.setattr(trl_runs, "export_policy", lambda lm, acc, tok, out, step: saved.append(step))
     accelerator = SimpleNamespace(unwrap_model=lambda m: m)
-    dpo_like = trl_runs.export_callback(accelerator, None, Path("unused"))
-    dpo_like.on_train_begin(None, SimpleNamespace(max_steps=11), None)
-    for step in range(1, 12):
+    schedule = DPOConfig(batch_size=32, epochs=2).export_steps(330)  # 2 epochs of ceil(330 / 32) = 11 batches
+    assert schedule == [0, 1, 2, 4, 8, 16, 22]
+    dpo_like = trl_runs.export_callback(accelerator, None, Path("unused"), schedule)
+    dpo_like.on_train_begin(None, SimpleNamespace(max_steps=22), None)
+    for step in range(1, 23):
         dpo_like.on_step_end(None, SimpleNamespace(global_step=step), None, model="m")
-    assert dpo_like.units == [0, 1, 2, 4, 8, 11] and saved == [1, 2, 4, 8, 11]
+    assert saved == [1, 2, 4, 8, 16, 22]
+    with pytest.raises(RuntimeError, match=r"the trainer runs 21 optimizer steps, but the config's export schedule "
+                                           r"\[0, 1, 2, 4, 8, 16, 22\] × 1 ends at 22"):
+        dpo_like.on_train_begin(None, SimpleNamespace(max_steps=21), None)
     saved.clear()
-    rl_like = trl_runs.export_callback(accelerator, None, Path("unused"), 4, [0, 1, 2, 3])
+    rl_like = trl_runs.export_callback(accelerator, None, Path("unused"), [0, 1, 2, 3], 4)
     rl_like.on_train_begin(None, SimpleNamespace(max_steps=12), None)
     for step in range(1, 13):
         rl_like.on_step_end(None, SimpleNamespace(global_step=step), None, model="m")
-    assert saved == [1, 2, 3]
+    assert saved == [4 // 4, 8 // 4, 12 // 4]
 
 
 def test_dpo_run_exports_trains_and_is_evaluated(study):
