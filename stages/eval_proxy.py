@@ -29,24 +29,13 @@ from pipeline import rewardbench as rb
 from pipeline.config import EvalProxyStageConfig
 from pipeline.distributed import data_parallel_ranks
 from pipeline.hf_data import pair_prompts
+from pipeline.preference_pairs import pairwise_accuracy
 from pipeline.records import PAIR_COLUMNS, read_records
 from pipeline.scoring import build_scorer, check_finite, data_parallel, over_length_check
 
 VERSION = "2"
 DATA_PARALLEL = True  # scoring batches split over launch.num_processes ranks; the same artifact for any number
 log = logging.getLogger("overopt")
-
-
-def pairwise_accuracy(r_c: np.ndarray, r_r: np.ndarray, label: np.ndarray | None = None) -> dict:
-    """Strict accuracy of preferring `chosen`; with `label` (1 = chosen preferred, 0 = rejected preferred) the
-    accuracy against those labels. Pairs the scorer could not score (NaN) are counted and excluded."""
-    ok = ~(np.isnan(r_c) | np.isnan(r_r))
-    r_c, r_r = r_c[ok], r_r[ok]
-    label = np.ones_like(r_c) if label is None else np.asarray(label)[ok]
-    ties = r_c == r_r
-    correct = np.where(label == 1, r_c > r_r, r_r > r_c)
-    return {"pairs": int(ok.sum()), "unscored": int((~ok).sum()), "accuracy": float(correct.mean()) if ok.any() else
-            float("nan"), "ties": int(ties.sum())}
 
 
 def _json_rows(rows: list[dict]) -> str:

@@ -42,7 +42,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline import proxy_types
@@ -57,6 +56,7 @@ from pipeline.distributed import (
     zero_stage,
 )
 from pipeline.models import DTYPES, load_tokenizer
+from pipeline.preference_pairs import PairCollator, PairDataset, pairwise_accuracy, training_pairs
 from pipeline.records import PAIR_COLUMNS, messages, read_records
 from pipeline.reward_model import GRMRewardModel, RewardHeadConfig
 from pipeline.scoring import (
@@ -67,56 +67,10 @@ from pipeline.scoring import (
     grm_rewards_fn,
     save_latent_stats,
 )
-from pipeline.tokenization import collate, encode_conversation, pad_token_id
+from pipeline.tokenization import pad_token_id
 
 VERSION = "1"
 log = logging.getLogger("overopt")
-DATA_SUBSET_SEED = 0  # every proxy of a study sees the same pairs (a controlled comparison); seeds vary init/order
-
-
-def training_pairs(pairs: pd.DataFrame, labels: str, n: int | None) -> pd.DataFrame:
-    """Train-split pairs ordered as the annotator preferred them (`labels`: "noisy" or "clean")."""
-    train = pairs[pairs.split == "train"].reset_index(drop=True)
-    if n is not None and n < len(train):
-        train = train.sample(n=n, random_state=DATA_SUBSET_SEED).reset_index(drop=True)
-    if labels == "noisy":
-        flip = train.label_noisy == 0
-        train.loc[flip, ["chosen", "rejected"]] = train.loc[flip, ["rejected", "chosen"]].to_numpy()
-    return train
-
-
-class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int, margin_scale: float):
-        self.items, dropped = [], 0
-        for r in frame.itertuples():
-            prompt = messages(r.prompt)
-            c = encode_conversation(tokenizer, prompt, r.chosen, max_length)
-            j = encode_conversation(tokenizer, prompt, r.rejected, max_length)
-            if c.truncated or j.truncated:  # filter, never train on a truncated response
-                dropped += 1
-                continue
-            self.items.append((c, j, margin_scale * abs(r.gold_chosen - r.gold_rejected)))
-        self.dropped = dropped
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-class PairCollator:
-    """Chosen rows first, then rejected rows: one forward pass scores both sides of every pair."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, items):
-        batch = collate([c for c, _, _ in items] + [j for _, j, _ in items], self.pad_id)
-        batch["margin"] = torch.tensor([m for _, _, m in items], dtype=torch.float32)
-        return batch
-
-
 def make_trainer_class():
     from transformers import Trainer
 
@@ -258,7 +212,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
         write_statistics(out, r_c, r_r, extras_c, extras_r, history)
         metrics = {"train_pairs": len(dataset), "dropped_over_length": dataset.dropped,
                    "train_loss": result.training_loss, "steps": result.global_step,
-                   "train_accuracy": float(np.mean((r_c > r_r)[~(np.isnan(r_c) | np.isnan(r_r))])),
+                   "train_accuracy": pairwise_accuracy(r_c, r_r)["accuracy"],
                    "trainable_parameters": trainable}
         if launched:
             metrics |= {"world_size": world, "per_device_batch_size": tr.batch_size // world,

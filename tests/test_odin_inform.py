@@ -104,8 +104,8 @@ def test_odin_only_the_quality_head_scores(base, tok, head_type):
 
 def test_odin_training_loss_reads_lengths_from_the_response_mask(base, tok):
     from pipeline.config import ProxyConfig
+    from pipeline.preference_pairs import PairCollator
     from pipeline.tokenization import encode_conversation, pad_token_id
-    from stages.train_proxy import PairCollator
 
     model = new_model(base, outputs=2, dropout=0.0)
     enc = [(encode_conversation(tok, p, r, 64), encode_conversation(tok, p, r + " extra words here", 64), 0.0)

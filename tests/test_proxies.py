@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pipeline.preference_pairs as preference_pairs
 import stages.eval_proxy as eval_proxy
 import stages.train_proxy as train_proxy
 from pipeline.cache import ArtifactCache
@@ -137,7 +138,7 @@ def check_rescoring(art: Path, pairs_artifact: Path, labels: str, tol_pairs: int
     metrics = json.loads((art / "metrics.json").read_text())
     stats = json.loads((art / "reference_stats.json").read_text())
     scorer = load_reward_scorer(art / "model", batch_size=SCORE_BATCH, max_length=MAX_LEN)
-    train = train_proxy.training_pairs(read_pairs(pairs_artifact), labels, N_TRAIN)
+    train = preference_pairs.training_pairs(read_pairs(pairs_artifact), labels, N_TRAIN)
     r_c, r_r = score_pairs(scorer, train)
     assert not np.isnan(r_c).any() and not np.isnan(r_r).any()
     assert abs(float(np.mean(r_c > r_r)) - metrics["train_accuracy"]) <= tol_pairs / len(train) + 1e-12
@@ -236,8 +237,8 @@ def test_training_pairs_swap_exactly_the_flipped_pairs(smoke):
     pairs = read_pairs(smoke.noisy_pairs)
     assert (pairs.label_noisy == 0).sum() == round(0.25 * len(pairs))
     for n in (None, N_TRAIN):
-        clean = train_proxy.training_pairs(pairs, "clean", n)
-        noisy = train_proxy.training_pairs(pairs, "noisy", n)
+        clean = preference_pairs.training_pairs(pairs, "clean", n)
+        noisy = preference_pairs.training_pairs(pairs, "noisy", n)
         assert (clean.split == "train").all() and len(clean) == len(noisy)
         assert len(clean) == (N_TRAIN if n else int((pairs.split == "train").sum()))
         assert list(clean.pair_id) == list(noisy.pair_id)  # the same subset, in the same order
@@ -255,8 +256,8 @@ def test_training_pairs_swap_exactly_the_flipped_pairs(smoke):
     # without noise, both label columns give the same pairs
     pairs0 = read_pairs(smoke.pairs)
     assert (pairs0.label_noisy == 1).all()
-    pd.testing.assert_frame_equal(train_proxy.training_pairs(pairs0, "noisy", None),
-                                  train_proxy.training_pairs(pairs0, "clean", None))
+    pd.testing.assert_frame_equal(preference_pairs.training_pairs(pairs0, "noisy", None),
+                                  preference_pairs.training_pairs(pairs0, "clean", None))
 
 
 def test_proxies_train_on_the_label_column_they_name(smoke, trained):
@@ -344,7 +345,7 @@ def test_eval_proxy_trained_and_checkpoint_agree_and_match_a_hand_computation(sm
 
 
 def test_pairwise_accuracy_cases():
-    acc = eval_proxy.pairwise_accuracy
+    acc = preference_pairs.pairwise_accuracy
     nan = float("nan")
     # strict: a tie is counted as a tie and is not correct
     r = acc(np.array([1.0, 2.0, 3.0, 5.0]), np.array([0.0, 2.0, 4.0, 1.0]))
