@@ -1,9 +1,9 @@
 """dpo[p]: direct preference optimisation of the base policy on the study's gold-labelled pairs, through TRL 1.16's
 DPOTrainer, under the same launcher (inline, or `accelerate launch` + DeepSpeed) as the RL arms.
 
-The pairs are the ones every proxy trains on (`stages.train_proxy.training_pairs`: the train split, the label column
-`labels`, the `n_train_pairs` budget), tokenized by the proxies' own path (`PairDataset`: one chat-template encoding
-per side, a pair longer than `max_length` dropped rather than truncated), so TRL's tokenization is skipped: the
+The pairs are the ones every proxy trains on (`pipeline.preference_pairs.training_pairs`: the train split, the label
+column `labels`, the `n_train_pairs` budget), tokenized by the proxies' own path (`PairDataset`: one chat-template
+encoding per side, a pair longer than `max_length` dropped rather than truncated), so TRL's tokenization is skipped: the
 trainer receives prompt / chosen / rejected token ids. The reference is a frozen copy of the base policy. With
 TRL's loss "sigmoid" the loss of a batch of B pairs is
 
@@ -34,10 +34,11 @@ import torch
 
 from pipeline.config import DPOStageConfig
 from pipeline.distributed import make_accelerator, trainer_precision, zero_stage
+from pipeline.exports import export_policy
 from pipeline.models import build_policy, checked_local, load_tokenizer
+from pipeline.preference_pairs import PairDataset, training_pairs
 from pipeline.records import PAIR_COLUMNS, read_records
-from pipeline.trl_runs import export_callback, export_policy, write_log_history
-from stages.train_proxy import PairDataset, training_pairs
+from pipeline.trl_runs import export_callback, write_log_history
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -118,7 +119,7 @@ def run(cfg: DPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="trl-scratch-", dir=out) as scratch:
         trainer, tokenizer, encoded = build_trainer(cfg, inputs, scratch, accelerator, per_device)
         export_policy(accelerator.unwrap_model(trainer.model), accelerator, tokenizer, out, 0)  # the initial policy
-        exporter = export_callback(accelerator, tokenizer, out)
+        exporter = export_callback(accelerator, tokenizer, out, d.export_steps(len(encoded)))  # plan's schedule too
         trainer.add_callback(exporter)
         trainer.train()
     if accelerator.is_main_process:

@@ -51,11 +51,11 @@ from pipeline.distributed import (
     gathered_for_generation,
     make_accelerator,
     memory_per_rank,
-    save_causal_lm,
     uses_deepspeed,
     zero_stage,
 )
 from pipeline.durable import append_jsonl, read_jsonl, write_jsonl_atomically, write_text_atomically
+from pipeline.exports import EXPORTS_DIR, export_policy, export_step, list_exports
 from pipeline.generation import stop_token_ids
 from pipeline.models import build_policy, checked_local, load_causal_lm, load_tokenizer
 from pipeline.ppo import core
@@ -135,7 +135,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
     query_rows = [prompt_ids(tokenizer, chat) for chat in chats]
     controller, normaliser = kl_controller(ppo), core.RewardNormaliser(ppo.reward_norm)
     exports = ppo.export_steps()
-    (out / "exports").mkdir(parents=True, exist_ok=True)
+    (out / EXPORTS_DIR).mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
 
     # ---- resume from the last checkpoint of a killed run, or start afresh
@@ -152,19 +152,19 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
                 log.warning("  %s held %d row(s) up to update %d; rewritten from the checkpoint's own record",
                             metrics_file, len(on_disk), start)
             write_jsonl_atomically(metrics_file, rows)  # the checkpoint's rows are the record
-            for d in (out / "exports").iterdir():
-                if int(d.name.split("_")[1]) > start:
+            for d in list_exports(out):
+                if export_step(d) > start:
                     shutil.rmtree(d)
     else:
         start, rows = 0, []
         torch.manual_seed(sampling_seed(ppo.seed, rank))  # each rank draws its own rollouts
         if main:  # whatever a run killed before its first checkpoint left
             checkpointer.clear()
-            shutil.rmtree(out / "exports")
-            (out / "exports").mkdir()
+            shutil.rmtree(out / EXPORTS_DIR)
+            (out / EXPORTS_DIR).mkdir()
             write_jsonl_atomically(metrics_file, [])
         accelerator.wait_for_everyone()
-        save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer, out / "exports" / "step_00000")
+        export_policy(accelerator.unwrap_model(model).policy, accelerator, tokenizer, out, 0)
     accelerator.wait_for_everyone()
     if ppo.report_to:
         accelerator.init_trackers("overopt-ppo")  # needs Accelerator(log_with=...); see make_accelerator
@@ -238,8 +238,7 @@ def run(cfg: PPOStageConfig, inputs: dict[str, Path], out: Path) -> None:
         controller.update(record["kl_seq_k1"], ppo.rollout_batch_size)
         t = time.perf_counter()
         if step + 1 in exports:
-            save_causal_lm(accelerator.unwrap_model(model).policy, accelerator, tokenizer,
-                           out / "exports" / f"step_{step + 1:05d}")
+            export_policy(accelerator.unwrap_model(model).policy, accelerator, tokenizer, out, step + 1)
         record["time_export_s"] = round(time.perf_counter() - t, 4)
         record["time_total_s"] = round(time.perf_counter() - t0, 4)
         rows.append(record)

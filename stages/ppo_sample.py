@@ -32,6 +32,7 @@ import pandas as pd
 
 from pipeline.config import PPOSampleStageConfig, SamplingConfig
 from pipeline.distributed import data_parallel_ranks
+from pipeline.exports import export_step, list_exports
 from pipeline.generation import sample_responses
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.ppo.core import kl_per_token
@@ -58,10 +59,6 @@ def measured_kl(policy, init_policy, query_rows: list[list[int]], rows: list[dic
     return k1, k3
 
 
-def _step(export: Path) -> int:
-    return int(export.name.split("_")[1])
-
-
 def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     init_path = cfg.policy.model_id or str(inputs["policy"] / "model")
     tokenizer = load_tokenizer(init_path, cfg.policy.trust_remote_code)
@@ -71,7 +68,7 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     heads = [prompt_ids(tokenizer, m) for m in chat]
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size)
-    exports = sorted((inputs["rl"] / "exports").glob("step_*"), key=_step)
+    exports = list_exports(inputs["rl"])
     per_shard = cfg.prompts_per_shard or len(prompts)
     starts = list(range(0, len(prompts), per_shard))
     shard_dir = out / "shards"
@@ -82,13 +79,13 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
         for f in shard_dir.glob("*.tmp"):  # half-written by a killed run
             f.unlink()
         todo = [(export, shard) for export in exports for shard in range(len(starts))
-                if not (shard_dir / f"shard_{_step(export):05d}_{shard:05d}.parquet").exists()]
+                if not (shard_dir / f"shard_{export_step(export):05d}_{shard:05d}.parquet").exists()]
     todo = ranks.mine(ranks.broadcast(todo))
     if todo:
         init_policy = load_causal_lm(init_path, cfg.policy.dtype, cfg.policy.trust_remote_code)
         scorer = build_scorer(cfg.scorer, inputs)
     for export, units in itertools.groupby(todo, key=lambda unit: unit[0]):  # export-major: loaded once per rank
-        step, shards = _step(export), [shard for _, shard in units]
+        step, shards = export_step(export), [shard for _, shard in units]
         # vLLM: every shard of the export through one engine, closed before the HF copy is loaded for the KL
         drawn = vllm_samples(cfg, export, [chat[starts[shard]:starts[shard] + per_shard]
                                            for shard in shards], shards, sampling) if cfg.backend == "vllm" else None
@@ -121,13 +118,13 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if not ranks.main:
         return
     for export in exports:
-        step = _step(export)
+        step = export_step(export)
         frame = pd.concat([read_records(f, RL_SAMPLE_COLUMNS)
                            for f in sorted(shard_dir.glob(f"shard_{step:05d}_*.parquet"))])
         log.info("  step %d: KL %.3f (k3 %.3f) nats, proxy %.3f, length %.1f", step, frame.kl_k1.mean(),
                  frame.kl_k3.mean(), frame.proxy_score.mean(), frame.n_tokens.mean())
     (out / "samples.json").write_text(json.dumps({"prompts": len(prompts), "n_samples": cfg.n_samples,
-                                                  "exports": [_step(d) for d in exports]}))
+                                                  "exports": [export_step(d) for d in exports]}))
 
 
 def vllm_samples(cfg: PPOSampleStageConfig, export: Path, shard_prompts: list[list], shards: list[int],
