@@ -208,7 +208,7 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
     report's inputs name them. Columns: proxy (the run, for RL arms), arm, peak gold, KL at the peak, gold at the
     largest KL, the largest KL. Several seeds of one proxy (its `seeds:` copies) or of one RL arm against it make one
     row, `name (K seeds)`, with mean ± sd over the seeds, when the run covered all of them; otherwise a row each."""
-    from stages.report import arm_name
+    from pipeline.report_data import arm_name
 
     report = runner.by_key.get("report")
     if report is None:

@@ -9,8 +9,8 @@ same proxy) have one fingerprint and run once, and a point equal to the study ha
 The sweep report is plain functions called by `overopt run` after every point ran, not a stage: the runner's DAG is
 keyed by stage key, and the points' stages share keys (`eval_proxy[bt]` of every point), so no one DAG can hold them
 all. It reads each point's eval_proxy[p] and bon_curve[p] artifacts from the cache at that point's fingerprints, as
-the point's report stage gets them (its input roles, `stages.report.read_accuracy` / `read_bon_curves`,
-`stages.report.run_measures`) and, with RL arms, each RL run's peak gold and gold at KLs every run of every point
+the point's report stage gets them (its input roles, `pipeline.report_data.read_accuracy` / `read_bon_curves`,
+`pipeline.report_data.run_measures`) and, with RL arms, each RL run's peak gold and gold at KLs every run of every point
 reaches (`rl_point_runs`), and writes into the study's `reports_dir`: README.md, sweep_runs.csv (every run's
 value of every measure), sweep_groups.csv (per point and proxy entry: mean, sd and 95 % t-interval over seeds,
 `pipeline.seed_stats`), sweep_differences.csv (each entry minus the baseline entry per point and measure,
@@ -206,8 +206,8 @@ def measure_order(measure: str) -> tuple[int, str]:
 
 def point_runs(point: SweepPoint, cache) -> pd.DataFrame:
     """Every run's value of every measure at one point: columns point, group (the proxy entry), run, measure, value
-    (the measures of `stages.report.run_measures`, read as the point's report reads them)."""
-    from stages.report import read_accuracy, read_bon_curves, run_measures
+    (the measures of `pipeline.report_data.run_measures`, read as the point's report reads them)."""
+    from pipeline.report_data import read_accuracy, read_bon_curves, run_measures
 
     inputs = point_inputs(point, cache)
     proxies = [p.name for p in point.config.expanded_proxies()]
@@ -219,14 +219,14 @@ def point_runs(point: SweepPoint, cache) -> pd.DataFrame:
 
 
 def rl_point_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
-    """Each RL run's peak gold (`<Arm> peak gold`: `stages.report.run_endpoint`, the empirical peak over exports)
+    """Each RL run's peak gold (`<Arm> peak gold`: `pipeline.report_data.run_endpoint`, the empirical peak over exports)
     and its gold at matched KL (`<Arm> gold at KL k`, interpolated in √KL, `matched_kl.value_at`), at the KLs
     `matched_points` picks for the runs of every arm at every point (sweep point or world) together, so that every
     point is read at the same KLs; column `world` names the point, `group` the proxy entry the arm optimised. Empty
     for a study without RL arms."""
     from pipeline import matched_kl
+    from pipeline.report_data import arm_name, matched_points, run_endpoint
     from pipeline.study import rl_runs
-    from stages.report import arm_name, matched_points, run_endpoint
 
     found = []  # (world, arm, proxy, run, curve, fit)
     for point in points:

@@ -20,9 +20,9 @@ The report over worlds is plain functions called by `overopt run` after every po
 reads each point's artifacts as its report stage does and writes into the study's `reports_dir`:
 
 - worlds_runs.csv: every run's value of every measure in every world. The measures are the single-world report's
-  (`stages.report.run_measures`: accuracy per evaluation set, best-of-n peak gold) and, per RL arm, its runs' peak gold
-  and their gold at matched KL (KLs every run of every arm in every world reaches, `stages.report.matched_points`),
-  grouped by the proxy entry the arm optimised.
+  (`pipeline.report_data.run_measures`: accuracy per evaluation set, best-of-n peak gold) and, per RL arm, its runs'
+  peak gold and their gold at matched KL (KLs every run of every arm in every world reaches,
+  `pipeline.report_data.matched_points`), grouped by the proxy entry the arm optimised.
 - worlds_components.csv: per entry and measure, the mean over all runs, its 95 % t-interval over the world means, and
   the two sources of spread, between worlds and within a world (`variance_components`).
 - worlds_differences.csv: each entry minus the baseline entry (`sweep_baseline`, default the first) per measure with

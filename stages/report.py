@@ -44,6 +44,17 @@ from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
 from pipeline.proxy_types import describe_proxy
 from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
+from pipeline.report_data import (
+    RUN_ENDPOINTS,
+    arm_name,
+    bon_peak,
+    is_ppo_variant,
+    matched_points,
+    read_accuracy,
+    read_bon_curves,
+    run_endpoint,
+    run_measures,
+)
 from pipeline.seed_stats import mean_sd_text, seed_stats, stats_text
 
 VERSION = "8"  # 8: RL against the baseline, OOD sections, InfoRM outlier columns, PPO variants and DPO
@@ -144,17 +155,6 @@ def _curve_sections(cfg: ReportStageConfig, inputs: dict[str, Path], groups: dic
     return parts + rl_parts, rl_comparisons + group_comparisons(groups, acc, curves), curves
 
 
-def read_accuracy(proxies: list[str], inputs: dict[str, Path]) -> pd.DataFrame:
-    """Every proxy's eval_proxy accuracy rows (input role `eval[p]`), concatenated; empty without any."""
-    evaluated = [pd.read_parquet(inputs[f"eval[{p}]"] / "accuracy.parquet") for p in proxies if f"eval[{p}]" in inputs]
-    return pd.concat(evaluated, ignore_index=True) if evaluated else pd.DataFrame()
-
-
-def read_bon_curves(proxies: list[str], inputs: dict[str, Path]) -> dict[str, pd.DataFrame]:
-    """Each proxy's best-of-n curve (input role `bon[p]`: bon_curve's curve.parquet), for the proxies that have one."""
-    return {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in proxies if f"bon[{p}]" in inputs}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the setting
 
@@ -237,13 +237,6 @@ def setting_lines(cfg: ReportStageConfig, inputs: dict[str, Path]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # best-of-n
-
-
-def bon_peak(c: pd.DataFrame) -> dict:
-    """One best-of-n curve's empirical gold peak and its end, as bon_curve's fit.json has them (the first maximum)."""
-    peak, last = c.loc[c.gold.idxmax()], c.iloc[-1]
-    return {"peak_n": int(peak.n), "peak_kl_bound": float(peak.kl_bound), "peak_gold": float(peak.gold),
-            "max_n": int(last.n), "kl_bound_at_max_n": float(last.kl_bound), "gold_at_max_n": float(last.gold)}
 
 
 def seed_band(runs: list[pd.DataFrame]) -> pd.DataFrame:
@@ -440,23 +433,6 @@ def _made_with(env: dict) -> list[str]:
             "Exact figures vary across CPUs (float kernels differ); conclusions aggregated over seeds should not.", ""]
 
 
-ARM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
-PPO_VARIANT_PREFIX = "ppo_"  # a PPO variant's arm is ppo_<name> (`PPOConfig.arms`)
-
-
-def arm_name(arm: str) -> str:
-    """An RL arm as a reader names it: PPO, GRPO, RLOO, DPO, and a PPO variant `ppo_<name>` as "PPO (<name>)"."""
-    if arm in ARM_NAMES:
-        return ARM_NAMES[arm]
-    if arm.startswith(PPO_VARIANT_PREFIX):
-        return f"PPO ({arm.removeprefix(PPO_VARIANT_PREFIX)})"
-    return arm
-
-
-def is_ppo_variant(arm: str) -> bool:
-    return arm not in ARM_NAMES and arm.startswith(PPO_VARIANT_PREFIX)
-
-
 def settings_text(overrides: dict, prefix: str = "") -> str:
     """Overrides of a config section as `key.sub = value` items, nested mappings flattened: what a setting line
     says an arm changes."""
@@ -609,34 +585,6 @@ def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None,
 # matched KL
 
 
-KL_TARGETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # nats; the report uses the largest three every run reaches
-
-
-def matched_points(runs: list[pd.DataFrame], peaks_kl: list[float]) -> tuple[list[float], tuple[float, float], str]:
-    """Where a family of RL runs is compared: (fixed KLs in nats, (√KL lo, √KL hi) of the loss rate, what that range
-    is).
-
-    The KLs are the largest three of KL_TARGETS inside the range every run measured (`matched_kl.common_grid`); runs
-    too short for any of them get one KL, the common range's end rounded down to two significant digits. The loss
-    range ends where the first run stops (the common range's end) and starts at the latest of the runs' empirical
-    gold peaks, so that every run is past its own peak over it and all are measured over the same distance; when
-    that leaves less than a quarter of the common range (a rate over a sliver is noise), it is the whole common
-    range.
-    Empty (and (nan, nan)) when the runs share no range."""
-    grid = matched_kl.common_grid(runs, n=2)
-    if grid.size < 2:
-        return [], (math.nan, math.nan), ""
-    lo, hi = float(grid[0]), float(grid[-1])
-    kls = [k for k in KL_TARGETS if lo ** 2 <= k <= hi ** 2][-3:]
-    if not kls and hi > 0:
-        scale = 10.0 ** (math.floor(math.log10(hi ** 2)) - 1)
-        kls = [k] if (k := round(math.floor(hi ** 2 / scale) * scale, 12)) >= lo ** 2 else []
-    peak = max(math.sqrt(max(k, 0.0)) for k in peaks_kl)
-    if lo <= peak and hi - peak >= (hi - lo) / 4:
-        return kls, (peak, hi), "from the latest of the runs' gold peaks to where the first run stops"
-    return kls, (lo, hi), "the whole range every run measured (past the latest peak is under a quarter of it)"
-
-
 def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[str]]], curves: dict, fits: dict,
                         bon_by_group: dict[str, list[pd.DataFrame]], out: Path) -> tuple[list[str], list[dict]]:
     """Every RL run at matched measured KL: gold at fixed KLs and gold lost per √nat over one common range (one
@@ -704,19 +652,6 @@ def _matched_kl_section(cfg: ReportStageConfig, arms: dict[str, dict[str, list[s
         parts += ["The arms' mean gold over seeds on the √KL range every run covers, with 95 % t-bands (every point "
                   "in rl_curves_over_seeds):", "", *[f"![{f[:-4]}]({f})\n" for f in figures]]
     return parts, _matched_comparisons(arms, per_run[per_run.arm.isin([arm_name(a) for a in arms])], quantities)
-
-
-# What a run's fit.json says about where it over-optimizes: its empirical gold peak (the first maximum over exports),
-# the measured KL there, and the gold and KL of its last export.
-RUN_ENDPOINTS = {"peak gold": ("empirical_peak", "gold"), "KL at the gold peak": ("empirical_peak", "kl"),
-                 "gold at the last export": ("gold_at_last_step", None),
-                 "KL at the last export": ("kl_at_last_step", None)}
-
-
-def run_endpoint(fit: dict, quantity: str) -> float:
-    """One of RUN_ENDPOINTS of an RL run, from its curve stage's fit.json (the one reader of those keys)."""
-    key, sub = RUN_ENDPOINTS[quantity]
-    return float(fit[key][sub] if sub else fit[key])
 
 
 def _against_baseline_section(arms: dict[str, dict[str, list[str]]], fits: dict) -> tuple[list[str], list[dict]]:
@@ -794,20 +729,6 @@ def _matched_comparisons(arms: dict[str, dict[str, list[str]]], per_run: pd.Data
 
 # ----------------------------------------------------------------------------------------------------------------
 # comparisons
-
-
-def run_measures(acc: pd.DataFrame, curves: dict[str, pd.DataFrame]) -> list[tuple[str, pd.Series]]:
-    """What proxies are compared in, each as (measure, one value per proxy run indexed by its name): best-of-n peak
-    gold (`bon_peak` of each bon_curve's curve.parquet) and pairwise accuracy on clean labels per
-    evaluation set (eval_proxy's accuracy.parquet rows, concatenated), named `accuracy (<set>)`. Used by the report's
-    comparisons and by the sweep report (`pipeline.sweep`)."""
-    measures: list[tuple[str, pd.Series]] = []
-    if curves:
-        measures.append(("best-of-n peak gold", pd.Series({p: bon_peak(c)["peak_gold"] for p, c in curves.items()})))
-    if len(acc):
-        for s, sub in acc[acc.labels == "clean"].groupby("set", sort=False):
-            measures.append((f"accuracy ({s})", sub.set_index("proxy").accuracy))
-    return measures
 
 
 def group_comparisons(groups: dict[str, list[str]], acc: pd.DataFrame, curves: dict[str, pd.DataFrame]) -> list[dict]:

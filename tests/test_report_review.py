@@ -337,7 +337,7 @@ def test_seeded_proxy_groups_are_compared_in_the_same_family(tmp_path):
 
 
 def test_matched_points_of_short_runs_and_late_peaks():
-    from stages.report import matched_points
+    from pipeline.report_data import matched_points
 
     def run(sqrt_kl):
         return pd.DataFrame({"sqrt_kl": sqrt_kl})

@@ -15,10 +15,11 @@ import torch
 
 from pipeline.cache import ArtifactCache
 from pipeline.config import ConfigError, RewardTransformConfig, load_config
+from pipeline.report_data import arm_name
 from pipeline.runner import Runner, fingerprint_view
 from pipeline.study import build_stages, rl_runs
 from stages.group_rl import TransformedReward, reference_scorer, reference_seed
-from stages.report import _matched_comparisons, arm_name, setting_lines
+from stages.report import _matched_comparisons, setting_lines
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 CLIP = "{reward_transform: {kind: clip, clip_range: [-1.0, 1.0]}}"
