@@ -190,14 +190,14 @@ def _follow_run(cfg: StudyConfig, args, studies, runners, cache) -> int:
     return 0
 
 
-def _fit(path: Path, *keys: str):
-    """`fit.json[k1][k2]...` of a curve artifact; a missing file or key is an error naming both."""
-    import json
+def _fit(artifact: Path, *keys: str):
+    """`fit.json[k1][k2]...` of a curve artifact (`records.read_fit`); a missing key is an error naming it."""
+    from pipeline.records import FIT_FILE, read_fit
 
-    value = json.loads(path.read_text())
+    value = read_fit(artifact)
     for i, k in enumerate(keys):
         if not isinstance(value, dict) or k not in value:
-            raise ValueError(f"{path}: no key {'.'.join(keys[:i + 1])!r}")
+            raise ValueError(f"{Path(artifact) / FIT_FILE}: no key {'.'.join(keys[:i + 1])!r}")
         value = value[k]
     return value
 
@@ -218,7 +218,7 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
 
     def fits(names: list[str], role: str) -> list[tuple[str, Path]]:
         keys = [(name, report.inputs.get(role.format(name))) for name in names]
-        return [(name, runner.cache.path(key, cached[key]) / "fit.json") for name, key in keys if key in cached]
+        return [(name, runner.cache.path(key, cached[key])) for name, key in keys if key in cached]
 
     groups = report.config.groups or {p: [p] for p in report.config.proxies}
     rows = []
@@ -232,7 +232,8 @@ def summary_rows(runner, plan) -> list[tuple[str, ...]]:
 
 def _summary_group(group: str, arm: str, fits: list[tuple[str, Path]], seeds: int, kl: str,
                    kl_prefix: str) -> list[tuple[str, ...]]:
-    """Summary rows of one proxy's (or RL arm's) seeds: `fits` are the cached (name, fit.json) of `seeds` runs."""
+    """Summary rows of one proxy's (or RL arm's) seeds: `fits` are the cached (name, curve artifact) of `seeds`
+    runs."""
     from pipeline.seed_stats import mean_sd_text
 
     values = [(name, _fit(f, "empirical_peak"), _fit(f, "at_max_kl")) for name, f in fits]

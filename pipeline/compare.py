@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline import markdown
 from pipeline.comparison_stats import DIFFERENCE_COLUMNS, design_text, difference_of_runs, p_text, verdicts, with_holm
 from pipeline.config import proxy_family
+from pipeline.records import read_curve
 from pipeline.seed_stats import seed_stats
 
 # arm -> (display name, curve table of a report directory, x-axis column, KL column), in report order
@@ -152,7 +153,7 @@ def read_config_study(path: Path, overrides: list[str], label: str | None) -> St
                            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; run `{command}` first")
     curves = {}
     for arm, keys in wanted.items():
-        tables = [pd.read_parquet(runner.cache.path(key, fps[key]) / "curve.parquet").assign(proxy_name=p)
+        tables = [read_curve(runner.cache.path(key, fps[key])).assign(proxy_name=p)
                   for key, p, _ in keys]
         if _kind(arm) == "rl":  # a best-of-n curve's run is its proxy entry (normalise)
             tables = [t.assign(run=r) for t, (_, _, r) in zip(tables, keys)]

@@ -6,6 +6,7 @@ strings. Nothing downstream recovers text from decoded token ids of another stag
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -182,6 +183,34 @@ def finite_or_none(tree):
     if isinstance(tree, float):  # numpy floats are floats
         return tree if math.isfinite(tree) else None
     return tree
+
+
+# A curve stage's artifact (bon_curve[p], <arm>_curve[run]): its table, one row per n or export, and its summary (the
+# empirical peak, the Gao fit and its check). Written and read here only.
+CURVE_FILE = "curve.parquet"
+FIT_FILE = "fit.json"
+
+
+def write_curve(table: pd.DataFrame, out: Path, fit: dict) -> None:
+    """A curve stage's table and its summary (strict JSON: non-finite floats as null, `finite_or_none`)."""
+    table.to_parquet(Path(out) / CURVE_FILE, index=False)
+    (Path(out) / FIT_FILE).write_text(json.dumps(finite_or_none(fit), indent=2, allow_nan=False))
+
+
+def read_curve(artifact: Path) -> pd.DataFrame:
+    """A curve stage's table (bon_curve: a row per n; an RL arm's: a row per export)."""
+    path = Path(artifact) / CURVE_FILE
+    if not path.is_file():
+        raise RecordError(f"{path}: no curve table (is {Path(artifact).name} a curve stage's artifact?)")
+    return pd.read_parquet(path)
+
+
+def read_fit(artifact: Path) -> dict:
+    """A curve stage's summary (fit.json)."""
+    path = Path(artifact) / FIT_FILE
+    if not path.is_file():
+        raise RecordError(f"{path}: no curve summary (is {Path(artifact).name} a curve stage's artifact?)")
+    return json.loads(path.read_text())
 
 
 def training_prompts(pairs_dir: Path) -> pd.DataFrame:

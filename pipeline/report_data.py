@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import matched_kl
+from pipeline.records import read_curve
 
 
 def read_accuracy(proxies: list[str], inputs: dict[str, Path]) -> pd.DataFrame:
@@ -22,7 +23,7 @@ def read_accuracy(proxies: list[str], inputs: dict[str, Path]) -> pd.DataFrame:
 
 def read_bon_curves(proxies: list[str], inputs: dict[str, Path]) -> dict[str, pd.DataFrame]:
     """Each proxy's best-of-n curve (input role `bon[p]`: bon_curve's curve.parquet), for the proxies that have one."""
-    return {p: pd.read_parquet(inputs[f"bon[{p}]"] / "curve.parquet") for p in proxies if f"bon[{p}]" in inputs}
+    return {p: read_curve(inputs[f"bon[{p}]"]) for p in proxies if f"bon[{p}]" in inputs}
 
 
 def bon_peak(c: pd.DataFrame) -> dict:

@@ -40,6 +40,7 @@ from pipeline.config import (
     sweep_keys,
     validate_config,
 )
+from pipeline.records import read_curve, read_fit
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,7 @@ def rl_point_runs(points: list[SweepPoint], cache) -> pd.DataFrame:
         if not arms:
             continue
         inputs = point_inputs(point, cache, tuple(f"{arm}[" for arm in arms))
-        found += [(point.name, arm, proxy, run, pd.read_parquet(inputs[f"{arm}[{run}]"] / "curve.parquet"),
-                   json.loads((inputs[f"{arm}[{run}]"] / "fit.json").read_text()))
+        found += [(point.name, arm, proxy, run, read_curve(inputs[f"{arm}[{run}]"]), read_fit(inputs[f"{arm}[{run}]"]))
                   for arm, by_proxy in arms.items() for proxy, names in by_proxy.items() for run in names]
     columns = ["world", "group", "run", "measure", "value"]
     if not found:

@@ -31,7 +31,6 @@ Writes curve.parquet, fit.json, curve.png and examples.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -54,10 +53,10 @@ from pipeline.plots import plot_bon_curves
 from pipeline.records import (
     SCORE_COLUMNS,
     RecordError,
-    finite_or_none,
     read_records,
     read_sample_shards,
     score_matrix,
+    write_curve,
 )
 
 VERSION = "5"
@@ -84,7 +83,6 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         outlier, _ = score_matrix(proxy_records[["prompt_id", "sample_idx"]].assign(score=proxy_records.outlier),
                                   proxy_file, prompt_ids)
         table = with_outlier(table, proxy, outlier, ns, cfg.bootstrap, cfg.ci, cfg.seed)
-    table.to_parquet(out / "curve.parquet", index=False)
     fit = fit_bon(table.sqrt_kl_bound.to_numpy(), table.gold_rel.to_numpy())
     # the same fit with CIs: prompts resampled, each resample's mean relative-gold curve refitted
     gold_rel = bon_per_prompt(proxy, gold, ns)["gold_rel"]
@@ -102,7 +100,7 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
                "gao_fit_bootstrap": boot,
                "kl_estimated": {"at_peak": kl_estimated_at(peak), "at_max_n": kl_estimated_at(last)},
                "empirical_peak_ci": empirical, "fit_check": check}
-    (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
+    write_curve(table, out, summary)
     write_bon_examples(cfg, samples, inputs["samples"], proxy, gold, prompt_ids, sample_ids, int(peak.n), ns[-1],
                        out / "examples.json")
     plot_bon_curves({cfg.proxy: table}, out / "curve.png", f"best-of-n against proxy {cfg.proxy}",

@@ -31,7 +31,6 @@ Writes curve.parquet, fit.json, curve.png and examples.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -43,7 +42,14 @@ from pipeline.config import PPOCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
 from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl
 from pipeline.plots import plot_rl_curves
-from pipeline.records import SCORE_COLUMNS, RecordError, finite_or_none, read_records, read_sample_shards
+from pipeline.records import (
+    SCORE_COLUMNS,
+    RecordError,
+    read_curve,
+    read_records,
+    read_sample_shards,
+    write_curve,
+)
 
 VERSION = "4"
 log = logging.getLogger("overopt")
@@ -96,7 +102,6 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         raise RecordError(f"{gold_file}: no gold score for {int(merged.score.isna().sum())} RL samples")
     merged = merged.rename(columns={"proxy_score": "proxy", "score": "gold"})
     table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed, source=inputs["samples"] / "shards")
-    table.to_parquet(out / "curve.parquet", index=False)
 
     peak, far = table.loc[table.gold.idxmax()], table.loc[table.kl_k1.idxmax()]
     summary = {"prompts": int(merged.prompt_id.nunique()), "samples_per_prompt": int(merged.groupby(
@@ -120,9 +125,9 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
         "rl", gold_rel, d, table.gold_rel, table.gold_rel_lo, table.gold_rel_hi, summary["gao_fit_bootstrap"],
         n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     summary["empirical_peak_ci"]["step"] = int(table.step.iloc[summary["empirical_peak_ci"]["index"]])
-    (out / "fit.json").write_text(json.dumps(finite_or_none(summary), indent=2, allow_nan=False))
+    write_curve(table, out, summary)
     write_rl_examples(cfg, merged, table, int(peak.step), inputs["samples"] / "shards", out / "examples.json")
-    bon = pd.read_parquet(inputs["bon_curve"] / "curve.parquet") if "bon_curve" in inputs else None
+    bon = read_curve(inputs["bon_curve"]) if "bon_curve" in inputs else None
     plot_rl_curves({cfg.proxy: [table]}, {cfg.proxy: bon} if bon is not None else {}, out / "curve.png",
                    f"RL and best-of-n against proxy {cfg.proxy}", fits={cfg.proxy: [summary]})
     log.info("  gold peaks at step %d (KL %.2f, gold %.3f); last step %d: KL %.2f, gold %.3f, proxy %.3f → %.3f",

@@ -43,7 +43,7 @@ from pipeline.environment import describe
 from pipeline.examples import examples_frame
 from pipeline.html_report import markdown_to_html
 from pipeline.proxy_types import describe_proxy
-from pipeline.records import PAIR_COLUMNS, prompt_text, read_records
+from pipeline.records import PAIR_COLUMNS, prompt_text, read_curve, read_fit, read_records
 from pipeline.report_data import (
     RUN_ENDPOINTS,
     arm_name,
@@ -110,7 +110,7 @@ def _curve_sections(cfg: ReportStageConfig, inputs: dict[str, Path], groups: dic
     labels = proxy_labels(cfg)
     parts: list[str] = []
     curves = read_bon_curves(cfg.proxies, inputs)
-    fits = {p: json.loads((inputs[f"bon[{p}]"] / "fit.json").read_text()) for p in curves}
+    fits = {p: read_fit(inputs[f"bon[{p}]"]) for p in curves}
     bon_groups = {g: [p for p in ps if p in curves] for g, ps in groups.items()}
     bon_groups = {g: ps for g, ps in bon_groups.items() if ps}
     if curves:
@@ -454,9 +454,9 @@ def _rl_sections(cfg: ReportStageConfig, inputs: dict[str, Path], bon: dict[str,
     arms = {arm: by_proxy for arm, by_proxy in arms.items() if by_proxy}
     if not arms:
         return [], []
-    curves = {(arm, r): pd.read_parquet(inputs[f"{arm}[{r}]"] / "curve.parquet")
+    curves = {(arm, r): read_curve(inputs[f"{arm}[{r}]"])
               for arm, by_proxy in arms.items() for rs in by_proxy.values() for r in rs}
-    fits = {(arm, r): json.loads((inputs[f"{arm}[{r}]"] / "fit.json").read_text()) for arm, r in curves}
+    fits = {(arm, r): read_fit(inputs[f"{arm}[{r}]"]) for arm, r in curves}
     labels = proxy_labels(cfg)
     groups = cfg.groups or {p: [p] for p in cfg.proxies}
     parts: list[str] = []
@@ -573,7 +573,7 @@ def _seed_row(proxy: str, runs: list[str], fits: dict, bon: pd.DataFrame | None,
            "gold at last step": _over_seeds_text([run_endpoint(fits[r], "gold at the last export") for r in runs]),
            "KL at last step": _over_seeds_text([run_endpoint(fits[r], "KL at the last export") for r in runs], ".2f")}
     if bon is not None and f"bon[{proxy}]" in inputs:
-        peak = json.loads((inputs[f"bon[{proxy}]"] / "fit.json").read_text())["empirical_peak"]
+        peak = read_fit(inputs[f"bon[{proxy}]"])["empirical_peak"]
         estimated = bon.kl_estimated[bon.n == peak["n"]] if "kl_estimated" in bon else pd.Series(dtype=float)
         kl = (f"KL ≈ {estimated.iloc[0]:.2f} estimated, ≤ {peak['kl_bound']:.2f}" if len(estimated)
               else f"KL ≤ {peak['kl_bound']:.2f}")
@@ -884,7 +884,7 @@ def _id_vs_ood(cfg: ReportStageConfig, inputs: dict[str, Path], view: dict[str, 
                 found = [r for r in runs if f"{arm}[{r}]" in roles]
                 if not found:
                     continue
-                tables = [pd.read_parquet(roles[f"{arm}[{r}]"] / "curve.parquet") for r in found]
+                tables = [read_curve(roles[f"{arm}[{r}]"]) for r in found]
                 # joined in KL order, as every RL plot (measured KL can drop between exports)
                 overlays += [plots.Overlay(t.sort_values(x, kind="stable"), x, g, where) for t in tables]
                 measured[(g, where)] = ([bon_peak(t)["peak_gold"] if arm == "bon" else t.gold.max() for t in tables],
