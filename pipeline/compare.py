@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline import markdown
 from pipeline.comparison_stats import DIFFERENCE_COLUMNS, design_text, difference_of_runs, p_text, verdicts, with_holm
 from pipeline.config import proxy_family
+from pipeline.gao import peak_row
 from pipeline.records import read_curve
 from pipeline.seed_stats import seed_stats
 
@@ -210,7 +211,7 @@ def _peak(table: pd.DataFrame, arm: str) -> tuple[dict, pd.Series]:
     (seeds), each run's own peak, averaged over runs. Also each run's peak gold, indexed by run."""
     kl = ARMS[arm][3]
     runs = {r: t for r, t in table.groupby("run", sort=False)}
-    peaks = {r: t.loc[t.gold.idxmax()] for r, t in runs.items()}
+    peaks = {r: peak_row(t) for r, t in runs.items()}
     first = [t.sort_values("n" if _kind(arm) == "bon" else "step").iloc[0] for t in runs.values()]
     peak_gold = pd.Series({r: p.gold for r, p in peaks.items()}, dtype=float)
     gold = seed_stats(peak_gold)

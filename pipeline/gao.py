@@ -184,6 +184,13 @@ def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95
 # Checks of a fit against the curve it was fitted to
 # ---------------------------------------------------------------------------------------------------------------------
 
+def peak_row(curve):
+    """The row of a curve table (a DataFrame with a `gold` column, one row per n or export) at its empirical gold
+    peak: the first maximum of the mean gold, as `empirical_peak` takes it. The one definition the curve stages
+    write to fit.json and the reports and `overopt compare` read from a table."""
+    return curve.loc[curve.gold.idxmax()]
+
+
 def empirical_peak(per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
     """The curve's empirical peak (the distance of the first maximum of the mean curve) with a bootstrap CI.
 

@@ -120,15 +120,13 @@ def deepspeed_configs(cfg: StudyConfig) -> list[tuple[str, Path]]:
         out.append(("dpo.deepspeed_config", cfg.dpo.deepspeed_config))
     if cfg.distributed_smoke.enabled:
         out.append(("distributed_smoke.deepspeed_config", cfg.distributed_smoke.deepspeed_config))
-    if cfg.proxy_launch()[1] is not None:
-        key = "proxy_training" if cfg.proxy_training.deepspeed_config is not None else "launch"
-        out.append((f"{key}.deepspeed_config", cfg.proxy_launch()[1]))
+    if cfg.proxy_launch()[1] is not None:  # proxy_training's own key (never inherited from launch)
+        out.append(("proxy_training.deepspeed_config", cfg.proxy_launch()[1]))
     launch = cfg.launch.deepspeed_config
     if launch is not None:
-        # a section that took launch's file names it too (the key the user wrote); one no stage uses is still
-        # checked, so a mistyped path is not silently ignored
-        out = [(f"{key} (= launch.deepspeed_config)" if path == launch and not key.startswith("launch") else key, path)
-               for key, path in out]
+        # a section whose file is launch's (it inherited it) names launch's key too, the key the user wrote; a file
+        # no stage uses is still checked, so a mistyped path is not silently ignored
+        out = [(f"{key} (= launch.deepspeed_config)" if path == launch else key, path) for key, path in out]
         if all(path != launch for _, path in out):
             out.append(("launch.deepspeed_config", launch))
     return out

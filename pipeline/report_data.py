@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import matched_kl
+from pipeline.gao import peak_row
 from pipeline.records import read_curve
 
 
@@ -28,7 +29,7 @@ def read_bon_curves(proxies: list[str], inputs: dict[str, Path]) -> dict[str, pd
 
 def bon_peak(c: pd.DataFrame) -> dict:
     """One best-of-n curve's empirical gold peak and its end, as bon_curve's fit.json has them (the first maximum)."""
-    peak, last = c.loc[c.gold.idxmax()], c.iloc[-1]
+    peak, last = peak_row(c), c.iloc[-1]
     return {"peak_n": int(peak.n), "peak_kl_bound": float(peak.kl_bound), "peak_gold": float(peak.gold),
             "max_n": int(last.n), "kl_bound_at_max_n": float(last.kl_bound), "gold_at_max_n": float(last.gold)}
 

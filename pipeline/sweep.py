@@ -140,7 +140,7 @@ def expand_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
         values = dict(zip(study.sweep, combo))
         name = ",".join(f"{labels[k]}={value_text(v)}" for k, v in values.items())
         config = point_config(study_tree, values, f"{path}, sweep point {name}",
-                               Path(study.run.reports_dir) / "points" / name)
+                              Path(study.run.reports_dir) / "points" / name)
         points.append(SweepPoint(name, values, config))
     names = [p.name for p in points]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -60,7 +60,7 @@ def world_points(study: StudyConfig, tree: dict, source: str) -> list[SweepPoint
         values = {"world.seed": study.world.seed + i, "policy.seed": study.policy.seed + i}
         name = f"world{values['world.seed']}"
         config = point_config(tree, {**values, "world.seeds": 1}, f"{source}, world point {name}",
-                               Path(study.run.reports_dir) / POINTS_DIR / name)
+                              Path(study.run.reports_dir) / POINTS_DIR / name)
         points.append(SweepPoint(name, values, config))
     return points
 

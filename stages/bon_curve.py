@@ -48,7 +48,7 @@ from pipeline.bon import (
 )
 from pipeline.config import BonCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
-from pipeline.gao import bootstrap_fit, check_curve_fit, fit_bon
+from pipeline.gao import bootstrap_fit, check_curve_fit, fit_bon, peak_row
 from pipeline.plots import plot_bon_curves
 from pipeline.records import (
     SCORE_COLUMNS,
@@ -91,7 +91,7 @@ def run(cfg: BonCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     empirical, check = check_curve_fit("bon", gold_rel, d, table.gold_rel, table.gold_rel_lo, table.gold_rel_hi, boot,
                                        n_boot=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed)
     empirical["n"] = {k: int(table.n[np.isclose(d, empirical[k])].iloc[0]) for k in ("estimate", "lo", "hi")}
-    peak, last = table.loc[table.gold.idxmax()], table.iloc[-1]
+    peak, last = peak_row(table), table.iloc[-1]
     summary = {"prompts": proxy.shape[0], "samples_per_prompt": proxy.shape[1], "gao_fit_gold_rel": fit,
                "empirical_peak": {"n": int(peak.n), "kl_bound": float(peak.kl_bound), "gold": float(peak.gold)},
                "gold_at_max_n": float(table.gold.iloc[-1]),

@@ -40,7 +40,7 @@ import pandas as pd
 from pipeline.bon import bootstrap_ci
 from pipeline.config import PPOCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
-from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl
+from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl, peak_row
 from pipeline.plots import plot_rl_curves
 from pipeline.records import (
     SCORE_COLUMNS,
@@ -103,7 +103,7 @@ def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:
     merged = merged.rename(columns={"proxy_score": "proxy", "score": "gold"})
     table = rl_curve_table(merged, cfg.bootstrap, cfg.ci, cfg.seed, source=inputs["samples"] / "shards")
 
-    peak, far = table.loc[table.gold.idxmax()], table.loc[table.kl_k1.idxmax()]
+    peak, far = peak_row(table), table.loc[table.kl_k1.idxmax()]
     summary = {"prompts": int(merged.prompt_id.nunique()), "samples_per_prompt": int(merged.groupby(
         ["step", "prompt_id"]).size().iloc[0]), "steps": table.step.tolist(),
         "empirical_peak": {"step": int(peak.step), "kl": float(peak.kl_k1), "gold": float(peak.gold)},

@@ -1,4 +1,4 @@
-"""Bad input on the newest config surface (launch, ood, sweep, RL variants and transforms, RewardBench files) is a
+"""Bad input on the launch, ood, sweep, RL variant and transform sections and the RewardBench files is a
 ConfigError naming the key (and the file and column), raised while the config is loaded or by the preflight checks
 `overopt run` makes before its first stage: never after proxies were trained."""
 
