@@ -5,7 +5,8 @@
 Builds what the timed stages need (the study's cache, as `make demo` does; nothing when it is there), then recomputes
 each timed stage (`--force`) in one process and under `accelerate launch` with `--ranks` processes, every process with
 one thread, alternating, `--repeats` times each; the artifact is the same either way (tests/test_data_parallel.py), so
-the cache is left as it was. Prints each stage's wall time (the manifest's, launch and model loading included) and the
+the cache is left as it was. Prints each stage's work (sequences generated and scored, `overopt plan`'s count: the
+same job on both sides), its wall time at each rank count (the manifest's, launch and model loading included) and the
 speed-up. Run it on an idle machine: the ranks compete with anything else for the cores.
 """
 
@@ -29,6 +30,7 @@ def main() -> None:
 
     from pipeline.cache import ArtifactCache
     from pipeline.config import load_config
+    from pipeline.plan import plan_study
     from pipeline.runner import Runner
     from pipeline.study import build_stages
 
@@ -54,10 +56,15 @@ def main() -> None:
             for p in r.run(only=set(STAGES), force=set(STAGES)):
                 if p.node.key in STAGES:
                     times.setdefault((p.node.key, ranks), []).append(p.manifest["wall_time_s"])
-    print(f"\n{'stage':<18}" + "".join(f"{f'{n} rank(s) s':>14}" for n in counts) + f"{'speed-up':>10}")
+    plans = {p.key: p for p in plan_study(load_config(args.config, args.overrides))}
+    print(f"\n{'stage':<18}{'work (both sides)':>30}" + "".join(f"{f'{n} rank(s) s':>14}" for n in counts)
+          + f"{'speed-up':>10}")
     for stage in STAGES:
         t = [statistics.median(times[stage, n]) for n in counts]
-        print(f"{stage:<18}" + "".join(f"{x:>14.1f}" for x in t) + f"{t[0] / t[1]:>9.2f}x")
+        work = plans[stage]
+        shape = ", ".join(f"{what} {w.sequences:,}" for what, w in (("generate", work.generate), ("score", work.score))
+                          if w.sequences)
+        print(f"{stage:<18}{shape:>30}" + "".join(f"{x:>14.1f}" for x in t) + f"{t[0] / t[1]:>9.2f}x")
     print(f"({args.repeats} repeat(s), median; one thread per process; {os.cpu_count()} logical CPUs)")
 
 
