@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.cache import ArtifactCache
 from pipeline.config import load_config
 from pipeline.models import load_tokenizer
-from pipeline.records import messages, read_sample_shards
+from pipeline.records import read_sample_shards, sample_chats
 from pipeline.runner import Runner
 from pipeline.scoring import build_scorer
 from pipeline.study import _sample_scorer, build_stages
@@ -43,7 +43,7 @@ def main() -> None:
     fps = runner.fingerprints()
     art = {k: runner.cache.path(k, fps[k]) for k in ("bon_sample", "train_proxy[bt]", "sft_policy")}
     samples = read_sample_shards(art["bon_sample"])
-    prompts, responses = [messages(p) for p in samples.prompt], list(samples.response)
+    prompts, responses = sample_chats(samples), list(samples.response)  # as bon_score passes them
     scorer = build_scorer(_sample_scorer(cfg, next(p for p in cfg.proxies if p.name == "bt")),
                           {"model": art["train_proxy[bt]"]}, strict_length=True)
     tokenizer = load_tokenizer(art["sft_policy"] / "model")

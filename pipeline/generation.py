@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from pipeline.config import SamplingConfig
-from pipeline.tokenization import Prompt, end_of_turn_ids, pad_token_id, prompt_ids
+from pipeline.tokenization import Prompt, end_of_turn_ids, pad_rows, pad_token_id, prompt_ids
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
@@ -41,13 +41,8 @@ def finish_response(token_ids: Sequence[int], stop_ids: Sequence[int], tokenizer
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token-id rows padded on the left, so every row's next token is at the same
     position."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        attn[i, width - len(r):] = 1
-    return ids, attn
+    ids, attn = pad_rows(rows, pad_id, padding_side="left")
+    return torch.from_numpy(ids), torch.from_numpy(attn)
 
 
 @torch.no_grad()

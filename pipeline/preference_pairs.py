@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from pipeline.records import messages
-from pipeline.tokenization import collate, encode_conversation
+from pipeline.tokenization import ConversationEncoder, collate
 
 DATA_SUBSET_SEED = 0  # every proxy of a study sees the same pairs (a controlled comparison); seeds vary init/order
 
@@ -32,16 +32,16 @@ def training_pairs(pairs: pd.DataFrame, labels: str, n: int | None) -> pd.DataFr
 
 class PairDataset(torch.utils.data.Dataset):
     def __init__(self, frame: pd.DataFrame, tokenizer, max_length: int, margin_scale: float):
-        self.items, dropped = [], 0
-        for r in frame.itertuples():
-            prompt = messages(r.prompt)
-            c = encode_conversation(tokenizer, prompt, r.chosen, max_length)
-            j = encode_conversation(tokenizer, prompt, r.rejected, max_length)
-            if c.truncated or j.truncated:  # filter, never train on a truncated response
-                dropped += 1
-                continue
-            self.items.append((c, j, margin_scale * abs(r.gold_chosen - r.gold_rejected)))
-        self.dropped = dropped
+        # both sides of every pair in two batched calls (each distinct prompt's template rendered once); the same ids
+        # as encoding each conversation through the full template, which the encoder checks on the first pairs
+        encoder = ConversationEncoder(tokenizer, max_length)
+        prompts = [messages(p) for p in frame.prompt]
+        chosen = encoder.encode(prompts, list(frame.chosen))
+        rejected = encoder.encode(prompts, list(frame.rejected))
+        margins = margin_scale * np.abs(frame.gold_chosen.to_numpy() - frame.gold_rejected.to_numpy())
+        self.items = [(c, j, float(m)) for c, j, m in zip(chosen, rejected, margins)
+                      if not (c.truncated or j.truncated)]  # filter, never train on a truncated response
+        self.dropped = len(frame) - len(self.items)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -141,6 +141,14 @@ def messages(prompt) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
 
 
+def sample_chats(samples: pd.DataFrame) -> list[list[dict]]:
+    """Each sample's prompt as chat messages, one list object per prompt_id shared by all its rows (records are keyed
+    by id: a prompt_id has one prompt), so it is parsed once and an encoder renders its template once."""
+    first = samples.drop_duplicates("prompt_id")
+    chats = {pid: messages(p) for pid, p in zip(first.prompt_id, first.prompt)}
+    return [chats[pid] for pid in samples.prompt_id]
+
+
 def read_sample_shards(artifact: Path) -> pd.DataFrame:
     """All shards of a bon_sample or ppo_sample artifact as one frame, ordered by its keys ((step,) prompt_id,
     sample_idx)."""

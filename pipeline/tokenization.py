@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+import numpy as np
 import torch
 
 Message = dict  # {"role": ..., "content": ...}
@@ -129,23 +130,29 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right",
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) int64 arrays of token-id rows padded to `width` (default the longest row) on `padding_side`."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    width = int(lengths.max(initial=0)) if width is None else width
+    offsets = width - lengths if padding_side == "left" else np.zeros_like(lengths)
+    # one flat copy of every id instead of a tensor per row: per-row copies were a third of scoring time
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    row_of = np.repeat(np.arange(len(rows)), lengths)
+    col_of = np.repeat(offsets, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    ids[row_of, col_of] = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))
+    positions = np.arange(width)[None, :]
+    mask = (positions >= offsets[:, None]) & (positions < (offsets + lengths)[:, None])
+    return ids, mask.astype(np.int64)
+
+
 def collate(encoded: list[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch; returns input_ids, attention_mask and response_mask (1 on response tokens only)."""
-    import numpy as np
-
-    lengths = np.array([len(e.input_ids) for e in encoded])
-    starts = np.array([e.response_start for e in encoded])
-    width = int(lengths.max())
-    offsets = width - lengths if padding_side == "left" else np.zeros_like(lengths)
-    # one flat copy of every id instead of a tensor per row: collation was a third of scoring time
-    ids = np.full((len(encoded), width), pad_id, dtype=np.int64)
-    rows = np.repeat(np.arange(len(encoded)), lengths)
-    cols = np.repeat(offsets, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-    ids[rows, cols] = np.fromiter((t for e in encoded for t in e.input_ids), dtype=np.int64, count=int(lengths.sum()))
-    positions = np.arange(width)[None, :]
-    attn = (positions >= offsets[:, None]) & (positions < (offsets + lengths)[:, None])
-    resp = attn & (positions >= (offsets + starts)[:, None])
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn.astype(np.int64)),
+    ids, attn = pad_rows([e.input_ids for e in encoded], pad_id, padding_side)
+    first = np.argmax(attn, axis=1)  # each row's first real token (0 with right padding)
+    starts = first + np.array([e.response_start for e in encoded], dtype=np.int64)
+    resp = attn.astype(bool) & (np.arange(ids.shape[1])[None, :] >= starts[:, None])
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
             "response_mask": torch.from_numpy(resp.astype(np.int64))}
 
 
@@ -212,6 +219,24 @@ class ConversationEncoder:
             self._heads[key] = _template_ids(self.tokenizer, messages, add_generation_prompt=True)
         return self._heads[key]
 
+    def _heads_of(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """`_head` of each prompt. Callers pass one object for every sample of a prompt: the ids are looked up by
+        identity within the call (the objects outlive it, so no id is reused), by content once per object."""
+        by_identity: dict[int, list[int]] = {}
+        heads = []
+        for p in prompts:
+            head = by_identity.get(id(p))
+            if head is None:
+                head = by_identity[id(p)] = self._head(p)
+            heads.append(head)
+        return heads
+
+    def _content_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each response without special tokens; each distinct text tokenized once."""
+        distinct = list(dict.fromkeys(responses))
+        ids = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+        return [ids[r] for r in responses]
+
     def _compose(self, head: list[int], content: list[int]) -> Encoded:
         full = head + list(content) + self.suffix
         return Encoded(full[:self.max_length], min(len(head), self.max_length), len(full) > self.max_length)
@@ -223,8 +248,8 @@ class ConversationEncoder:
         if self.suffix is None:
             return exact + [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
                             for p, r in zip(prompts[len(exact):], responses[len(exact):])]
-        contents = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if len(responses) else []
-        fast = [self._compose(self._head(p), c) for p, c in zip(prompts, contents)]
+        contents = self._content_ids(responses)
+        fast = [self._compose(h, c) for h, c in zip(self._heads_of(prompts), contents)]
         if any(e != f for e, f in zip(exact, fast)):
             _warn_once(self.tokenizer, "chat template does not compose as prompt + response tokens + suffix; "
                                        "encoding every pair through the full template (slower)")

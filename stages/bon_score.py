@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline.config import ScorerStageConfig
 from pipeline.distributed import data_parallel_ranks
-from pipeline.records import SCORE_COLUMNS, messages, read_records, read_sample_shards, sample_keys, write_records
+from pipeline.records import SCORE_COLUMNS, read_records, read_sample_shards, sample_chats, sample_keys, write_records
 from pipeline.scoring import (
     SequenceTooLongError,
     build_scorer,
@@ -60,7 +60,7 @@ def run(cfg: ScorerStageConfig, inputs: dict[str, Path], out: Path) -> None:
         scorer = data_parallel(build_scorer(cfg, inputs, strict_length=True), ranks)
         extras = {} if cfg.proxy is not None and cfg.proxy.type == "inform" else None
         try:
-            texts = [messages(p) for p in samples.prompt], list(samples.response)
+            texts = sample_chats(samples), list(samples.response)
             values = scorer.score(*texts) if extras is None else scorer.score(*texts, extras=extras)
         except SequenceTooLongError as e:
             raise SequenceTooLongError(f"{cfg.name}: {e}; raise bon.score_max_length") from None

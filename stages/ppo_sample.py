@@ -65,6 +65,7 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
     pad_id = pad_token_id(tokenizer)
     prompts = pd.read_parquet(inputs["prompts"] / "eval_prompts.parquet")  # the best-of-n evaluation prompts
     chat = [messages(p) for p in prompts.prompt]
+    prompt_keys = prompts.prompt_id.to_numpy()
     heads = [prompt_ids(tokenizer, m) for m in chat]
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                               batch_size=cfg.batch_size)
@@ -103,10 +104,10 @@ def run(cfg: PPOSampleStageConfig, inputs: dict[str, Path], out: Path) -> None:
             proxy = score_rollouts(scorer, tokenizer, [chat[r["prompt_index"]] for r in rows], query_rows,
                                    [r["token_ids"] for r in rows], [r["response"] for r in rows], extras)
             check_finite(proxy, cfg.scorer.name,
-                         [(prompts.prompt_id[r["prompt_index"]], r["sample_idx"]) for r in rows],
+                         [(prompt_keys[r["prompt_index"]], r["sample_idx"]) for r in rows],
                          ("prompt_id", "sample_idx"), where=f"samples of the step-{step} export")
             frame = pd.DataFrame(rows).drop(columns=["token_ids", "stop_id"])
-            frame["prompt_id"] = prompts.prompt_id.to_numpy()[frame.prompt_index]
+            frame["prompt_id"] = prompt_keys[frame.prompt_index]
             frame["prompt"] = prompts.prompt.to_numpy()[frame.prompt_index]
             frame = frame.assign(step=step, kl_k1=k1, kl_k3=k3, proxy_score=proxy)
             columns = RL_SAMPLE_COLUMNS + (["outlier"] if extras is not None else [])

@@ -139,3 +139,53 @@ def test_collate_pads_and_masks_each_row(side):
     assert batch["input_ids"].tolist() == rows[0]
     assert batch["attention_mask"].tolist() == rows[1]
     assert batch["response_mask"].tolist() == rows[2]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_rows_to_a_given_width(side):
+    from pipeline.tokenization import pad_rows
+
+    ids, mask = pad_rows([[3, 4], [], [5, 6, 7]], pad_id=9, padding_side=side, width=4)
+    expected = {"right": [[3, 4, 9, 9], [9, 9, 9, 9], [5, 6, 7, 9]], "left": [[9, 9, 3, 4], [9, 9, 9, 9], [9, 5, 6, 7]]}
+    assert ids.tolist() == expected[side]
+    assert mask.tolist() == [[int(t != 9) for t in row] for row in expected[side]]
+    assert pad_rows([], pad_id=0)[0].shape == (0, 0)
+
+
+def test_pair_dataset_encodes_both_sides_as_the_full_template_does():
+    """The batched encoder behind proxy training gives each side the ids of its conversation rendered through the
+    template alone, drops a pair with a truncated side, and keeps each pair's margin."""
+    import pandas as pd
+
+    from pipeline.preference_pairs import PairDataset
+    from tests.test_generation import gemma_like_tokenizer
+
+    tok = gemma_like_tokenizer()
+    prompt = [{"role": "user", "content": "hello"}]
+    frame = pd.DataFrame({"prompt": [prompt, prompt, [{"role": "user", "content": "world"}]],
+                          "chosen": ["hello world", "hello", "world " * 40],
+                          "rejected": ["world", "hello", "hello"],
+                          "gold_chosen": [1.0, 0.5, 2.0], "gold_rejected": [0.25, 0.5, 0.0]})
+    data = PairDataset(frame, tok, max_length=16, margin_scale=2.0)
+    assert data.dropped == 1 and len(data) == 2  # the third pair's chosen side exceeds 16 tokens
+    for (c, j, margin), row in zip(data, frame.itertuples()):
+        assert c == encode_conversation(tok, row.prompt, row.chosen, 16)
+        assert j == encode_conversation(tok, row.prompt, row.rejected, 16)
+        assert margin == 2.0 * abs(row.gold_chosen - row.gold_rejected)
+
+
+def test_sample_chats_share_one_message_list_per_prompt():
+    """Samples of one prompt get one parsed message list (the encoder renders its template once), equal to parsing
+    each row's stored prompt."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.records import messages, sample_chats
+
+    stored = {"a": np.array([{"role": "user", "content": "one"}], dtype=object),
+              "b": np.array([{"role": "user", "content": "two"}], dtype=object)}
+    samples = pd.DataFrame({"prompt_id": ["a", "b", "a", "b", "a"]})
+    samples["prompt"] = [stored[p] for p in samples.prompt_id]
+    chats = sample_chats(samples)
+    assert chats == [messages(p) for p in samples.prompt]
+    assert chats[0] is chats[2] is chats[4] and chats[1] is chats[3] and chats[0] is not chats[1]

@@ -17,6 +17,7 @@ from pipeline.config import SamplingConfig
 from pipeline.generation import generate_ids, left_pad
 from pipeline.ppo.models import position_ids, response_logprobs
 from pipeline.scoring import check_finite, score_rollouts
+from pipeline.tokenization import pad_rows
 
 
 @dataclass
@@ -102,12 +103,8 @@ def sequence_logprobs(model, query_rows: Sequence[Sequence[int]], response_rows:
     for s in range(0, len(query_rows), batch_size):
         queries, responses = query_rows[s:s + batch_size], response_rows[s:s + batch_size]
         q_ids, q_mask = left_pad(queries, pad_id)
-        T = max(1, max(len(r) for r in responses))
-        r_ids = torch.full((len(responses), T), pad_id, dtype=torch.long)
-        r_mask = torch.zeros_like(r_ids)
-        for i, r in enumerate(responses):
-            r_ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-            r_mask[i, :len(r)] = 1
+        r_ids, r_mask = (torch.from_numpy(a) for a in pad_rows(
+            responses, pad_id, width=max(1, max(len(r) for r in responses))))
         ids = torch.cat([q_ids, r_ids], 1).to(device)
         attn = torch.cat([q_mask, r_mask], 1).to(device)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
