@@ -600,12 +600,20 @@ def run_job(node: StageNode, job_dir: Path, machines: MachineArgs | None = None,
             rank, line, trace = first
             log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
             message += f": rank {rank}: {line}"
+        else:  # killed by a signal (a native abort, the OOM killer) or exited without a Python error
+            total = node.num_processes * (machines.num_machines if machines else 1)
+            message += (": no rank raised a Python error; each rank's last phase: "
+                        + ", ".join(f"rank {r} {phase}" for r, phase in rank_phases(Path(job_dir), total).items()))
         raise RuntimeError(message)
     return rank_peak_memory(Path(job_dir))
 
 
 RANK_ERROR = "error_rank{rank}.txt"  # written by pipeline.stage_main beside the job file when a rank's stage raises
 PEAK_MEMORY = "peak_memory_rank{rank}.json"  # written by pipeline.stage_main beside the job file when a rank succeeds
+RANK_PHASE = "phase_rank{rank}.txt"  # written by pipeline.stage_main beside the job file as a rank moves on
+# the phases a rank passes through (pipeline.stage_main), in order; a rank that dies natively stops at one of them
+PHASES = ("starting", "running the stage", "closing the process group",
+          "finished (a death after this came at interpreter exit)")
 
 
 def peak_memory_record(rank: int) -> dict:
@@ -625,6 +633,18 @@ def rank_peak_memory(job_dir: Path) -> list[dict]:
     """Every rank's `peak_memory_record`, in rank order, from the files the ranks left in `job_dir`."""
     records = [json.loads(f.read_text()) for f in job_dir.glob(PEAK_MEMORY.format(rank="*"))]
     return sorted(records, key=lambda r: r["rank"])
+
+
+def rank_phases(job_dir: Path, world_size: int) -> dict[int, str]:
+    """The last phase (`PHASES`) each of `world_size` ranks recorded in `job_dir`, "not started" for one that recorded
+    none: where a rank that left no Python error died."""
+    phases = {}
+    for rank in range(world_size):
+        try:
+            phases[rank] = (job_dir / RANK_PHASE.format(rank=rank)).read_text().strip() or "not started"
+        except OSError:
+            phases[rank] = "not started"
+    return phases
 
 
 def first_rank_error(job_dir: Path) -> tuple[str, str, str] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.runner import PEAK_MEMORY, RANK_ERROR, die_with_parent, peak_memory_record
+from pipeline.runner import PEAK_MEMORY, PHASES, RANK_ERROR, RANK_PHASE, die_with_parent, peak_memory_record
 
 log = logging.getLogger("overopt")
 
@@ -60,22 +60,36 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() == 1:  # the launcher died before the line above took effect
         return 1
     rank = os.environ.get("RANK", "0")
+    job_dir = Path(argv[0]).parent
+    _record_phase(job_dir, rank, 0)
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"[rank {rank}] %(message)s")
     stage, cfg, inputs, out = load_job(argv[0])
     # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
     module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
+    _record_phase(job_dir, rank, 1)
     try:
         module.run(cfg, inputs, out)
     except BaseException as e:
-        _record_error(Path(argv[0]).parent, rank, e)
+        _record_error(job_dir, rank, e)
         raise
     try:  # for the stage's manifest (`overopt status`, scripts/gpu_check.sh); best effort
-        (Path(argv[0]).parent / PEAK_MEMORY.format(rank=rank)).write_text(json.dumps(peak_memory_record(int(rank))))
+        (job_dir / PEAK_MEMORY.format(rank=rank)).write_text(json.dumps(peak_memory_record(int(rank))))
     except OSError:
         pass
+    _record_phase(job_dir, rank, 2)
     _close_process_group()
+    _record_phase(job_dir, rank, 3)
     return 0
+
+
+def _record_phase(job_dir: Path, rank: str, phase: int) -> None:
+    """Leave this rank's phase (`PHASES`) beside the job file: a rank killed natively (a signal) writes no error, and
+    the launcher's message then says where each rank stopped. Best effort."""
+    try:
+        (job_dir / RANK_PHASE.format(rank=rank)).write_text(PHASES[phase])
+    except OSError:
+        pass
 
 
 def _record_error(job_dir: Path, rank: str, error: BaseException) -> None:

@@ -11,7 +11,8 @@ VERSION = "1"
 
 class FailConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: str = "ok"  # ok | value | nonfinite | multiline | oom | config | full_disk_on_rank1
+    # ok | value | nonfinite | multiline | oom | config | full_disk_on_rank1 | abort_on_rank1 | abort_at_exit_on_rank1
+    kind: str = "ok"
 
 
 def run(cfg: FailConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -41,6 +42,17 @@ def run(cfg: FailConfig, inputs: dict[str, Path], out: Path) -> None:
 
         if os.environ.get("RANK") == "1":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "shard_00001.parquet"))
+        time.sleep(1)
+        return
+    if cfg.kind in ("abort_on_rank1", "abort_at_exit_on_rank1"):  # a native crash: no Python error to record
+        import atexit
+        import os
+        import time
+
+        if os.environ.get("RANK") == "1":
+            if cfg.kind == "abort_on_rank1":
+                os.abort()
+            atexit.register(os.abort)  # after the stage and the process group's close, as the interpreter exits
         time.sleep(1)
         return
     raise AssertionError(cfg.kind)

@@ -93,3 +93,18 @@ def test_a_failing_rank_names_its_error_in_the_one_line_and_the_log(tmp_path, ca
     assert "rank 1 of stage score[bt] failed" in _log(tmp_path) and "Traceback" in _log(tmp_path)
     assert set(Path(tempfile.gettempdir()).glob("overopt-*")) == system_tmp
     assert not list((tmp_path / "cache" / ".tmp").iterdir())
+
+
+@pytest.mark.parametrize("kind, rank1_phase", [("abort_on_rank1", "running the stage"),
+                                               ("abort_at_exit_on_rank1", "finished")])
+def test_a_rank_killed_natively_is_named_with_the_phase_it_reached(tmp_path, capsys, monkeypatch, kind, rank1_phase):
+    """A rank that dies by a signal (here SIGABRT, as a native library's abort) leaves no Python error: the one-line
+    error says so and where each rank had got to, so a crash in the stage's work is told from one at teardown."""
+    node = StageNode("score[bt]", "tests.failing_stages", FailConfig(kind=kind), launcher="accelerate",
+                     num_processes=2)
+    monkeypatch.setattr(pipeline.study, "build_stages", lambda cfg: [node])
+    code, err, _ = _run(tmp_path, capsys)
+    assert code == 1
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "failed under accelerate launch" in line and "no rank raised a Python error" in line
+    assert f"rank 1 {rank1_phase}" in line and "rank 0 " in line
