@@ -152,13 +152,13 @@ def cmd_run(cfg: StudyConfig, args) -> int:
             from pipeline.worlds import write_world_report
 
             study, points = sweep
-            readme = write_world_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
+            readme = write_world_report(study, points, cache, Path(cfg.run.reports_dir))
             print(f"study over {len(points)} worlds: {readme}")
         else:
             from pipeline.sweep import write_sweep_report
 
             study, points = sweep
-            readme = write_sweep_report(study, points, cache, Path(cfg.run.reports_dir), time.time() - t0)
+            readme = write_sweep_report(study, points, cache, Path(cfg.run.reports_dir))
             print(f"sweep of {len(points)} points: {readme}")
         if session is not None:
             session.finish("done")

@@ -285,10 +285,10 @@ def sweep_tables(study: StudyConfig, points: list[SweepPoint], cache) -> dict[st
             "differences": with_holm(differences) if len(differences) else differences}
 
 
-def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path,
-                       wall_s: float | None = None) -> Path:
-    """Write the sweep report (module docstring) into `out`; return its README.md. `wall_s`: how long the run that
-    made it took, said in the README beside the compute time of the sweep's distinct stages (their manifests')."""
+def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path) -> Path:
+    """Write the sweep report (module docstring) into `out`; return its README.md. Its content is a function of the
+    cache alone (the compute time is the stages' manifests', not this run's), so a cached re-run rewrites it
+    unchanged."""
     from pipeline import plots
     from pipeline.comparison_stats import design_text, p_text
     from pipeline.seed_stats import mean_sd_text
@@ -307,7 +307,7 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
              "| point | " + " | ".join(keys) + " | report |", "|" + "---|" * (len(keys) + 2)]
     parts += [f"| {p.name} | " + " | ".join(value_text(v) for v in p.values.values())
               + f" | [points/{p.name}](points/{p.name}/README.md) |" for p in points]
-    parts += ["", *time_lines(points, cache, wall_s), ""]
+    parts += ["", time_line(points, cache), ""]
 
     runs, groups, diffs = tables["runs"], tables["groups"], tables["differences"]
     measures = list(dict.fromkeys(groups.measure))
@@ -347,9 +347,9 @@ def write_sweep_report(study: StudyConfig, points: list[SweepPoint], cache, out:
     return readme
 
 
-def time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[str]:
-    """How long the sweep took: the summed wall time of its distinct stages (from their manifests, whichever run
-    made them) and this run's own wall time."""
+def time_line(points: list[SweepPoint], cache) -> str:
+    """How long the sweep's work took: the summed wall time of its distinct stages, from their manifests (whichever
+    run made them; how long this run took depends on what was cached, and is in its log)."""
     from pipeline.cache import ArtifactCache
     from pipeline.runner import Runner
     from pipeline.study import build_stages
@@ -363,7 +363,5 @@ def time_lines(points: list[SweepPoint], cache, wall_s: float | None) -> list[st
             state = sized.check(key, fp)
             if state.status == "cached":  # a missing or damaged artifact has no time to add
                 seen[(key, fp)] = float(state.manifest.get("wall_time_s", 0.0))
-    line = (f"Compute: {len(seen)} distinct stages, {markdown.duration(sum(seen.values()))} of stage wall time in all "
-            "(from their manifests, whichever run made them)")
-    ran = f"; the run that wrote this report took {markdown.duration(wall_s)}." if wall_s is not None else "."
-    return [line + ran]
+    return (f"Compute: {len(seen)} distinct stages, {markdown.duration(sum(seen.values()))} of stage wall time in all "
+            "(from their manifests, whichever run made them).")

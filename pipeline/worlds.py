@@ -42,7 +42,7 @@ import pandas as pd
 
 from pipeline import markdown
 from pipeline.config import StudyConfig
-from pipeline.sweep import SweepPoint, measure_order, point_config, point_runs, rl_point_runs, time_lines
+from pipeline.sweep import SweepPoint, measure_order, point_config, point_runs, rl_point_runs, time_line
 
 POINTS_DIR = "worlds"  # each world's report: <reports_dir>/worlds/<point>/
 
@@ -201,10 +201,9 @@ def _num(v: float, fmt: str = ".3f") -> str:
     return f"{v:{fmt}}" if np.isfinite(v) else "—"
 
 
-def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path,
-                       wall_s: float | None = None) -> Path:
-    """Write the report over worlds (module docstring) into `out`; return its README.md. `wall_s`: how long the run
-    that made it took."""
+def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out: Path) -> Path:
+    """Write the report over worlds (module docstring) into `out`; return its README.md, a function of the cache
+    alone (see `pipeline.sweep.write_sweep_report`)."""
     from pipeline import plots
     from pipeline.comparison_stats import design_text, p_text, verdicts
 
@@ -224,7 +223,7 @@ def write_world_report(study: StudyConfig, points: list[SweepPoint], cache, out:
              "| world | world.seed | policy.seed | report |", "|---|---|---|---|"]
     parts += [f"| {p.name} | {p.values['world.seed']} | {p.values['policy.seed']} | "
               f"[{POINTS_DIR}/{p.name}]({POINTS_DIR}/{p.name}/README.md) |" for p in points]
-    parts += ["", *time_lines(points, cache, wall_s), ""]
+    parts += ["", time_line(points, cache), ""]
 
     parts += ["## Over worlds: the mean and the two sources of spread", "",
               "Per entry and measure: the mean over every run of every world, with its 95 % t-interval over the world "
