@@ -191,6 +191,19 @@ def peak_row(curve):
     return curve.loc[curve.gold.idxmax()]
 
 
+def with_proxy_rel_std(table, initial_proxy: np.ndarray):
+    """The curve table with proxy_rel_std(_lo, _hi) after proxy_rel_hi: proxy_rel (and its CI) in units of the
+    sample standard deviation of the initial policy's proxy scores (every prompt's samples pooled), so proxies of
+    different scales share an axis. One definition for the best-of-n and the RL curves."""
+    initial_proxy = np.asarray(initial_proxy)
+    sd = float(np.std(initial_proxy, ddof=1)) if initial_proxy.size > 1 else float("nan")
+    out = table.copy()
+    at = list(out.columns).index("proxy_rel_hi") + 1
+    for offset, suffix in enumerate(("", "_lo", "_hi")):
+        out.insert(at + offset, f"proxy_rel_std{suffix}", out[f"proxy_rel{suffix}"] / sd)
+    return out
+
+
 def empirical_peak(per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
     """The curve's empirical peak (the distance of the first maximum of the mean curve) with a bootstrap CI.
 

@@ -2,7 +2,7 @@
 
 Conventions shared by the curve plots: x is d = √KL; gold is drawn relative to the initial policy with its CI over
 prompts; the proxy panel shows the proxy standardised by its spread over the initial policy's samples when every
-table has that column (bon_curve's proxy_rel_std, the RL curves' proxy_std), so different reward models share a
+table has that column (proxy_rel_std, of best-of-n's and the RL curves alike), so different reward models share a
 scale, and the raw relative proxy otherwise. A Gao fit passed in `fits` (a curve stage's fit.json) is drawn over its
 points, dashed, with its residuals (mean − fit, error bars the points' CIs) in a panel under the gold panel; a fit
 whose `fit_check` failed is drawn dotted and labelled "fit fails check". `labels` maps run / proxy names to what the
@@ -199,7 +199,7 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
                    labels: dict[str, str] | None = None) -> None:
     """RL runs (solid; √ of the KL measured on samples, with its CI as horizontal error bars; the gold CI band when a
     label has one run) and best-of-n curves (dash-dot, squares) on shared axes: gold relative to the initial policy
-    (left), proxy relative to it (right; standardised when every table has proxy_std / proxy_rel_std). RL points are
+    (left), proxy relative to it (right; standardised when every table has proxy_rel_std). RL points are
     joined in order of their measured KL, which can drop between exports, not in step order. Best-of-n is drawn at its
     estimated KL when every best-of-n table has sqrt_kl_estimated (the KL it has, comparable with RL's
     measurement), else at the bound. One colour per label; a best-of-n curve with the same label as some runs shares
@@ -209,8 +209,7 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
     one-run label) draws those fits with a residual panel. `labels` names the labels in the legends."""
     fits = {k: v if isinstance(v, list) else [v] for k, v in (fits or {}).items()}
     labels = labels or {}
-    standardised = (all("proxy_std" in t for ts in runs.values() for t in ts)
-                    and all("proxy_rel_std" in t for t in bon.values()))
+    standardised = all("proxy_rel_std" in t for t in [*(t for ts in runs.values() for t in ts), *bon.values()])
     bon_x = "sqrt_kl_estimated" if bon and all("sqrt_kl_estimated" in t for t in bon.values()) else "sqrt_kl_bound"
     any_fit = any(_has_fit(f) for label, fs in fits.items() if label in runs for f in fs)
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys([*runs, *bon]))}
@@ -224,7 +223,7 @@ def plot_rl_curves(runs: dict[str, list[pd.DataFrame]], bon: dict[str, pd.DataFr
                      "capsize": 0}
             xerr = _kl_xerr(rl)
             gold_ax.errorbar(rl.sqrt_kl, rl.gold_rel, xerr=xerr, fmt="-o", label=name, **style)
-            proxy_ax.errorbar(rl.sqrt_kl, rl.proxy_std if standardised else rl.proxy_rel, xerr=xerr, fmt="-o",
+            proxy_ax.errorbar(rl.sqrt_kl, rl.proxy_rel_std if standardised else rl.proxy_rel, xerr=xerr, fmt="-o",
                               label=name, **style)
             if len(tables) == 1:
                 gold_ax.fill_between(rl.sqrt_kl, rl.gold_rel_lo, rl.gold_rel_hi, color=colors[label], alpha=0.2)

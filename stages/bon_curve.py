@@ -48,7 +48,7 @@ from pipeline.bon import (
 )
 from pipeline.config import BonCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
-from pipeline.gao import bootstrap_fit, check_curve_fit, fit_bon, peak_row
+from pipeline.gao import bootstrap_fit, check_curve_fit, fit_bon, peak_row, with_proxy_rel_std
 from pipeline.plots import plot_bon_curves
 from pipeline.records import (
     SCORE_COLUMNS,
@@ -123,17 +123,6 @@ def response_matrix(samples: pd.DataFrame, prompt_ids: list[str], sample_ids: li
         raise RecordError(f"{source}: no sample record for scored (prompt_id, sample_idx) "
                           f"{holes[holes].index[:3].tolist()}; the scores were not made from these samples")
     return texts.to_numpy(dtype=object)
-
-
-def with_proxy_rel_std(table: pd.DataFrame, proxy: np.ndarray) -> pd.DataFrame:
-    """The table with proxy_rel_std(_lo, _hi) after proxy_rel_hi: proxy_rel (and its CI) divided by the sample
-    standard deviation of all the proxy's scores (every prompt's samples pooled; the initial policy's samples)."""
-    sd = float(np.std(proxy, ddof=1)) if proxy.size > 1 else float("nan")
-    out = table.copy()
-    at = list(out.columns).index("proxy_rel_hi") + 1
-    for offset, suffix in enumerate(("", "_lo", "_hi")):
-        out.insert(at + offset, f"proxy_rel_std{suffix}", out[f"proxy_rel{suffix}"] / sd)
-    return out
 
 
 def with_outlier(table: pd.DataFrame, proxy: np.ndarray, outlier: np.ndarray, ns: list[int], n_boot: int, ci: float,

@@ -8,9 +8,10 @@ fitted to the relative gold against d = √KL (k1; a negative estimate near 0 co
 over prompts (each resample's mean per-prompt relative gold refitted at the measured d) gives CIs of α, β and the peak
 d*, and its R² on the mean curve (`gao_fit_bootstrap`).
 
-proxy_std (with _lo/_hi) is proxy_rel in units of the standard deviation of the step-0 per-sample proxy scores (all
-prompts pooled): (proxy − proxy at step 0) / sd, each proxy on its own spread over the initial policy's samples, so
-proxies with different scales can share an axis (raw proxy and proxy_rel kept).
+proxy_rel_std (with _lo/_hi) is proxy_rel in units of the standard deviation of the step-0 per-sample proxy scores
+(all prompts pooled): (proxy − proxy at step 0) / sd, each proxy on its own spread over the initial policy's samples,
+so proxies with different scales can share an axis (raw proxy and proxy_rel kept); the same column, defined once
+(`gao.with_proxy_rel_std`), as best-of-n's.
 
 Is the fit a description of the data? fit.json's `empirical_peak_ci` is the empirical gold peak (first maximum of the
 mean curve, in √KL) with a bootstrap CI over prompts (`gao.empirical_peak`, same resamples as the fit), and
@@ -40,7 +41,7 @@ import pandas as pd
 from pipeline.bon import bootstrap_ci
 from pipeline.config import PPOCurveStageConfig
 from pipeline.examples import example, example_prompt_ids, lookup, write_examples
-from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl, peak_row
+from pipeline.gao import bootstrap_fit, check_curve_fit, fit_rl, peak_row, with_proxy_rel_std
 from pipeline.plots import plot_rl_curves
 from pipeline.records import (
     SCORE_COLUMNS,
@@ -51,7 +52,7 @@ from pipeline.records import (
     write_curve,
 )
 
-VERSION = "4"
+VERSION = "5"  # 5: proxy_std renamed proxy_rel_std (best-of-n's name), its sd taken by numpy
 log = logging.getLogger("overopt")
 
 QUANTITIES = ["kl_k1", "kl_k3", "proxy", "gold"]
@@ -66,7 +67,7 @@ def per_prompt_means(samples: pd.DataFrame, quantities: list[str] = QUANTITIES) 
 def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
                    source: Path | str = "RL samples") -> pd.DataFrame:
     """One row per export step: kl_k1, kl_k3, sqrt_kl, proxy, gold, proxy_rel, gold_rel, each with _lo/_hi CIs, and
-    proxy_std(_lo, _hi): proxy_rel over the standard deviation of the step-0 samples' proxy scores. Samples with an
+    proxy_rel_std(_lo, _hi): proxy_rel over the standard deviation of the step-0 samples' proxy scores. Samples with an
     `outlier` column (an InfoRM proxy's latent outlier score) add its mean, outlier(_lo, _hi), as the last columns."""
     extra = ["outlier"] if "outlier" in samples.columns else []
     m = per_prompt_means(samples, QUANTITIES + extra)
@@ -85,12 +86,7 @@ def rl_curve_table(samples: pd.DataFrame, n_boot: int, ci: float, seed: int,
         table[name], table[f"{name}_lo"], table[f"{name}_hi"] = mean[sl], lo[sl], hi[sl]
     table = pd.DataFrame(table)
     table.insert(1, "sqrt_kl", np.sqrt(table.kl_k1.clip(lower=0.0)))
-    step0 = samples.proxy[samples.step == 0]
-    sd = float(step0.std(ddof=1)) if len(step0) > 1 else float("nan")
-    at = list(table.columns).index("proxy_rel_hi") + 1
-    for offset, suffix in enumerate(("", "_lo", "_hi")):
-        table.insert(at + offset, f"proxy_std{suffix}", table[f"proxy_rel{suffix}"] / sd)
-    return table
+    return with_proxy_rel_std(table, samples.proxy[samples.step == 0].to_numpy())
 
 
 def run(cfg: PPOCurveStageConfig, inputs: dict[str, Path], out: Path) -> None:

@@ -13,7 +13,7 @@ def rl_table() -> pd.DataFrame:
     t = pd.DataFrame({"step": [0, 1, 2, 4, 8], "kl_k1": kl, "kl_k1_lo": kl * 0.8, "kl_k1_hi": kl * 1.2,
                       "sqrt_kl": np.sqrt(kl), "gold_rel": [0.0, 0.2, 0.1, 0.25, -0.3],
                       "proxy_rel": [0.0, 1.0, 2.0, 1.5, 3.0]})
-    return t.assign(gold_rel_lo=t.gold_rel - 0.05, gold_rel_hi=t.gold_rel + 0.05, proxy_std=t.proxy_rel / 2)
+    return t.assign(gold_rel_lo=t.gold_rel - 0.05, gold_rel_hi=t.gold_rel + 0.05, proxy_rel_std=t.proxy_rel / 2)
 
 
 def capture(monkeypatch) -> dict:
@@ -52,7 +52,7 @@ def test_plots_without_fits_keep_two_panels(monkeypatch, tmp_path):
     plots.plot_rl_curves({"bt": [rl_table(), rl_table()]}, {}, tmp_path / "rl.png", "t")
     assert seen["residual"] is None
     assert "in sd" in seen["axes"][1].get_ylabel()
-    plots.plot_rl_curves({"bt": [rl_table().drop(columns="proxy_std")]}, {}, tmp_path / "raw.png", "t")
+    plots.plot_rl_curves({"bt": [rl_table().drop(columns="proxy_rel_std")]}, {}, tmp_path / "raw.png", "t")
     assert "in sd" not in seen["axes"][1].get_ylabel()  # a table without the column: raw relative proxy
 
 

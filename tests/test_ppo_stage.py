@@ -289,8 +289,8 @@ def test_curves_check_their_fits_and_standardise_the_proxy(study):
     samples = read_sample_shards(study["art"]["ppo_sample[bt]"])
     sd = samples.proxy_score[samples.step == 0].std(ddof=1)
     for suffix in ("", "_lo", "_hi"):
-        np.testing.assert_allclose(curve[f"proxy_std{suffix}"], curve[f"proxy_rel{suffix}"] / sd)
-    assert curve.proxy_std.iloc[0] == pytest.approx(0.0, abs=1e-12)
+        np.testing.assert_allclose(curve[f"proxy_rel_std{suffix}"], curve[f"proxy_rel{suffix}"] / sd)
+    assert curve.proxy_rel_std.iloc[0] == pytest.approx(0.0, abs=1e-12)
     fit = json.loads((art / "fit.json").read_text())
     peak = fit["empirical_peak_ci"]
     assert peak["step"] == fit["empirical_peak"]["step"]
