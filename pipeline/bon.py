@@ -364,11 +364,19 @@ def bootstrap_ci(per_prompt: np.ndarray, n_boot: int, ci: float = 0.95, seed: in
         raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci must lie in (0, 1), got {ci}")
-    P, K = x.shape
     mean = x.mean(axis=0)
     if n_boot == 0:
         return mean, mean.copy(), mean.copy()
+    lo, hi = np.quantile(resampled_means(x, n_boot, seed), [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], axis=0)
+    return mean, lo, hi
 
+
+def resampled_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, K): the column means of each of `n_boot` resamples, with replacement, of the rows (prompts) of the
+    (P, K) matrix `x`. The one prompt bootstrap of the project (`bootstrap_ci`, the Gao fits' and empirical peaks'
+    CIs): the draws come from a numpy Generator seeded with `seed` and depend only on (seed, P, n_boot), so every
+    caller with the same seed resamples the same prompts."""
+    P, K = x.shape
     rng = np.random.default_rng(seed)
     boot = np.empty((n_boot, K))
     chunk = max(1, _BOOT_CHUNK_ENTRIES // P)
@@ -379,8 +387,7 @@ def bootstrap_ci(per_prompt: np.ndarray, n_boot: int, ci: float = 0.95, seed: in
         # mean without materialising a (b, P, K) array.
         counts = np.bincount((idx + P * np.arange(b)[:, None]).ravel(), minlength=b * P).reshape(b, P)
         boot[start:start + b] = counts @ x / P
-    lo, hi = np.quantile(boot, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], axis=0)
-    return mean, lo, hi
+    return boot
 
 
 # ---------------------------------------------------------------------------------------------------------------------

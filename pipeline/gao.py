@@ -18,6 +18,8 @@ import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.special import xlogy
 
+from pipeline.bon import resampled_means
+
 
 def gao_bon(d, alpha: float, beta: float):
     """Gao et al.'s BoN form R(d) = d(α − β d), d = √KL, R relative to the initial policy."""
@@ -99,20 +101,6 @@ def _peak(form: str, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     return np.where(beta > 0, d_star, math.inf)
 
 
-def _resampled_mean_curves(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, points): the mean curve of each bootstrap resample of the prompts (rows) of `x`.
-
-    Prompts are drawn with replacement by a numpy Generator seeded with `seed`; the draws depend only on (seed,
-    prompts, n_boot), so `bootstrap_fit` and `empirical_peak` with the same seed use the same resamples.
-    """
-    P = x.shape[0]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, P, size=(n_boot, P))
-    # counts[r, p]: how often resample r drew prompt p; one product then gives every resample's mean curve
-    counts = np.bincount((idx + P * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * P)
-    return counts.reshape(n_boot, P) @ x / P
-
-
 def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
     """Gao et al.'s `form` ("bon": d(α − βd), "rl": d(α − β log d)) fitted to the mean over prompts of `per_prompt`,
     with percentile-bootstrap CIs over prompts.
@@ -164,7 +152,7 @@ def bootstrap_fit(form: str, per_prompt, d, n_boot: int = 1000, ci: float = 0.95
     else:
         # Both forms are linear in (α, β), so each resample's least-squares fit (what curve_fit converges to from
         # the linear solution) is one column of a single multi-target lstsq.
-        curves = _resampled_mean_curves(x, n_boot, seed)
+        curves = resampled_means(x, n_boot, seed)
         design = np.stack([model(d, 1.0, 0.0), model(d, 0.0, 1.0)], axis=1)
         (alpha_b, beta_b) = np.linalg.lstsq(design, curves.T, rcond=None)[0]
         d_star_b = _peak(form, alpha_b, beta_b)
@@ -229,7 +217,7 @@ def empirical_peak(per_prompt, d, n_boot: int = 1000, ci: float = 0.95, seed: in
     if n_boot == 0:
         lo = hi = d[index]
     else:
-        peaks = d[np.argmax(_resampled_mean_curves(x, n_boot, seed), axis=1)]
+        peaks = d[np.argmax(resampled_means(x, n_boot, seed), axis=1)]
         lo, hi = np.quantile(peaks, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0], method="inverted_cdf")
     return {"estimate": float(d[index]), "lo": float(lo), "hi": float(hi), "index": index}
 
