@@ -38,7 +38,8 @@ class PairDataset(torch.utils.data.Dataset):
         prompts = [messages(p) for p in frame.prompt]
         chosen = encoder.encode(prompts, list(frame.chosen))
         rejected = encoder.encode(prompts, list(frame.rejected))
-        margins = margin_scale * np.abs(frame.gold_chosen.to_numpy() - frame.gold_rejected.to_numpy())
+        gap = frame.gold_chosen.to_numpy(np.float64) - frame.gold_rejected.to_numpy(np.float64)
+        margins = margin_scale * np.abs(gap)
         self.items = [(c, j, float(m)) for c, j, m in zip(chosen, rejected, margins)
                       if not (c.truncated or j.truncated)]  # filter, never train on a truncated response
         self.dropped = len(frame) - len(self.items)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 # One row per preference pair (gold_label output, RM training and evaluation input).
@@ -144,8 +145,8 @@ def messages(prompt) -> list[dict]:
 def sample_chats(samples: pd.DataFrame) -> list[list[dict]]:
     """Each sample's prompt as chat messages, one list object per prompt_id shared by all its rows (records are keyed
     by id: a prompt_id has one prompt), so it is parsed once and an encoder renders its template once."""
-    first = samples.drop_duplicates("prompt_id")
-    chats = {pid: messages(p) for pid, p in zip(first.prompt_id, first.prompt)}
+    first_rows = np.flatnonzero(~samples.prompt_id.duplicated().to_numpy())
+    chats = {samples.prompt_id.iat[i]: messages(samples.prompt.iat[i]) for i in first_rows}
     return [chats[pid] for pid in samples.prompt_id]
 
 

@@ -600,10 +600,15 @@ def run_job(node: StageNode, job_dir: Path, machines: MachineArgs | None = None,
             rank, line, trace = first
             log.error("rank %s of stage %s failed:\n%s", rank, node.key, trace, extra={"file_only": True})
             message += f": rank {rank}: {line}"
-        else:  # killed by a signal (a native abort, the OOM killer) or exited without a Python error
+        else:  # killed by a signal (a native abort, the OOM killer): a rank so killed leaves no error
             total = node.num_processes * (machines.num_machines if machines else 1)
-            message += (": no rank raised a Python error; each rank's last phase: "
-                        + ", ".join(f"rank {r} {phase}" for r, phase in rank_phases(Path(job_dir), total).items()))
+            by_phase: dict[str, list[int]] = {}
+            for r, phase in rank_phases(Path(job_dir), total).items():
+                by_phase.setdefault(phase, []).append(r)
+            message += (": no rank left an error from its stage (a rank killed by a signal leaves none; one that "
+                        "died after 'finished' died at interpreter exit); where the ranks had got to: "
+                        + "; ".join(f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))} {phase}"
+                                    for phase, rs in by_phase.items()))
         raise RuntimeError(message)
     return rank_peak_memory(Path(job_dir))
 
@@ -612,8 +617,7 @@ RANK_ERROR = "error_rank{rank}.txt"  # written by pipeline.stage_main beside the
 PEAK_MEMORY = "peak_memory_rank{rank}.json"  # written by pipeline.stage_main beside the job file when a rank succeeds
 RANK_PHASE = "phase_rank{rank}.txt"  # written by pipeline.stage_main beside the job file as a rank moves on
 # the phases a rank passes through (pipeline.stage_main), in order; a rank that dies natively stops at one of them
-PHASES = ("starting", "running the stage", "closing the process group",
-          "finished (a death after this came at interpreter exit)")
+PHASES = ("starting", "running the stage", "closing the process group", "finished")
 
 
 def peak_memory_record(rank: int) -> dict:

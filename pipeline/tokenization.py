@@ -133,8 +133,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right",
              width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) int64 arrays of token-id rows padded to `width` (default the longest row) on `padding_side`."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    width = int(lengths.max(initial=0)) if width is None else width
+    longest = int(lengths.max(initial=0))
+    if width is not None and width < longest:
+        raise ValueError(f"width {width} is shorter than the longest row ({longest} tokens)")
+    width = longest if width is None else width
     offsets = width - lengths if padding_side == "left" else np.zeros_like(lengths)
     # one flat copy of every id instead of a tensor per row: per-row copies were a third of scoring time
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -149,7 +154,8 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "ri
 def collate(encoded: list[Encoded], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch; returns input_ids, attention_mask and response_mask (1 on response tokens only)."""
     ids, attn = pad_rows([e.input_ids for e in encoded], pad_id, padding_side)
-    first = np.argmax(attn, axis=1)  # each row's first real token (0 with right padding)
+    lengths = np.array([len(e.input_ids) for e in encoded], dtype=np.int64)
+    first = ids.shape[1] - lengths if padding_side == "left" else np.zeros_like(lengths)  # each row's first token
     starts = first + np.array([e.response_start for e in encoded], dtype=np.int64)
     resp = attn.astype(bool) & (np.arange(ids.shape[1])[None, :] >= starts[:, None])
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
@@ -195,13 +201,26 @@ def _assistant_suffix(tokenizer) -> list[int] | None:
     return suffixes[0] if suffixes[0] == suffixes[1] else None
 
 
+def _ignores_edge_whitespace(tokenizer, suffix: list[int]) -> bool:
+    """Do an assistant message's leading and trailing whitespace leave its tokens unchanged: the template trims the
+    content (Gemma's and Llama 3's `| trim`) or the tokenizer drops whitespace? Then a response is tokenized stripped;
+    else whitespace at its edges can merge with the template's tokens and only the full template is exact."""
+    head = prompt_ids(tokenizer, "x")
+    full = _template_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": " \na b \n"}],
+                         add_generation_prompt=False)
+    return full == head + tokenizer("a b", add_special_tokens=False)["input_ids"] + suffix
+
+
 class ConversationEncoder:
     """`encode_conversation` for many pairs at once, fast: each distinct prompt's template is rendered once, the
     responses are tokenized in one batched call, and the template's closing tokens are appended.
 
-    The composition is checked against `encode_conversation` on the first pairs of every call; a template for which
-    it does not hold (it rewrites content, or tokens merge across the boundary) falls back to the exact path. With
-    `encode_ids` a caller that already holds token ids (a policy sharing this tokenizer) skips text entirely.
+    Whether the template keeps a response's edge whitespace is probed once: if it trims it (or the tokenizer drops
+    it), responses are tokenized stripped; if it keeps it, a response with whitespace at an edge goes through the
+    full template (its tokens could merge with the template's). The composition is also checked against
+    `encode_conversation` on the first pairs of every call; a template for which it does not hold (it rewrites
+    content otherwise) falls back to the exact path. With `encode_ids` a caller that already holds token ids (a policy
+    sharing this tokenizer) skips text entirely.
     """
 
     CHECKED_PER_CALL = 8
@@ -210,6 +229,7 @@ class ConversationEncoder:
         self.tokenizer, self.max_length, self.double_bos = tokenizer, max_length, double_bos
         # the released-checkpoint tokenization (a second BOS) is reproduced only by the exact path
         self.suffix = None if double_bos else _assistant_suffix(tokenizer)
+        self.strip = self.suffix is not None and _ignores_edge_whitespace(tokenizer, self.suffix)
         self._heads: dict[str, list[int]] = {}
 
     def _head(self, prompt: Prompt) -> list[int]:
@@ -219,9 +239,10 @@ class ConversationEncoder:
             self._heads[key] = _template_ids(self.tokenizer, messages, add_generation_prompt=True)
         return self._heads[key]
 
-    def _heads_of(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+    def _heads_of(self, prompts: list[Prompt]) -> list[list[int]]:
         """`_head` of each prompt. Callers pass one object for every sample of a prompt: the ids are looked up by
-        identity within the call (the objects outlive it, so no id is reused), by content once per object."""
+        identity within the call (`prompts`, a list, holds every object, so no id is reused), by content once per
+        object."""
         by_identity: dict[int, list[int]] = {}
         heads = []
         for p in prompts:
@@ -243,13 +264,18 @@ class ConversationEncoder:
 
     def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Encoded]:
         """Same result as `[encode_conversation(tok, p, r, max_length) for p, r in zip(prompts, responses)]`."""
+        prompts, responses = list(prompts), list(responses)  # a list holds each prompt object for `_heads_of`
         exact = [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
                  for p, r in zip(prompts[:self.CHECKED_PER_CALL], responses[:self.CHECKED_PER_CALL])]
         if self.suffix is None:
             return exact + [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
                             for p, r in zip(prompts[len(exact):], responses[len(exact):])]
-        contents = self._content_ids(responses)
+        contents = self._content_ids([r.strip() for r in responses] if self.strip else responses)
         fast = [self._compose(h, c) for h, c in zip(self._heads_of(prompts), contents)]
+        if not self.strip:  # whitespace at an edge may merge with the template's tokens: the full template
+            for i, r in enumerate(responses):
+                if r != r.strip():
+                    fast[i] = encode_conversation(self.tokenizer, prompts[i], r, self.max_length)
         if any(e != f for e, f in zip(exact, fast)):
             _warn_once(self.tokenizer, "chat template does not compose as prompt + response tokens + suffix; "
                                        "encoding every pair through the full template (slower)")

@@ -241,6 +241,19 @@ def test_bootstrap_deterministic_for_seed():
     assert not np.array_equal(a[1], c[1])
 
 
+def test_bootstrap_resamples_do_not_depend_on_how_they_are_chunked(monkeypatch):
+    """Resamples are drawn in chunks to bound memory; the chunk size changes neither the draws nor the means, so the
+    Gao fits (gao.bootstrap_fit, gao.empirical_peak) and bootstrap_ci with one seed resample the same prompts."""
+    from pipeline import bon
+
+    x = np.random.default_rng(9).normal(size=(37, 3))
+    whole = bon.resampled_means(x, 250, 5)
+    monkeypatch.setattr(bon, "_BOOT_CHUNK_ENTRIES", 37 * 7)  # chunks of 7 resamples
+    np.testing.assert_allclose(bon.resampled_means(x, 250, 5), whole, rtol=0, atol=1e-12)
+    counts = np.bincount(np.random.default_rng(5).integers(0, 37, size=37), minlength=37)
+    np.testing.assert_allclose(whole[0], counts @ x / 37, rtol=0, atol=1e-12)  # resample 0: the first draws
+
+
 def test_bootstrap_validation():
     x = np.zeros((5, 2))
     for bad, message in [(dict(n_boot=-1), r"n_boot must be a non-negative integer"),

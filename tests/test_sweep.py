@@ -173,8 +173,11 @@ def test_a_two_point_sweep_runs_on_one_cache_and_writes_its_report(tmp_path, cap
     assert main(["status", str(path), *overrides, "--point", "alpha=0.5"]) == 0
     out = capsys.readouterr().out
     assert "train_proxy[grm_sft@seed1]" in out and "missing" not in out
+    written = {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()}
     assert main(["run", str(path), *overrides]) == 0
     assert "▶" not in sorted((cache / "runs").iterdir())[-1].joinpath("run.log").read_text()
+    # the report is a function of the cache: the cached re-run rewrites it byte for byte
+    assert {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()} == written
     # the study itself (the point equal to it) is fully cached
     plan = Runner(build_stages(load_config(path, [*overrides, "sweep={}"])), ArtifactCache(cache)).plan()
     assert {p.status for p in plan} == {"cached"}

@@ -150,25 +150,63 @@ def test_pad_rows_to_a_given_width(side):
     assert ids.tolist() == expected[side]
     assert mask.tolist() == [[int(t != 9) for t in row] for row in expected[side]]
     assert pad_rows([], pad_id=0)[0].shape == (0, 0)
+    with pytest.raises(ValueError, match="width 2 is shorter than the longest row \\(3 tokens\\)"):
+        pad_rows([[3, 4], [5, 6, 7]], pad_id=9, padding_side=side, width=2)
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'Left'"):
+        pad_rows([[3]], pad_id=9, padding_side="Left")
 
 
-def test_pair_dataset_encodes_both_sides_as_the_full_template_does():
-    """The batched encoder behind proxy training gives each side the ids of its conversation rendered through the
-    template alone, drops a pair with a truncated side, and keeps each pair's margin."""
+HEADER_TEMPLATE = (  # Llama-3's turn markers without the newlines: the content sits between special tokens
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+    "{{ message['content'] TRIM }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}")
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_batched_encoder_alone_gives_the_full_templates_ids(byte_bpe, monkeypatch, trim):
+    """With no pair checked against the full template, the batched encoder (each prompt object's template rendered
+    once, each distinct response tokenized once) gives every pair the ids of its conversation rendered through the
+    template, also for responses with whitespace at their edges: a template that trims them (`| trim`) has them
+    tokenized stripped, one that keeps them has those pairs go through the full template."""
+    import copy
+
+    from pipeline.tokenization import ConversationEncoder
+
+    tok = copy.deepcopy(byte_bpe)
+    tok.chat_template = HEADER_TEMPLATE.replace(" TRIM", " | trim" if trim else "")
+    monkeypatch.setattr(ConversationEncoder, "CHECKED_PER_CALL", 0)
+    shared = [{"role": "user", "content": "List 3 fruits please."}]
+    prompts = [shared, shared, "Hello world.", shared, [{"role": "user", "content": "Hello world."}]] * 3
+    responses = ["Apple pear.", " kiwi", "Apple pear.", "plum\n\n", "\nHello world. ", "Apple pear.", "kiwi",
+                 "  pear plum", "kiwi", "Apple", "Apple pear.", " kiwi ", "plum", "pear\n", "kiwi"]
+    encoder = ConversationEncoder(tok, 64)
+    assert encoder.suffix is not None and encoder.strip is trim
+    assert encoder.encode(prompts, responses) == [encode_conversation(tok, p, r, 64)
+                                                  for p, r in zip(prompts, responses)]
+    assert encoder.suffix is not None  # no fallback: the batched path made these ids
+
+
+def test_pair_dataset_encodes_both_sides_as_the_full_template_does(monkeypatch):
+    """Proxy training's pairs through the batched encoder alone (no pair checked against the full template): each
+    side gets the ids of its conversation rendered through the template, a pair with a truncated side is dropped, and
+    each pair keeps its margin."""
     import pandas as pd
 
     from pipeline.preference_pairs import PairDataset
+    from pipeline.tokenization import ConversationEncoder
     from tests.test_generation import gemma_like_tokenizer
 
+    monkeypatch.setattr(ConversationEncoder, "CHECKED_PER_CALL", 0)
     tok = gemma_like_tokenizer()
     prompt = [{"role": "user", "content": "hello"}]
-    frame = pd.DataFrame({"prompt": [prompt, prompt, [{"role": "user", "content": "world"}]],
-                          "chosen": ["hello world", "hello", "world " * 40],
-                          "rejected": ["world", "hello", "hello"],
-                          "gold_chosen": [1.0, 0.5, 2.0], "gold_rejected": [0.25, 0.5, 0.0]})
+    frame = pd.DataFrame({"prompt": [prompt, prompt, [{"role": "user", "content": "world"}]] * 4,
+                          "chosen": ["hello world", "hello", "world " * 40, " world "] * 3,
+                          "rejected": ["world", "hello", "hello"] * 4,
+                          "gold_chosen": [1.0, 0.5, 2.0] * 4, "gold_rejected": [0.25, 0.5, 0.0] * 4})
     data = PairDataset(frame, tok, max_length=16, margin_scale=2.0)
-    assert data.dropped == 1 and len(data) == 2  # the third pair's chosen side exceeds 16 tokens
-    for (c, j, margin), row in zip(data, frame.itertuples()):
+    kept = [r for r in frame.itertuples() if not r.chosen.startswith("world world")]
+    assert data.dropped == 3 and len(data) == len(kept) == 9  # the chosen side of 3 pairs exceeds 16 tokens
+    for (c, j, margin), row in zip(data, kept):
         assert c == encode_conversation(tok, row.prompt, row.chosen, 16)
         assert j == encode_conversation(tok, row.prompt, row.rejected, 16)
         assert margin == 2.0 * abs(row.gold_chosen - row.gold_rejected)
