@@ -40,6 +40,25 @@ def _process_group_kwargs() -> list:
     return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
 
 
+def skip_deepspeed_shared_memory_op() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory allreduce extension on every rank.
+
+    At each process-group start DeepSpeed's CPU accelerator JIT-compiles `deepspeed_shm_comm` with ninja unless
+    ~/.cache/torch_extensions holds a build for this very venv: ~30 s on 2 cores, on a fresh machine or after
+    switching venvs, while the other ranks wait on the build's lock. The op serves only `inference_all_reduce`
+    (tensor-parallel inference), which no stage calls; training's collectives go through torch.distributed (gloo)
+    with or without it, so marking it incompatible (DeepSpeed keeps that dict for such edits) changes no result.
+    A no-op under CUDA, where DeepSpeed has no such op.
+    """
+    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(require_deepspeed: bool = False, gradient_clipping: float | None = None,
                      micro_batch_size: int | None = None, log_with: list[str] | None = None,
                      project_dir: str | None = None):

@@ -10,6 +10,7 @@ Job file (JSON): {"stage": str, "config_class": "package.module.Class", "config"
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from pipeline.distributed import skip_deepspeed_shared_memory_op
 from pipeline.runner import PEAK_MEMORY, PHASES, RANK_ERROR, RANK_PHASE, die_with_parent, peak_memory_record
 
 log = logging.getLogger("overopt")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     stage, cfg, inputs, out = load_job(argv[0])
     # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
     module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
+    skip_deepspeed_shared_memory_op()
     _record_phase(job_dir, rank, 1)
     try:
         module.run(cfg, inputs, out)
@@ -116,4 +119,9 @@ def _close_process_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The rank is done (artifacts written and synced, process group closed). Its interpreter's last garbage
+    # collections, over every object torch, transformers and DeepSpeed made, take ~0.8 s of each launch's 5-6 s on
+    # 2 cores: frozen objects are left to the OS. Exit handlers still run and acyclic objects are still freed.
+    gc.freeze()
+    sys.exit(exit_code)

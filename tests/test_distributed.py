@@ -1,7 +1,8 @@
 """The multi-process path: a `launcher="accelerate"` stage run by the Runner under DeepSpeed ZeRO with 2 processes.
 
-On a CPU-only machine DeepSpeed uses its CPU accelerator (gloo) and JIT-builds a small shared-memory op with ninja and
-g++ the first time (about a minute and a half on 2 cores; cached in torch's extensions directory afterwards).
+On a CPU-only machine DeepSpeed uses its CPU accelerator (gloo). Its shared-memory allreduce op, which it would
+JIT-build with ninja and g++ on a fresh machine (about 30 s on 2 cores) and which serves only inference, is skipped
+(`pipeline.distributed.skip_deepspeed_shared_memory_op`).
 """
 
 from __future__ import annotations
@@ -94,8 +95,12 @@ def _check(metrics: dict, art: Path, zero_stage: int) -> None:
 
 
 @pytest.mark.slow
-def test_distributed_smoke_zero2(tmp_path):
+def test_distributed_smoke_zero2(tmp_path, monkeypatch):
+    # an empty extensions folder, as on a fresh machine: the ranks must not build DeepSpeed's shared-memory op there
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     metrics, art = _run_smoke(tmp_path, "zero2.json")
+    assert not list(extensions.rglob("*shm*"))
     _check(metrics, art, zero_stage=2)
     assert metrics["deepspeed_config_file"] == str((REPO / "configs/deepspeed/zero2.json").resolve())
 
