@@ -211,6 +211,18 @@ def _ignores_edge_whitespace(tokenizer, suffix: list[int]) -> bool:
     return full == head + tokenizer("a b", add_special_tokens=False)["input_ids"] + suffix
 
 
+def plain_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, taken straight from a fast tokenizer's Rust backend
+    when the backend is already in the state that call would set (no truncation, no padding, special tokens split as
+    the tokenizer says): transformers' per-text conversion of the result costs as much as the tokenization itself
+    (0.27 of 0.55 s for best-of-n's 20,505 distinct responses). Any other tokenizer or state takes the call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and backend.encode_special_tokens == getattr(tokenizer, "split_special_tokens", False)):
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 class ConversationEncoder:
     """`encode_conversation` for many pairs at once, fast: each distinct prompt's template is rendered once, the
     responses are tokenized in one batched call, and the template's closing tokens are appended.
@@ -255,7 +267,7 @@ class ConversationEncoder:
     def _content_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each response without special tokens; each distinct text tokenized once."""
         distinct = list(dict.fromkeys(responses))
-        ids = dict(zip(distinct, self.tokenizer(distinct, add_special_tokens=False)["input_ids"])) if distinct else {}
+        ids = dict(zip(distinct, plain_token_ids(self.tokenizer, distinct))) if distinct else {}
         return [ids[r] for r in responses]
 
     def _compose(self, head: list[int], content: list[int]) -> Encoded:
