@@ -22,7 +22,7 @@ from pipeline.config import PolicyConfig, SamplingConfig, TrainLoopConfig
 from pipeline.generation import sample_responses
 from pipeline.models import load_tokenizer, tiny_llama_config
 from pipeline.records import messages
-from pipeline.tokenization import collate, encode_conversation, pad_token_id
+from pipeline.tokenization import ConversationEncoder, collate, pad_token_id
 
 VERSION = "1"
 log = logging.getLogger("overopt")
@@ -32,8 +32,8 @@ def _train(model, tokenizer, frame: pd.DataFrame, loop: TrainLoopConfig, seed: i
     """Next-token loss on response tokens only (prompt and padding masked)."""
     from transformers import get_cosine_schedule_with_warmup
 
-    encoded = [encode_conversation(tokenizer, messages(p), r, max_length=64)
-               for p, r in zip(frame.prompt, frame.response)]
+    encoded = ConversationEncoder(tokenizer, max_length=64).encode([messages(p) for p in frame.prompt],
+                                                                   frame.response.tolist())
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=loop.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(loop.warmup_ratio * loop.steps), loop.steps)
     rng = np.random.default_rng(seed)
