@@ -55,8 +55,9 @@ def skip_deepspeed_shared_memory_op() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # a speed-up only: a DeepSpeed without it builds
+    if isinstance(compatible, dict) and get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def make_accelerator(require_deepspeed: bool = False, gradient_clipping: float | None = None,

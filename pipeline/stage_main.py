@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     stage, cfg, inputs, out = load_job(argv[0])
     # same rule as `StageNode.module`: a dotted name is a full module path, a plain name lives in stages/
     module = importlib.import_module(stage if "." in stage else f"stages.{stage}")
-    skip_deepspeed_shared_memory_op()
     _record_phase(job_dir, rank, 1)
     try:
+        skip_deepspeed_shared_memory_op()
         module.run(cfg, inputs, out)
     except BaseException as e:
         _record_error(job_dir, rank, e)
