@@ -25,6 +25,15 @@ import torch
 from pipeline.durable import fsync_tree, write_text_atomically
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether this process is a rank that `accelerate launch --use_deepspeed` started."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _deepspeed_on_cpu() -> bool:
+    return launched_with_deepspeed() and not torch.cuda.is_available()
+
+
 def _process_group_kwargs() -> list:
     """Without CUDA, name the process-group backend (DeepSpeed's CPU accelerator: gloo, or ccl with oneCCL).
 
@@ -32,7 +41,7 @@ def _process_group_kwargs() -> list:
     it sets `num_processes = 1` on every rank (each believes it is the main process, the dataloader is not sharded)
     while DeepSpeed itself sees the real world size and rejects the batch sizes accelerate filled in.
     """
-    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not _deepspeed_on_cpu():
         return []
     from accelerate.utils import InitProcessGroupKwargs
     from deepspeed.accelerator import get_accelerator
@@ -50,12 +59,13 @@ def skip_deepspeed_shared_memory_op() -> None:
     with or without it, so marking it incompatible (DeepSpeed keeps that dict for such edits) changes no result.
     A no-op under CUDA, where DeepSpeed has no such op.
     """
-    if torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not _deepspeed_on_cpu():
         return
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # a speed-up only: a DeepSpeed without it builds
+    # a speed-up only: a DeepSpeed without the dict just builds the op
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compatible, dict) and get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
         compatible["deepspeed_shm_comm"] = False
 

@@ -51,6 +51,7 @@ from pipeline.distributed import (
     data_parallel_ranks,
     frozen_model_loading,
     gathered_for_generation,
+    launched_with_deepspeed,
     make_accelerator,
     trainer_precision,
     zero_stage,
@@ -173,7 +174,7 @@ def run(cfg: TrainProxyStageConfig, inputs: dict[str, Path], out: Path) -> None:
     if tr.batch_size % world:
         raise ValueError(f"proxy {proxy.name!r}: proxy_training.batch_size ({tr.batch_size}) must be divisible by the "
                          f"number of processes ({world})")
-    launched = world > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = world > 1 or launched_with_deepspeed()
     accelerator = make_accelerator() if launched else None
     ranks = data_parallel_ranks() if launched else Ranks()
     base = cfg.base.model_id or str(inputs["policy"] / "model")
