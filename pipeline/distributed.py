@@ -270,6 +270,15 @@ class Ranks:
         e.g. length-sorted batches, spread over the ranks)."""
         return units[self.rank::self.world]
 
+    def gather_mine(self, values: list) -> list:
+        """The whole list whose `mine` share this rank holds as `values`: every rank's share, interleaved back, on
+        every rank."""
+        shares = self.gather(values)
+        whole = [None] * sum(len(share) for share in shares)
+        for rank, share in enumerate(shares):
+            whole[rank::self.world] = share
+        return whole
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -84,10 +84,24 @@ class ModelScorer:
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], extras: dict | None = None) -> np.ndarray:
         """Rewards of each (prompt, response). `extras`, when a dict, receives the rewards function's per-sequence
-        extra outputs (see `RewardsFn`) as arrays aligned with the rewards (NaN where unscored)."""
+        extra outputs (see `RewardsFn`) as arrays aligned with the rewards (NaN where unscored).
+
+        With several ranks (`data_parallel`) no rank tokenizes every pair: each encodes a share to learn those pairs'
+        lengths, the ranks exchange the lengths alone (the batches are cut from all of them, as one process cuts
+        them), and each then encodes what its own batches hold beyond its share. One process encodes every pair
+        once."""
         if len(prompts) != len(responses):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
-        return self.score_encoded(self.encoder.encode(prompts, responses), extras)
+        share = self.ranks.mine(list(range(len(prompts))))
+        known = dict(zip(share, self.encoder.encode(prompts, responses, share)))
+        shapes = self.ranks.gather_mine([(len(known[i].input_ids), known[i].truncated) for i in share])
+
+        def encodings(items: list[int]) -> list[Encoded]:
+            missing = [i for i in items if i not in known]
+            known.update(zip(missing, self.encoder.encode(prompts, responses, missing)))
+            return [known[i] for i in items]
+
+        return self._score_items(shapes, encodings, extras)
 
     def score_token_ids(self, prompt_token_ids: Sequence[Sequence[int]],
                         response_token_ids: Sequence[Sequence[int]], extras: dict | None = None) -> np.ndarray:
@@ -97,23 +111,34 @@ class ModelScorer:
         return self.score_encoded(self.encoder.encode_ids(prompt_token_ids, response_token_ids), extras)
 
     def score_encoded(self, encoded: list[Encoded], extras: dict | None = None) -> np.ndarray:
-        out = np.full(len(encoded), np.nan, dtype=np.float64)
-        keep = [i for i, e in enumerate(encoded) if not e.truncated]
-        if len(keep) < len(encoded) and self.strict_length:
-            raise SequenceTooLongError(f"{len(encoded) - len(keep)} of {len(encoded)} sequences exceed max_length="
+        """Rewards of already encoded sequences (`pipeline.tokenization.Encoded`), NaN where truncated."""
+        return self._score_items([(len(e.input_ids), e.truncated) for e in encoded],
+                                 lambda items: [encoded[i] for i in items], extras)
+
+    def _score_items(self, shapes: list[tuple[int, bool]], encodings: Callable[[list[int]], list[Encoded]],
+                     extras: dict | None) -> np.ndarray:
+        """Scores of n sequences known by their (length, truncated) `shapes`; `encodings(items)` gives the encoded
+        sequences of those indices, asked once, for this rank's batches only."""
+        out = np.full(len(shapes), np.nan, dtype=np.float64)
+        keep = [i for i, (_, truncated) in enumerate(shapes) if not truncated]
+        if len(keep) < len(shapes) and self.strict_length:
+            raise SequenceTooLongError(f"{len(shapes) - len(keep)} of {len(shapes)} sequences exceed max_length="
                                       f"{self.max_length} tokens (e.g. item "
-                                      f"{next(i for i, e in enumerate(encoded) if e.truncated)})")
-        if len(keep) < len(encoded):
+                                      f"{next(i for i, (_, truncated) in enumerate(shapes) if truncated)})")
+        if len(keep) < len(shapes):
             log.warning("%d of %d sequences exceed max_length=%d and get no score (NaN)",
-                        len(encoded) - len(keep), len(encoded), self.max_length)
-        keep.sort(key=lambda i: len(encoded[i].input_ids))  # length-sorted batches waste little padding
+                        len(shapes) - len(keep), len(shapes), self.max_length)
+        keep.sort(key=lambda i: shapes[i][0])  # length-sorted batches waste little padding
         # The batches depend on the items and batch_size alone; with several ranks each computes whole batches, so
         # every score is the float one process computes (padding and batch composition are the same).
         batches = [keep[s:s + self.batch_size] for s in range(0, len(keep), self.batch_size)]
+        my_batches = self.ranks.mine(list(range(len(batches))))
+        my_items = [i for b in my_batches for i in batches[b]]
+        encoded = dict(zip(my_items, encodings(my_items)))
         self.module.eval()  # dropout off: a reward is a deterministic function of the text
         mine = {}
         with torch.no_grad():
-            for b in self.ranks.mine(list(range(len(batches)))):
+            for b in my_batches:
                 batch = collate([encoded[i] for i in batches[b]], self.pad_id, self.padding_side)
                 rewards = self.batch_rewards(batch)
                 rewards, batch_extras = rewards if isinstance(rewards, tuple) else (rewards, {})
@@ -125,7 +150,7 @@ class ModelScorer:
                 out[batches[b]] = values
                 for name, value in batch_extras.items():
                     if name not in extras:
-                        extras[name] = np.full((len(encoded), *value.shape[1:]), np.nan)
+                        extras[name] = np.full((len(shapes), *value.shape[1:]), np.nan)
                     extras[name][batches[b]] = value
         return out
 

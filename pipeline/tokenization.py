@@ -275,26 +275,34 @@ class ConversationEncoder:
         full = head + list(content) + self.suffix
         return Encoded(full[:self.max_length], min(len(head), self.max_length), len(full) > self.max_length)
 
-    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[Encoded]:
-        """Same result as `[encode_conversation(tok, p, r, max_length) for p, r in zip(prompts, responses)]`."""
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[str],
+               items: Sequence[int] | None = None) -> list[Encoded]:
+        """Same result as `[encode_conversation(tok, p, r, max_length) for p, r in zip(prompts, responses)]`, or of
+        those pairs only whose indices are in `items` (a data-parallel rank's share). The composition is checked on
+        the call's first pairs whatever `items` holds, so every share takes the path the whole call would."""
         prompts, responses = list(prompts), list(responses)  # a list holds each prompt object for `_heads_of`
-        exact = [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
-                 for p, r in zip(prompts[:self.CHECKED_PER_CALL], responses[:self.CHECKED_PER_CALL])]
+        items = range(len(prompts)) if items is None else list(items)
+        checked = range(min(self.CHECKED_PER_CALL, len(prompts)))
+        exact = [encode_conversation(self.tokenizer, prompts[i], responses[i], self.max_length,
+                                     double_bos=self.double_bos) for i in checked]
         if self.suffix is None:
-            return exact + [encode_conversation(self.tokenizer, p, r, self.max_length, double_bos=self.double_bos)
-                            for p, r in zip(prompts[len(exact):], responses[len(exact):])]
-        contents = self._content_ids([r.strip() for r in responses] if self.strip else responses)
-        fast = [self._compose(h, c) for h, c in zip(self._heads_of(prompts), contents)]
+            return [exact[i] if i < len(exact) else
+                    encode_conversation(self.tokenizer, prompts[i], responses[i], self.max_length,
+                                        double_bos=self.double_bos) for i in items]
+        wanted = [*checked, *items]  # the checked pairs are composed too, whether or not they are among `items`
+        chosen = [responses[i] for i in wanted]
+        contents = self._content_ids([r.strip() for r in chosen] if self.strip else chosen)
+        fast = [self._compose(h, c) for h, c in zip(self._heads_of([prompts[i] for i in wanted]), contents)]
         if not self.strip:  # whitespace at an edge may merge with the template's tokens: the full template
-            for i, r in enumerate(responses):
-                if r != r.strip():
-                    fast[i] = encode_conversation(self.tokenizer, prompts[i], r, self.max_length)
+            for k, i in enumerate(wanted):
+                if responses[i] != responses[i].strip():
+                    fast[k] = encode_conversation(self.tokenizer, prompts[i], responses[i], self.max_length)
         if any(e != f for e, f in zip(exact, fast)):
             _warn_once(self.tokenizer, "chat template does not compose as prompt + response tokens + suffix; "
                                        "encoding every pair through the full template (slower)")
             self.suffix = None
-            return self.encode(prompts, responses)
-        return fast
+            return self.encode(prompts, responses, items)
+        return fast[len(exact):]
 
     def encode_ids(self, prompt_token_ids: Sequence[Sequence[int]],
                    response_token_ids: Sequence[Sequence[int]]) -> list[Encoded]:

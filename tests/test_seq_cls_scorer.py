@@ -166,3 +166,80 @@ def test_causal_lm_checkpoint_is_refused(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="score head"):
         load_reward_scorer(tmp_path)
+
+
+def _thread_ranks(world: int) -> list:
+    """`pipeline.distributed.Ranks` for `world` ranks that are threads of this process: `gather` goes through a shared
+    board and a barrier, as `all_gather_object` gives every rank every rank's object."""
+    import threading
+    from dataclasses import dataclass
+
+    from pipeline.distributed import Ranks
+
+    board, barrier = [None] * world, threading.Barrier(world, timeout=60)
+
+    @dataclass(frozen=True)
+    class ThreadRanks(Ranks):
+        def gather(self, obj) -> list:
+            barrier.wait()
+            board[self.rank] = obj
+            barrier.wait()
+            out = list(board)
+            barrier.wait()  # every rank has read the board before the next gather writes it
+            return out
+
+    return [ThreadRanks(rank, world) for rank in range(world)]
+
+
+def _score_as_ranks(path, prompts, responses, world: int, **scorer_kw):
+    """Each rank's (scores or exception, pairs its encoder was asked to encode) for `world` thread ranks."""
+    import threading
+
+    from pipeline.scoring import data_parallel
+
+    results, asked = [None] * world, [[] for _ in range(world)]
+    # loaded here, one after the other: transformers' loading patches torch's init functions for its duration, and
+    # two loads in threads at once can leave the patch in place for the rest of the test session
+    scorers = [data_parallel(load_reward_scorer(path, **scorer_kw), ranks) for ranks in _thread_ranks(world)]
+    for scorer, pairs in zip(scorers, asked):
+        encode = scorer.encoder.encode
+        scorer.encoder.encode = lambda p, r, items=None, encode=encode, pairs=pairs: \
+            pairs.extend(range(len(p)) if items is None else items) or encode(p, r, items)
+
+    def rank_main(rank: int) -> None:
+        try:
+            results[rank] = scorers[rank].score(prompts, responses), asked[rank]
+        except Exception as e:  # noqa: BLE001 - the test compares what each rank raised
+            results[rank] = e, asked[rank]
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_ranks_encode_a_share_each_and_score_as_one_process(rm_dir):
+    """Two ranks of a data-parallel stage: neither tokenizes every pair (each encodes its share, learns every length
+    from the other, then encodes its own batches' other pairs), both get every score one process computes, and a
+    strict scorer's over-length error is raised on both ranks (none waits for the other in a collective)."""
+    from pipeline.scoring import SequenceTooLongError
+
+    path, model, tok = rm_dir
+    prompts = [PROMPTS[i % 5] for i in range(24)]
+    responses = [" ".join(RESPONSES[i % 5].split()[:1 + i % 4]) for i in range(24)]
+    alone = load_reward_scorer(path, batch_size=3).score(prompts, responses)
+    for (scores, asked) in _score_as_ranks(path, prompts, responses, world=2, batch_size=3):
+        np.testing.assert_allclose(scores, alone, atol=1e-6, rtol=0)
+        assert len(set(asked)) < len(prompts) and len(asked) == len(set(asked))  # no pair twice, not every pair
+
+    lengths = [len(encode_conversation(tok, p, r, 1024).input_ids) for p, r in zip(prompts, responses)]
+    limit = sorted(lengths)[-3]  # a few pairs too long
+    for (error, _) in _score_as_ranks(path, prompts, responses, world=2, batch_size=3, max_length=limit,
+                                      strict_length=True):
+        assert isinstance(error, SequenceTooLongError) and "of 24 sequences exceed max_length" in str(error)
+    loose = _score_as_ranks(path, prompts, responses, world=2, batch_size=3, max_length=limit)
+    for (scores, _) in loose:
+        assert np.array_equal(np.isnan(scores), np.array(lengths) > limit)
+        np.testing.assert_allclose(scores, loose[0][0], atol=0, rtol=0)

@@ -186,6 +186,32 @@ def test_batched_encoder_alone_gives_the_full_templates_ids(byte_bpe, monkeypatc
     assert encoder.suffix is not None  # no fallback: the batched path made these ids
 
 
+@pytest.mark.parametrize("rewrites", [False, True])
+def test_a_share_of_the_pairs_is_encoded_as_the_whole_call_encodes_it(byte_bpe, rewrites):
+    """`encode(..., items)` (a data-parallel rank's share) gives those pairs' ids as the whole call would: the
+    composition is checked on the call's first pairs, not the share's, so a template that rewrites content (here
+    "Apple" -> "Pear"; its probes do not show it) sends a share without the call's first pairs to the full template
+    too, where a share's own first pairs would have passed the check and composed its later pairs wrongly."""
+    import copy
+
+    from pipeline.tokenization import ConversationEncoder
+
+    tok = copy.deepcopy(byte_bpe)
+    content = "message['content'] | replace('Apple', 'Pear')" if rewrites else "message['content']"
+    tok.chat_template = HEADER_TEMPLATE.replace("message['content'] TRIM", content)
+    prompts = ["List 3 fruits please.", "Hello world."] * 10
+    responses = ["Apple pear."] + ["kiwi plum", " pear", "plum kiwi"] * 5 + ["kiwi", "Apple", "pear", "Apple kiwi"]
+    share = list(range(1, 20, 2))
+    assert not any("Apple" in responses[i] for i in share[:ConversationEncoder.CHECKED_PER_CALL])
+    assert any("Apple" in responses[i] for i in share)
+    encoder = ConversationEncoder(tok, 64)
+    assert encoder.suffix is not None
+    assert encoder.encode(prompts, responses, share) == [encode_conversation(tok, prompts[i], responses[i], 64)
+                                                         for i in share]
+    assert (encoder.suffix is None) is rewrites  # the call's first pair showed the rewrite
+    assert encoder.encode(prompts, responses, []) == []
+
+
 def test_pair_dataset_encodes_both_sides_as_the_full_template_does(monkeypatch):
     """Proxy training's pairs through the batched encoder alone (no pair checked against the full template): each
     side gets the ids of its conversation rendered through the template, a pair with a truncated side is dropped, and
