@@ -243,7 +243,8 @@ def _workload(cfg: StudyConfig, node: StageNode, by_key: dict[str, StageNode], p
         plan.train = Work(n, n * tr.max_length)
         plan.score = Work(2 * pairs, 2 * pairs * tr.max_length)  # reference statistics on the training responses
         if node.num_processes > 1:
-            plan.note = f"{tr.batch_size // node.num_processes} pairs per rank per micro-step"
+            per_rank = tr.batch_size // node.num_processes
+            plan.note = f"{per_rank} pair{'' if per_rank == 1 else 's'} per rank per micro-step"
     elif node.stage == "eval_proxy":
         pairs = _pairs(cfg)[1] + (cfg.world.n_ood_pairs if cfg.policy.source == "tiny" else 0)
         plan.score = Work(2 * pairs, 2 * pairs * c.scorer.max_length)

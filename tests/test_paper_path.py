@@ -91,6 +91,8 @@ def test_paper_config_builds_the_paper_dag():
         assert t.lora == PAPER_LORA
         assert (t.lr, t.epochs, t.batch_size * t.gradient_accumulation_steps, t.max_length) == (1e-5, 2, 24, 1024)
         assert (t.lr_scheduler, t.warmup_ratio, t.max_grad_norm) == ("cosine", 0.03, 5.0)
+        assert (node.launcher, node.num_processes, node.deepspeed_config.name) == ("accelerate", 8,
+                                                                                   "zero2_bf16.json")
         head = node.config.proxy
         assert (head.head, head.head_width, head.head_dropout) == ("mlp", 1024, 0.1)
     members = [nodes[f"train_proxy[ens_bt_mean-m{i}]"].config.proxy for i in range(3)]
@@ -128,6 +130,24 @@ def test_paper_config_builds_the_paper_dag():
         assert nodes[f"ppo_gold[{name}]"].config.gold.model_id == scores.gold.model_id
     for gpus in (4, 1):
         assert load_config(PAPER, [f"ppo.num_processes={gpus}"]).ppo.num_processes == gpus
+
+    # one node of 8 GPUs: every data-parallel stage on all of them; the config's overrides for 4 and 1 GPU(s)
+    data_parallel = [k for k in nodes if k.split("[")[0] in {"gold_score", "bon_sample", "bon_score", "eval_proxy",
+                                                             "ppo_sample", "ppo_gold"}]
+    # gold_score, bon_sample; eval_proxy of 6 proxies; bon_score of the gold, 5 proxies, 3 ensemble members and the
+    # ensemble; PPO against each of the 6: its samples and their gold scores
+    assert len(data_parallel) == 2 + 6 + 10 + 2 * 6
+    assert {(nodes[k].launcher, nodes[k].num_processes) for k in data_parallel} == {("accelerate", 8)}
+    overrides = {4: ["launch.num_processes=4", "proxy_training.num_processes=4", "ppo.num_processes=4"],
+                 1: ["launch.num_processes=1", "proxy_training.num_processes=1", "proxy_training.deepspeed_config=null",
+                     "proxy_training.batch_size=4", "proxy_training.gradient_accumulation_steps=6",
+                     "ppo.num_processes=1", "ppo.deepspeed_config=configs/deepspeed/zero2_bf16.json"]}
+    for gpus, keys in overrides.items():
+        fewer = {n.key: n for n in build_stages(load_config(PAPER, keys))}
+        assert {fewer[k].num_processes for k in [*data_parallel, "train_proxy[bt]", "ppo[bt]"]} == {gpus}
+        t = fewer["train_proxy[bt]"].config.training
+        assert t.batch_size * t.gradient_accumulation_steps == 24
+        assert fewer["bon_score[gold]"].launcher == ("inline" if gpus == 1 else "accelerate")
 
     # the noisy variant is one override away and validates
     noisy = load_config(PAPER, ["gold_label.noise_rate=0.25"])
@@ -279,7 +299,9 @@ def tiny_paper_tree(root: Path, policy_dir: Path, gold_dir: Path, uf: Path, hhh:
     tree["policy"] |= {"model_id": str(policy_dir), "dtype": "float32"}
     tree["gold"] |= {"model_id": str(gold_dir), "dtype": "float32", "max_length": 64}
     tree["gold_label"] |= {"dataset_path": str(uf), "n_pairs": N_PAIRS, "test_fraction": 0.25}
-    tree["proxy_training"] |= {"lr": 1e-3, "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1,
+    tree["launch"] = {"num_processes": 1}  # the paper's 8 ranks a stage, on 2 cores: one process here
+    tree["proxy_training"] |= {"num_processes": 1, "deepspeed_config": None,
+                               "lr": 1e-3, "epochs": 1, "batch_size": 8, "gradient_accumulation_steps": 1,
                                "max_length": 64, "warmup_ratio": 0.0,
                                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
     tree["proxies"] = [p | {"head_width": 8} for p in tree["proxies"] if p["name"] in TINY_PROXIES]

@@ -281,9 +281,12 @@ def test_plan_shows_train_proxys_launch_and_deepspeeds_estimate(tmp_path, monkey
     assert (row.launch, row.processes) == ("accelerate + ZeRO-2", 4)
     assert row.memory.startswith(f"{format_bytes(2 * n + int(18 * n / 4))} device"), row.memory
     assert row.memory.endswith(f"for {n / 1e3:.3g}K trained params; frozen weights 0 B"), row.memory
-    assert row.note == "1 pairs per rank per micro-step"  # the paper's batch_size 4 over 4 ranks
-    # in one process (the paper config as it is) there is no DeepSpeed and no estimate
-    row = {p.key: p for p in plan_study(load_config(paper, base))}["train_proxy[bt]"]
+    assert row.note == "2 pairs per rank per micro-step"  # the paper's global micro-batch of 8 over 4 ranks
+    row = {p.key: p for p in plan_study(load_config(paper, base))}["train_proxy[bt]"]  # the paper config as it is
+    assert (row.launch, row.processes, row.note) == ("accelerate + ZeRO-2", 8, "1 pair per rank per micro-step")
+    # in one process there is no DeepSpeed and no estimate
+    one = base + ["proxy_training.num_processes=1", "proxy_training.deepspeed_config=null"]
+    row = {p.key: p for p in plan_study(load_config(paper, one))}["train_proxy[bt]"]
     assert (row.launch, row.processes, row.memory) == ("inline", 1, "—")
 
 
