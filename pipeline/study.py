@@ -225,8 +225,10 @@ def _bon_stages(cfg: StudyConfig) -> list[StageNode]:
                 nodes.append(StageNode(f"bon_score[{m.name}]", "bon_score", _sample_scorer(cfg, m),
                                        {"samples": "bon_sample", "model": f"train_proxy[{m.name}]"},
                                        **_data_parallel(cfg)))
+        # an ensemble's stage combines its members' score tables: no scoring to split, so no ranks to start
+        launch = _launch(1, None) if proxy.type == "ensemble" else _data_parallel(cfg)
         nodes.append(StageNode(f"bon_score[{proxy.name}]", "bon_score", _sample_scorer(cfg, proxy), inputs,
-                               external=_local(proxy.path), **_data_parallel(cfg)))
+                               external=_local(proxy.path), **launch))
         curve = BonCurveStageConfig(proxy=proxy.name, ns=bon.curve_ns(), bootstrap=bon.bootstrap, ci=bon.ci,
                                     nested_estimator=bon.nested_estimator, seed=bon.seed)
         nodes.append(StageNode(f"bon_curve[{proxy.name}]", "bon_curve", curve,

@@ -132,12 +132,13 @@ def test_paper_config_builds_the_paper_dag():
         assert load_config(PAPER, [f"ppo.num_processes={gpus}"]).ppo.num_processes == gpus
 
     # one node of 8 GPUs: every data-parallel stage on all of them; the config's overrides for 4 and 1 GPU(s)
-    data_parallel = [k for k in nodes if k.split("[")[0] in {"gold_score", "bon_sample", "bon_score", "eval_proxy",
-                                                             "ppo_sample", "ppo_gold"}]
-    # gold_score, bon_sample; eval_proxy of 6 proxies; bon_score of the gold, 5 proxies, 3 ensemble members and the
-    # ensemble; PPO against each of the 6: its samples and their gold scores
-    assert len(data_parallel) == 2 + 6 + 10 + 2 * 6
+    splitting = {"gold_score", "bon_sample", "bon_score", "eval_proxy", "ppo_sample", "ppo_gold"}
+    data_parallel = [k for k in nodes if k.split("[")[0] in splitting and k != "bon_score[ens_bt_mean]"]
+    # gold_score, bon_sample; eval_proxy of 6 proxies; bon_score of the gold, 5 proxies and 3 ensemble members; PPO
+    # against each of the 6: its samples and their gold scores
+    assert len(data_parallel) == 2 + 6 + 9 + 2 * 6
     assert {(nodes[k].launcher, nodes[k].num_processes) for k in data_parallel} == {("accelerate", 8)}
+    assert nodes["bon_score[ens_bt_mean]"].launcher == "inline"  # it combines its members' scores: nothing to split
     overrides = {4: ["launch.num_processes=4", "proxy_training.num_processes=4", "ppo.num_processes=4"],
                  1: ["launch.num_processes=1", "proxy_training.num_processes=1", "proxy_training.deepspeed_config=null",
                      "proxy_training.batch_size=4", "proxy_training.gradient_accumulation_steps=6",
