@@ -87,18 +87,26 @@ class ModelScorer:
         extra outputs (see `RewardsFn`) as arrays aligned with the rewards (NaN where unscored).
 
         With several ranks (`data_parallel`) no rank tokenizes every pair: each encodes a share to learn those pairs'
-        lengths, the ranks exchange the lengths alone (the batches are cut from all of them, as one process cuts
-        them), and each then encodes what its own batches hold beyond its share. One process encodes every pair
-        once."""
+        lengths, the ranks exchange the lengths (and truncated flags) alone, the batches are cut from all of them as
+        one process cuts them, and each rank then encodes what its own batches hold beyond its share. One process
+        encodes every pair once."""
         if len(prompts) != len(responses):
             raise ValueError(f"score() got {len(prompts)} prompts but {len(responses)} responses")
         share = self.ranks.mine(list(range(len(prompts))))
-        known = dict(zip(share, self.encoder.encode(prompts, responses, share)))
-        shapes = self.ranks.gather_mine([(len(known[i].input_ids), known[i].truncated) for i in share])
+        try:
+            known = dict(zip(share, self.encoder.encode(prompts, responses, share)))
+            shapes = [(len(known[i].input_ids), known[i].truncated) for i in share]
+        except Exception:  # a pair its template or tokenizer refuses: every rank must raise, none wait in the gather
+            known, shapes = {}, [None] * len(share)
+        shapes = self.ranks.gather_mine(shapes)
+        if None in shapes:
+            self.encoder.encode(prompts, responses)  # raises, on every rank, the error one process raises
+            raise RuntimeError(f"rank {self.ranks.rank}: a pair another rank could not encode encodes here")
 
         def encodings(items: list[int]) -> list[Encoded]:
             missing = [i for i in items if i not in known]
-            known.update(zip(missing, self.encoder.encode(prompts, responses, missing)))
+            if missing:
+                known.update(zip(missing, self.encoder.encode(prompts, responses, missing)))
             return [known[i] for i in items]
 
         return self._score_items(shapes, encodings, extras)

@@ -139,11 +139,7 @@ def test_paper_config_builds_the_paper_dag():
     assert len(data_parallel) == 2 + 6 + 9 + 2 * 6
     assert {(nodes[k].launcher, nodes[k].num_processes) for k in data_parallel} == {("accelerate", 8)}
     assert nodes["bon_score[ens_bt_mean]"].launcher == "inline"  # it combines its members' scores: nothing to split
-    overrides = {4: ["launch.num_processes=4", "proxy_training.num_processes=4", "ppo.num_processes=4"],
-                 1: ["launch.num_processes=1", "proxy_training.num_processes=1", "proxy_training.deepspeed_config=null",
-                     "proxy_training.batch_size=4", "proxy_training.gradient_accumulation_steps=6",
-                     "ppo.num_processes=1", "ppo.deepspeed_config=configs/deepspeed/zero2_bf16.json"]}
-    for gpus, keys in overrides.items():
+    for gpus, keys in comment_overrides().items():
         fewer = {n.key: n for n in build_stages(load_config(PAPER, keys))}
         assert {fewer[k].num_processes for k in [*data_parallel, "train_proxy[bt]", "ppo[bt]"]} == {gpus}
         t = fewer["train_proxy[bt]"].config.training
@@ -153,6 +149,25 @@ def test_paper_config_builds_the_paper_dag():
     # the noisy variant is one override away and validates
     noisy = load_config(PAPER, ["gold_label.noise_rate=0.25"])
     assert noisy.gold_label.noise_rate == 0.25
+
+
+def comment_overrides() -> dict[int, list[str]]:
+    """The overrides the paper config's comments give for 4 GPUs and for one (`# On 4 GPUs:` / `# On one GPU:` and
+    the indented comment lines under each), so a test holds the comments to what they claim."""
+    import re
+
+    out, current = {}, None
+    for line in PAPER.read_text().splitlines():
+        head = re.match(r"# On (4 GPUs|one GPU):(.*)", line)
+        if head:
+            current = 4 if head[1] == "4 GPUs" else 1
+            out[current] = head[2].split()
+        elif current is not None and re.match(r"#\s{2,}\S+=", line):
+            out[current] += line[1:].split()
+        else:
+            current = None
+    assert set(out) == {4, 1} and all("=" in key for keys in out.values() for key in keys), out
+    return out
 
 
 def test_label_noise_leaves_best_of_n_samples_cached():

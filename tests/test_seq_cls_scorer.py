@@ -222,8 +222,9 @@ def _score_as_ranks(path, prompts, responses, world: int, **scorer_kw):
 
 def test_ranks_encode_a_share_each_and_score_as_one_process(rm_dir):
     """Two ranks of a data-parallel stage: neither tokenizes every pair (each encodes its share, learns every length
-    from the other, then encodes its own batches' other pairs), both get every score one process computes, and a
-    strict scorer's over-length error is raised on both ranks (none waits for the other in a collective)."""
+    from the other, then encodes its own batches' other pairs), both get every score one process computes, bit for
+    bit, and an error is raised on both ranks (none waits for the other in a collective): a strict scorer's
+    over-length error, and a pair that cannot be encoded in the other rank's share."""
     from pipeline.scoring import SequenceTooLongError
 
     path, model, tok = rm_dir
@@ -231,7 +232,7 @@ def test_ranks_encode_a_share_each_and_score_as_one_process(rm_dir):
     responses = [" ".join(RESPONSES[i % 5].split()[:1 + i % 4]) for i in range(24)]
     alone = load_reward_scorer(path, batch_size=3).score(prompts, responses)
     for (scores, asked) in _score_as_ranks(path, prompts, responses, world=2, batch_size=3):
-        np.testing.assert_allclose(scores, alone, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(scores, alone)
         assert len(set(asked)) < len(prompts) and len(asked) == len(set(asked))  # no pair twice, not every pair
 
     lengths = [len(encode_conversation(tok, p, r, 1024).input_ids) for p, r in zip(prompts, responses)]
@@ -239,7 +240,13 @@ def test_ranks_encode_a_share_each_and_score_as_one_process(rm_dir):
     for (error, _) in _score_as_ranks(path, prompts, responses, world=2, batch_size=3, max_length=limit,
                                       strict_length=True):
         assert isinstance(error, SequenceTooLongError) and "of 24 sequences exceed max_length" in str(error)
-    loose = _score_as_ranks(path, prompts, responses, world=2, batch_size=3, max_length=limit)
-    for (scores, _) in loose:
-        assert np.array_equal(np.isnan(scores), np.array(lengths) > limit)
-        np.testing.assert_allclose(scores, loose[0][0], atol=0, rtol=0)
+    loose_alone = load_reward_scorer(path, batch_size=3, max_length=limit).score(prompts, responses)
+    assert np.array_equal(np.isnan(loose_alone), np.array(lengths) > limit)
+    for (scores, _) in _score_as_ranks(path, prompts, responses, world=2, batch_size=3, max_length=limit):
+        np.testing.assert_array_equal(scores, loose_alone)
+
+    broken = responses[:9] + [None] + responses[10:]  # pair 9: rank 1's share, past the pairs every call checks
+    with pytest.raises(AttributeError) as alone_error:
+        load_reward_scorer(path, batch_size=3).score(prompts, broken)
+    for (error, _) in _score_as_ranks(path, prompts, broken, world=2, batch_size=3):
+        assert type(error) is AttributeError and str(error) == str(alone_error.value)
