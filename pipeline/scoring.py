@@ -101,7 +101,9 @@ class ModelScorer:
         shapes = self.ranks.gather_mine(shapes)
         if None in shapes:
             self.encoder.encode(prompts, responses)  # raises, on every rank, the error one process raises
-            raise RuntimeError(f"rank {self.ranks.rank}: a pair another rank could not encode encodes here")
+            bad = shapes.index(None)
+            raise RuntimeError(f"pair {bad} (prompt {repr(prompts[bad])[:200]}) failed to encode on one rank but "
+                               f"encodes on rank {self.ranks.rank}: the ranks' tokenizers or chat templates differ")
 
         def encodings(items: list[int]) -> list[Encoded]:
             missing = [i for i in items if i not in known]
